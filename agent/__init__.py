@@ -1,0 +1,12 @@
+"""The node agent: converges node-local state through the drivers."""
+
+from __future__ import annotations
+
+from nubes.agent.config import AgentConfig
+from nubes.runtime.operator import Operator
+
+
+async def build_agent(op: Operator, config: AgentConfig) -> None:
+    from nubes.agent.hypervisor import HypervisorReporter
+
+    op.register(HypervisorReporter(config))

@@ -1,0 +1,70 @@
+"""Node agent settings."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+
+from pydantic import BaseModel, Field
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"NUBES_{name}", default)
+
+
+class AgentConfig(BaseModel):
+    node: str
+    """Name of this node (Hypervisor object, port bindings)."""
+    state_dir: str = "/var/lib/nubes"
+    """Instance disks, image cache, volumes, DHCP files."""
+    run_dir: str = "/run/nubes"
+    """Pid files and sockets."""
+    ovs_db: str = "unix:/var/run/openvswitch/db.sock"
+    """OVSDB to manage."""
+    ovs_rundir: str = "/var/run/openvswitch"
+    """Where ovs-vswitchd keeps its bridge management sockets."""
+    node_netns: str | None = None
+    """Network namespace the node's switch lives in (None: the host's).
+    Lets several agents act as separate nodes on one machine."""
+    netns_prefix: str = "nubes"
+    """Prefix of the network namespaces the agent makes."""
+    integration_bridge: str = "br-int"
+    tunnel_bridge: str = "br-tun"
+    tunnel_ip: str | None = None
+    """Local tunnel endpoint (vxlan/gre); None disables tunnels."""
+    bridge_mappings: dict[str, str] = Field(default_factory=dict)
+    """Provider network to bridge, e.g. physnet1: br-provider."""
+    availability_zone: str = "nova"
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--node", default=_env("NODE", socket.gethostname()))
+        p.add_argument("--state-dir", default=_env("STATE_DIR", "/var/lib/nubes"))
+        p.add_argument("--run-dir", default=_env("RUN_DIR", "/run/nubes"))
+        p.add_argument("--ovs-db", default=_env("OVS_DB", "unix:/var/run/openvswitch/db.sock"))
+        p.add_argument("--ovs-rundir", default=_env("OVS_RUNDIR", "/var/run/openvswitch"))
+        p.add_argument("--node-netns", default=os.environ.get("NUBES_NODE_NETNS"))
+        p.add_argument("--netns-prefix", default=_env("NETNS_PREFIX", "nubes"))
+        p.add_argument("--integration-bridge", default=_env("INTEGRATION_BRIDGE", "br-int"))
+        p.add_argument("--tunnel-bridge", default=_env("TUNNEL_BRIDGE", "br-tun"))
+        p.add_argument("--tunnel-ip", default=os.environ.get("NUBES_TUNNEL_IP"))
+        p.add_argument("--bridge-mapping", action="append", default=[], help="PHYSNET:BRIDGE")
+        p.add_argument("--availability-zone", default=_env("AVAILABILITY_ZONE", "nova"))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> AgentConfig:
+        return cls(
+            node=args.node,
+            state_dir=args.state_dir,
+            run_dir=args.run_dir,
+            ovs_db=args.ovs_db,
+            ovs_rundir=args.ovs_rundir,
+            node_netns=args.node_netns,
+            netns_prefix=args.netns_prefix,
+            integration_bridge=args.integration_bridge,
+            tunnel_bridge=args.tunnel_bridge,
+            tunnel_ip=args.tunnel_ip,
+            bridge_mappings=dict(m.split(":", 1) for m in args.bridge_mapping),
+            availability_zone=args.availability_zone,
+        )

@@ -1,0 +1,85 @@
+"""Registers this node as a Hypervisor and heartbeats what it observes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+
+from nubes.agent.config import AgentConfig
+from nubes.api.compute import Hypervisor, HypervisorSpec
+from nubes.api.meta import ObjectMeta, now_rfc3339, seconds_since
+from nubes.drivers import host
+from nubes.drivers.runner import SubprocessRunner
+from nubes.runtime.kube import ApiError
+from nubes.runtime.operator import Operator
+from nubes.runtime.reconcile import Outcome, Reconciler
+
+log = structlog.get_logger()
+
+HEARTBEAT_SECONDS = 20.0
+
+
+class HypervisorReporter(Reconciler[Hypervisor]):
+    kind = Hypervisor
+    workers = 1
+
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.runner = SubprocessRunner()
+        self._facts: dict[str, Any] | None = None
+
+    def setup(self, op: Operator) -> None:
+        super().setup(op)
+        op.on_start(self.register)
+
+    def accepts(self, obj: Hypervisor) -> bool:
+        return obj.name == self.config.node
+
+    async def register(self) -> None:
+        """Create this node's Hypervisor on first start; operators own its spec."""
+        if self.op.store(Hypervisor).lookup(self.config.node) is not None:
+            return
+        obj = Hypervisor(
+            metadata=ObjectMeta(name=self.config.node),
+            spec=HypervisorSpec(availability_zone=self.config.availability_zone),
+        )
+        try:
+            await self.op.kube.create(obj)
+            log.info("registered hypervisor", node=self.config.node)
+        except ApiError as e:
+            if not e.conflict:
+                raise
+
+    async def facts(self) -> dict[str, Any]:
+        if self._facts is None:
+            self._facts = await asyncio.to_thread(self._static_facts)
+        return self._facts
+
+    def _static_facts(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {
+            "hypervisorType": "QEMU",
+            "vcpus": host.cpu_count(),
+            "ramMib": host.memory_mib(),
+            "diskGib": host.disk_gib(self.config.state_dir),
+        }
+        try:
+            facts["hypervisorVersion"] = host.qemu_version(self.runner)
+            facts["virtType"] = host.detect_virt_type(self.runner, self.config.state_dir)
+        except (OSError, Exception) as e:  # no QEMU on this node: not a compute node
+            log.warning("no hypervisor found", error=str(e))
+        if self.config.tunnel_ip:
+            facts["hostIp"] = self.config.tunnel_ip
+        return facts
+
+    async def converge(self, obj: Hypervisor) -> Outcome:
+        status = dict(await self.facts())
+        # Beat only when the last beat is due: every status write comes back
+        # as a watch event and would otherwise beat again at once.
+        age = seconds_since(obj.status.heartbeat_time)
+        if age is not None and age < HEARTBEAT_SECONDS:
+            status["heartbeatTime"] = obj.status.heartbeat_time
+            return Outcome.observed(status, requeue_after=HEARTBEAT_SECONDS - age)
+        status["heartbeatTime"] = now_rfc3339()
+        return Outcome.observed(status, requeue_after=HEARTBEAT_SECONDS)

@@ -1,0 +1,690 @@
+"""network.nubes.io: the Neutron model (networks, subnets, ports, L3, security)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import ConfigDict, Field
+
+from .meta import (
+    AGE_COLUMN,
+    CATEGORY,
+    READY_COLUMN,
+    REASON_COLUMN,
+    ApiModel,
+    CrdInfo,
+    Immutable,
+    LocalRef,
+    PrinterColumn,
+    ProjectRef,
+    Resource,
+    Rule,
+    Status,
+    cel,
+    validations,
+)
+
+GROUP = "network.nubes.io"
+CATEGORIES = (CATEGORY, "neutron")
+
+NetworkType = Literal["local", "flat", "vlan", "vxlan", "gre"]
+
+MAC_PATTERN = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"
+NAME = Annotated[str, Field(min_length=1, max_length=253)]
+IP = Annotated[
+    str,
+    Field(max_length=45),
+    Rule("isIP(self)", message_expression="'\"' + self + '\" is not an IP address'"),
+]
+IP_OR_CIDR = Annotated[
+    str,
+    Field(max_length=49),
+    Rule(
+        "isIP(self) || isCIDR(self)",
+        message_expression="'\"' + self + '\" is neither an IP address nor a CIDR'",
+    ),
+]
+CIDR = Annotated[
+    str,
+    Field(max_length=49),
+    Rule(
+        "isCIDR(self)",
+        message_expression="'\"' + self + '\" is not a CIDR such as 10.0.0.0/24'",
+    ),
+]
+
+
+def _ipv4_int(expr: str) -> str:
+    """CEL for the integer value of a dotted-quad IPv4 string."""
+    octets = [f"int({expr}.split('.')[{i}])" for i in range(4)]
+    return f"({octets[0]} * 16777216 + {octets[1]} * 65536 + {octets[2]} * 256 + {octets[3]})"
+
+
+# --- Network -----------------------------------------------------------------
+
+
+class NetworkSpec(ApiModel):
+    """A layer-2 broadcast domain owned by a project."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!(self.type in ['local', 'flat']) || !has(self.segmentationId)",
+                message_expression="'segmentationId cannot be set for a ' + self.type + ' network'",
+                field_path=".segmentationId",
+            ),
+            cel(
+                "self.type != 'vlan' || !has(self.segmentationId) || "
+                "(self.segmentationId >= 1 && self.segmentationId <= 4094)",
+                "segmentationId of a vlan network (VLAN id) must be within 1..4094",
+                field_path=".segmentationId",
+            ),
+            cel(
+                "self.type != 'vxlan' || !has(self.segmentationId) || "
+                "(self.segmentationId >= 1 && self.segmentationId <= 16777215)",
+                "segmentationId of a vxlan network (VNI) must be within 1..16777215",
+                field_path=".segmentationId",
+            ),
+            cel(
+                "(self.type in ['flat', 'vlan']) == has(self.physicalNetwork)",
+                "physicalNetwork is required for flat and vlan networks and "
+                "not allowed for local, vxlan and gre networks",
+                field_path=".physicalNetwork",
+            ),
+            cel(
+                "has(self.segmentationId) == has(oldSelf.segmentationId)",
+                "segmentationId is immutable",
+                field_path=".segmentationId",
+            ),
+            cel(
+                "has(self.physicalNetwork) == has(oldSelf.physicalNetwork)",
+                "physicalNetwork is immutable",
+                field_path=".physicalNetwork",
+            ),
+        )
+    )
+
+    type: Annotated[NetworkType, Immutable("type")] = "vxlan"
+    """Network type: local (one node only), flat (untagged provider network),
+    vlan (802.1q on a provider network), vxlan or gre (overlay tunnels)."""
+    segmentation_id: Annotated[
+        int | None, Field(ge=1, le=4294967295), Immutable("segmentationId")
+    ] = None
+    """VLAN id (1..4094), VXLAN VNI (1..16777215) or GRE key. Allocated from the
+    configured range when not given; only administrators may request one."""
+    physical_network: Annotated[
+        str | None, Field(min_length=1, max_length=64), Immutable("physicalNetwork")
+    ] = None
+    """Provider network name (flat and vlan only), mapped to a bridge on each node."""
+    mtu: int | None = Field(default=None, ge=576, le=9000)
+    """Requested MTU. Must not exceed what the type allows on the underlay
+    (e.g. 1450 for vxlan and 1462 for gre over a 1500-byte underlay)."""
+    shared: bool = False
+    """Visible to and usable by every project."""
+    external: bool = False
+    """Router gateways and floating IPs may use this network."""
+    admin_state_up: bool = True
+    """When false, ports on the network do not forward traffic."""
+    port_security_enabled: bool = True
+    """Default for ports created on this network."""
+    description: str = Field(default="", max_length=255)
+    """Free text."""
+
+
+class NetworkStatus(Status):
+    segmentation_id: int | None = None
+    """The segmentation id in effect."""
+    mtu: int | None = None
+    """The MTU in effect, derived from the type and the underlay MTU."""
+    dhcp_node: str | None = None
+    """Node whose agent serves DHCP for this network."""
+    dhcp_port: str | None = None
+    """Name of the Port the DHCP server uses."""
+    ports: int | None = None
+    """Number of ports on the network."""
+
+
+class Network(Resource[NetworkSpec, NetworkStatus]):
+    crd = CrdInfo(
+        group=GROUP,
+        kind="Network",
+        plural="networks",
+        short_names=("net",),
+        categories=CATEGORIES,
+        description="A Neutron network: an isolated layer-2 segment.",
+        printer_columns=(
+            PrinterColumn("Type", ".spec.type"),
+            PrinterColumn("Segment", ".status.segmentationId", "integer"),
+            PrinterColumn("MTU", ".status.mtu", "integer"),
+            PrinterColumn("Shared", ".spec.shared", "boolean", priority=1),
+            PrinterColumn("External", ".spec.external", "boolean", priority=1),
+            READY_COLUMN,
+            REASON_COLUMN,
+            AGE_COLUMN,
+        ),
+    )
+    spec: NetworkSpec = Field(default_factory=NetworkSpec)
+    status: NetworkStatus = Field(default_factory=NetworkStatus)
+
+
+# --- Subnet ------------------------------------------------------------------
+
+
+class AllocationPool(ApiModel):
+    """An inclusive range of addresses handed out to ports."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!isIP(self.start) || !isIP(self.end)"
+                " || ip(self.start).family() == ip(self.end).family()",
+                "start and end of an allocation pool must be of the same IP family",
+            ),
+            # CEL has no IP ordering: compare IPv4 numerically; the controller
+            # checks IPv6 pools.
+            cel(
+                "!isIP(self.start) || !isIP(self.end) || ip(self.start).family() != 4"
+                " || ip(self.end).family() != 4"
+                f" || {_ipv4_int('self.start')} <= {_ipv4_int('self.end')}",
+                message_expression="'allocation pool is reversed: start ' + self.start"
+                " + ' is after end ' + self.end",
+            ),
+        )
+    )
+
+    start: IP
+    """First address of the pool."""
+    end: IP
+    """Last address of the pool."""
+
+
+class HostRoute(ApiModel):
+    """A static route pushed to guests by DHCP (option 121)."""
+
+    destination: CIDR
+    """Destination CIDR."""
+    nexthop: IP
+    """Next-hop address."""
+
+
+class SubnetSpec(ApiModel):
+    """An IP address block on a network, with its DHCP settings."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!isCIDR(self.cidr) || cidr(self.cidr).ip().family() == self.ipVersion",
+                message_expression="'cidr ' + self.cidr + ' is not of the subnet\\'s ipVersion'",
+                field_path=".cidr",
+            ),
+            cel(
+                "!isCIDR(self.cidr) || cidr(self.cidr).masked() == cidr(self.cidr)",
+                message_expression="'cidr ' + self.cidr + ' has host bits set (the address must"
+                " be the network address of the prefix)'",
+                field_path=".cidr",
+            ),
+            cel(
+                "!has(self.gatewayIp) || !isIP(self.gatewayIp) || !isCIDR(self.cidr)"
+                " || cidr(self.cidr).containsIP(self.gatewayIp)",
+                message_expression="'gatewayIp ' + self.gatewayIp"
+                " + ' is outside cidr ' + self.cidr",
+                field_path=".gatewayIp",
+            ),
+            cel(
+                "!(has(self.gatewayIp) && self.noGateway)",
+                "gatewayIp cannot be set together with noGateway",
+                field_path=".gatewayIp",
+            ),
+            cel(
+                "!has(self.allocationPools) || !isCIDR(self.cidr) || self.allocationPools.all(p, "
+                "!isIP(p.start) || !isIP(p.end) || "
+                "(cidr(self.cidr).containsIP(p.start) && cidr(self.cidr).containsIP(p.end)))",
+                message_expression="'allocationPools must lie inside cidr ' + self.cidr",
+                field_path=".allocationPools",
+            ),
+            cel(
+                "!has(self.hostRoutes) || self.hostRoutes.all(r, "
+                "!isCIDR(r.destination) || !isIP(r.nexthop) || "
+                "(cidr(r.destination).ip().family() == self.ipVersion"
+                " && ip(r.nexthop).family() == self.ipVersion))",
+                "hostRoutes must be of the subnet's IP version",
+                field_path=".hostRoutes",
+            ),
+        )
+    )
+
+    network: Annotated[LocalRef, Immutable("network")]
+    """The network this subnet belongs to (in the same project)."""
+    ip_version: Annotated[Literal[4, 6], Immutable("ipVersion")] = 4
+    """4 or 6."""
+    cidr: Annotated[CIDR, Immutable("cidr")]
+    """The address block, e.g. 10.0.0.0/24."""
+    gateway_ip: IP | None = None
+    """Router address on this subnet; defaults to the first host address."""
+    no_gateway: bool = False
+    """Do not configure a gateway (no default route for guests)."""
+    allocation_pools: list[AllocationPool] | None = Field(default=None, max_length=32)
+    """Ranges ports are allocated from; defaults to the whole CIDR minus the
+    network, broadcast and gateway addresses."""
+    dns_nameservers: list[IP] = Field(default_factory=list, max_length=5)
+    """DNS servers announced by DHCP."""
+    host_routes: list[HostRoute] = Field(default_factory=list, max_length=32)
+    """Static routes announced by DHCP (option 121)."""
+    enable_dhcp: bool = True
+    """Serve this subnet's addresses by DHCP."""
+    description: str = Field(default="", max_length=255)
+    """Free text."""
+
+
+class SubnetStatus(Status):
+    gateway_ip: str | None = None
+    """Gateway in effect."""
+    allocation_pools: list[AllocationPool] = Field(default_factory=list)
+    """Pools in effect."""
+    capacity: int | None = None
+    """Number of allocatable addresses."""
+    used: int | None = None
+    """Number of allocated addresses."""
+
+
+class Subnet(Resource[SubnetSpec, SubnetStatus]):
+    crd = CrdInfo(
+        group=GROUP,
+        kind="Subnet",
+        plural="subnets",
+        short_names=("sn",),
+        categories=CATEGORIES,
+        description="A Neutron subnet: an address block with IPAM and DHCP settings.",
+        printer_columns=(
+            PrinterColumn("Network", ".spec.network.name"),
+            PrinterColumn("CIDR", ".spec.cidr"),
+            PrinterColumn("Gateway", ".status.gatewayIp"),
+            PrinterColumn("Used", ".status.used", "integer", priority=1),
+            PrinterColumn("Capacity", ".status.capacity", "integer", priority=1),
+            READY_COLUMN,
+            REASON_COLUMN,
+            AGE_COLUMN,
+        ),
+    )
+    spec: SubnetSpec
+    status: SubnetStatus = Field(default_factory=SubnetStatus)
+
+
+# --- Port --------------------------------------------------------------------
+
+
+class FixedIpRequest(ApiModel):
+    """An address wanted on a port: any free one of a subnet, or a given one."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.subnet) || has(self.ipAddress)",
+                "a fixedIps entry needs a subnet, an ipAddress or both",
+            )
+        )
+    )
+
+    subnet: str | None = Field(default=None, min_length=1, max_length=253)
+    """Subnet name (same namespace as the network)."""
+    ip_address: IP | None = None
+    """A specific address; must be free."""
+
+
+class PortBinding(ApiModel):
+    """Where the port is plugged."""
+
+    host: str | None = Field(default=None, max_length=253)
+    """Node whose agent wires the port into its integration bridge."""
+    vnic_type: Literal["normal"] = "normal"
+    """Only normal (virtio/veth) ports are supported."""
+
+
+class AllowedAddressPair(ApiModel):
+    """Extra addresses the port may send from when port security is on."""
+
+    ip_address: IP_OR_CIDR
+    """Address or CIDR."""
+    mac_address: str | None = Field(default=None, pattern=MAC_PATTERN)
+    """MAC; defaults to the port's."""
+
+
+class PortSpec(ApiModel):
+    """A virtual switch port: a MAC and fixed IPs on a network."""
+
+    network: Annotated[ProjectRef, Immutable("network")]
+    """Network of the port; another project's network only if shared."""
+    mac_address: Annotated[
+        str | None, Field(pattern=MAC_PATTERN, max_length=17), Immutable("macAddress")
+    ] = None
+    """MAC address, e.g. fa:16:3e:00:00:01; generated when not given."""
+    fixed_ips: list[FixedIpRequest] | None = Field(default=None, max_length=16)
+    """Addresses wanted. Absent: one address from the first IPv4 and the first
+    IPv6 subnet of the network. Empty list: no address."""
+    device_owner: str = Field(default="", max_length=255)
+    """What uses the port, e.g. compute:nova, network:dhcp, network:router_interface."""
+    device_id: str = Field(default="", max_length=255)
+    """Identifier of the user of the port (e.g. the Instance uid)."""
+    binding: PortBinding = Field(default_factory=PortBinding)
+    """Node binding."""
+    security_groups: list[str] | None = Field(default=None, max_length=32)
+    """SecurityGroup names in the port's namespace; absent means the project's default."""
+    port_security_enabled: bool | None = None
+    """Anti-spoofing and security groups; defaults to the network's setting."""
+    allowed_address_pairs: list[AllowedAddressPair] = Field(default_factory=list, max_length=10)
+    """Extra source addresses allowed through port security."""
+    admin_state_up: bool = True
+    """When false the port does not forward traffic."""
+    description: str = Field(default="", max_length=255)
+    """Free text."""
+
+
+class FixedIp(ApiModel):
+    subnet: str
+    """Subnet name."""
+    ip_address: str
+    """Allocated address."""
+
+
+class PortBindingStatus(ApiModel):
+    """Written by the agent of the bound node."""
+
+    node: str
+    """Node that plugged the port."""
+    device: str = ""
+    """Name of the OVS port of this Port on the integration bridge."""
+    local_vlan: int | None = None
+    """Local VLAN tag of the network on the node's integration bridge."""
+    active: bool = False
+    """True once the OVS port carries the network's tag."""
+
+
+class PortDhcpStatus(ApiModel):
+    """Written by the agent serving DHCP for the network."""
+
+    node: str
+    """Node running the network's DHCP server."""
+    mac_address: str
+    """MAC in the DHCP host entry."""
+    ip_addresses: list[str] = Field(default_factory=list)
+    """Addresses in the DHCP host entry."""
+
+
+class PortStatus(Status):
+    mac_address: str | None = None
+    """MAC in effect."""
+    fixed_ips: list[FixedIp] = Field(default_factory=list)
+    """Addresses allocated to the port."""
+    mtu: int | None = None
+    """MTU of the network."""
+    network_uid: str | None = None
+    """Uid of the network, which the agents key node state by."""
+    binding: PortBindingStatus | None = None
+    """Node-side binding, reported by the bound node's agent."""
+    dhcp: PortDhcpStatus | None = None
+    """DHCP host entry in place, reported by the DHCP node's agent."""
+
+
+class Port(Resource[PortSpec, PortStatus]):
+    crd = CrdInfo(
+        group=GROUP,
+        kind="Port",
+        plural="ports",
+        short_names=("nport",),
+        categories=CATEGORIES,
+        description="A Neutron port: MAC and fixed IPs on a network, plugged on a node.",
+        printer_columns=(
+            PrinterColumn("Network", ".spec.network.name"),
+            PrinterColumn("MAC", ".status.macAddress"),
+            PrinterColumn("IPs", ".status.fixedIps[*].ipAddress"),
+            PrinterColumn("Node", ".spec.binding.host"),
+            PrinterColumn("Owner", ".spec.deviceOwner", priority=1),
+            READY_COLUMN,
+            REASON_COLUMN,
+            AGE_COLUMN,
+        ),
+    )
+    spec: PortSpec
+    status: PortStatus = Field(default_factory=PortStatus)
+
+
+# --- Router ------------------------------------------------------------------
+
+
+class ExternalGateway(ApiModel):
+    """The router's uplink to an external network."""
+
+    network: ProjectRef
+    """An external network."""
+    enable_snat: bool = True
+    """Source-NAT guest traffic to the gateway address."""
+    fixed_ip: IP | None = None
+    """Specific gateway address on the external network."""
+
+
+class RouterInterface(ApiModel):
+    """A subnet attached to the router; the router takes its gateway address."""
+
+    subnet: str = Field(min_length=1, max_length=253)
+    """Subnet name in the router's namespace."""
+
+
+class Route(ApiModel):
+    destination: CIDR
+    """Destination CIDR."""
+    nexthop: IP
+    """Next hop, on one of the router's subnets."""
+
+
+class RouterSpec(ApiModel):
+    """A virtual router between a project's subnets and an external network."""
+
+    external_gateway: ExternalGateway | None = None
+    """Uplink with SNAT."""
+    interfaces: list[RouterInterface] = Field(default_factory=list, max_length=64)
+    """Attached subnets."""
+    routes: list[Route] = Field(default_factory=list, max_length=64)
+    """Extra static routes."""
+    admin_state_up: bool = True
+    """When false the router does not forward."""
+    description: str = Field(default="", max_length=255)
+    """Free text."""
+
+
+class RouterStatus(Status):
+    node: str | None = None
+    """Node hosting the router namespace."""
+    gateway_ip: str | None = None
+    """Address on the external network."""
+
+
+class Router(Resource[RouterSpec, RouterStatus]):
+    crd = CrdInfo(
+        group=GROUP,
+        kind="Router",
+        plural="routers",
+        short_names=("rt",),
+        categories=CATEGORIES,
+        description="A Neutron router: routes between subnets and SNATs to an external network.",
+        printer_columns=(
+            PrinterColumn("Gateway", ".status.gatewayIp"),
+            PrinterColumn("Node", ".status.node"),
+            READY_COLUMN,
+            REASON_COLUMN,
+            AGE_COLUMN,
+        ),
+    )
+    spec: RouterSpec = Field(default_factory=RouterSpec)
+    status: RouterStatus = Field(default_factory=RouterStatus)
+
+
+# --- FloatingIP --------------------------------------------------------------
+
+
+class FloatingIPSpec(ApiModel):
+    """A public address from an external network, NATed to a port."""
+
+    floating_network: Annotated[ProjectRef, Immutable("floatingNetwork")]
+    """The external network to take the address from."""
+    floating_ip_address: Annotated[IP | None, Immutable("floatingIpAddress")] = None
+    """A specific address; allocated when not given."""
+    port: str | None = Field(default=None, max_length=253)
+    """Port (same namespace) to associate; absent means unassociated."""
+    fixed_ip_address: IP | None = None
+    """Which of the port's addresses to map; defaults to its first IPv4."""
+    description: str = Field(default="", max_length=255)
+    """Free text."""
+
+
+class FloatingIPStatus(Status):
+    floating_ip_address: str | None = None
+    """Allocated address."""
+    fixed_ip_address: str | None = None
+    """Mapped port address."""
+    router: str | None = None
+    """Router doing the NAT."""
+
+
+class FloatingIP(Resource[FloatingIPSpec, FloatingIPStatus]):
+    crd = CrdInfo(
+        group=GROUP,
+        kind="FloatingIP",
+        plural="floatingips",
+        short_names=("fip",),
+        categories=CATEGORIES,
+        description="A floating IP: an external address mapped to a port by DNAT.",
+        printer_columns=(
+            PrinterColumn("Address", ".status.floatingIpAddress"),
+            PrinterColumn("Port", ".spec.port"),
+            PrinterColumn("Fixed", ".status.fixedIpAddress"),
+            READY_COLUMN,
+            AGE_COLUMN,
+        ),
+    )
+    spec: FloatingIPSpec
+    status: FloatingIPStatus = Field(default_factory=FloatingIPStatus)
+
+
+# --- SecurityGroup -----------------------------------------------------------
+
+
+class SecurityGroupRule(ApiModel):
+    """Allow traffic matching this rule (security groups are allow-lists)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.portRangeMin) || !has(self.portRangeMax)"
+                " || self.portRangeMin <= self.portRangeMax",
+                "portRangeMin must not exceed portRangeMax",
+            ),
+            cel(
+                "!(has(self.portRangeMin) || has(self.portRangeMax))"
+                " || self.protocol in ['tcp', 'udp', 'sctp']",
+                "port ranges need protocol tcp, udp or sctp",
+            ),
+            cel(
+                "!(has(self.remoteIpPrefix) && has(self.remoteGroup))",
+                "remoteIpPrefix and remoteGroup are mutually exclusive",
+            ),
+        )
+    )
+
+    direction: Literal["ingress", "egress"] = "ingress"
+    """Traffic direction, seen from the guest."""
+    ethertype: Literal["IPv4", "IPv6"] = "IPv4"
+    """IP family."""
+    protocol: Literal["any", "tcp", "udp", "sctp", "icmp", "icmpv6"] = "any"
+    """Protocol."""
+    port_range_min: int | None = Field(default=None, ge=1, le=65535)
+    """First port (tcp/udp/sctp)."""
+    port_range_max: int | None = Field(default=None, ge=1, le=65535)
+    """Last port (tcp/udp/sctp)."""
+    remote_ip_prefix: CIDR | None = None
+    """Peer addresses."""
+    remote_group: str | None = Field(default=None, max_length=253)
+    """Peer security group (same namespace)."""
+    description: str = Field(default="", max_length=255)
+    """Free text."""
+
+
+class SecurityGroupSpec(ApiModel):
+    """A named set of allow rules applied to ports."""
+
+    rules: list[SecurityGroupRule] = Field(default_factory=list, max_length=256)
+    """Allow rules; everything else is dropped (egress is open by default only
+    through the rules the default group carries)."""
+    description: str = Field(default="", max_length=255)
+    """Free text."""
+
+
+class SecurityGroupStatus(Status):
+    ports: int | None = None
+    """Number of ports using the group."""
+
+
+class SecurityGroup(Resource[SecurityGroupSpec, SecurityGroupStatus]):
+    crd = CrdInfo(
+        group=GROUP,
+        kind="SecurityGroup",
+        plural="securitygroups",
+        short_names=("sg", "secgroup"),
+        categories=CATEGORIES,
+        description="A security group: stateful allow rules enforced per port.",
+        printer_columns=(
+            PrinterColumn("Rules", ".spec.rules[*].protocol", priority=1),
+            READY_COLUMN,
+            AGE_COLUMN,
+        ),
+    )
+    spec: SecurityGroupSpec = Field(default_factory=SecurityGroupSpec)
+    status: SecurityGroupStatus = Field(default_factory=SecurityGroupStatus)
+
+
+# --- Allocation (internal ledger) ----------------------------------------------
+
+
+class AllocationOwner(ApiModel):
+    kind: str
+    """Kind of the holder."""
+    namespace: str | None = None
+    """Namespace of the holder."""
+    name: str
+    """Name of the holder."""
+    uid: str
+    """Uid of the holder: a re-created object with the same name is another holder."""
+
+
+class AllocationSpec(ApiModel):
+    """One allocated value. The object name encodes pool and value, so the API
+    server's name uniqueness makes allocation atomic across controller workers."""
+
+    pool: str = Field(max_length=253)
+    """e.g. `ip/<subnet uid>`, `mac/<network uid>`, `segment/vxlan`."""
+    value: str = Field(max_length=253)
+    """The allocated value (address, MAC, segmentation id)."""
+    owner: AllocationOwner
+    """The object holding the value."""
+
+
+class Allocation(Resource[AllocationSpec, Status]):
+    crd = CrdInfo(
+        group=GROUP,
+        kind="Allocation",
+        plural="allocations",
+        short_names=("alloc",),
+        # Internal ledger: kept out of `kubectl get nubes`, which would
+        # otherwise list one row per address in use.
+        categories=("nubes-internal",),
+        scope="Cluster",
+        description="Internal IPAM ledger: one object per allocated IP, MAC or segment id.",
+        printer_columns=(
+            PrinterColumn("Pool", ".spec.pool"),
+            PrinterColumn("Value", ".spec.value"),
+            PrinterColumn("Owner", ".spec.owner.name"),
+            PrinterColumn("Namespace", ".spec.owner.namespace"),
+            AGE_COLUMN,
+        ),
+    )
+    spec: AllocationSpec
+    status: Status = Field(default_factory=Status)

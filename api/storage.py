@@ -1,0 +1,244 @@
+"""storage.nubes.io: Cinder volume types, volumes, snapshots and backups."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import ConfigDict, Field
+
+from .meta import (
+    AGE_COLUMN,
+    CATEGORY,
+    READY_COLUMN,
+    REASON_COLUMN,
+    ApiModel,
+    CrdInfo,
+    Immutable,
+    PrinterColumn,
+    ProjectRef,
+    Resource,
+    Rule,
+    Status,
+    cel,
+    validations,
+)
+
+GROUP = "storage.nubes.io"
+CATEGORIES = (CATEGORY, "cinder")
+
+
+class VolumeTypeSpec(ApiModel):
+    """A class of volumes: which backend and which capabilities."""
+
+    backend_name: str | None = Field(default=None, max_length=255)
+    """`volume_backend_name`: only pools of this backend qualify."""
+    extra_specs: dict[str, str] = Field(
+        default_factory=dict, json_schema_extra={"maxProperties": 64}
+    )
+    """Capabilities pools must report, e.g. `thin_provisioning_support: "<is> True"`."""
+    is_public: bool = True
+    """Usable by every project."""
+    description: str = Field(default="", max_length=255)
+    """Free text."""
+
+
+class VolumeType(Resource[VolumeTypeSpec, Status]):
+    crd = CrdInfo(
+        group=GROUP,
+        kind="VolumeType",
+        plural="volumetypes",
+        short_names=("vt", "voltype"),
+        categories=CATEGORIES,
+        scope="Cluster",
+        description="A Cinder volume type: backend and capability requirements.",
+        printer_columns=(
+            PrinterColumn("Backend", ".spec.backendName"),
+            PrinterColumn("Public", ".spec.isPublic", "boolean"),
+            AGE_COLUMN,
+        ),
+    )
+    spec: VolumeTypeSpec = Field(default_factory=VolumeTypeSpec)
+    status: Status = Field(default_factory=Status)
+
+
+class VolumeSource(ApiModel):
+    """What a new volume is filled from; absent means blank."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "(has(self.image) ? 1 : 0) + (has(self.snapshot) ? 1 : 0)"
+                " + (has(self.volume) ? 1 : 0) + (has(self.backup) ? 1 : 0) == 1",
+                "source needs exactly one of image, snapshot, volume or backup",
+            )
+        )
+    )
+
+    image: ProjectRef | None = None
+    """Copy an image into the volume."""
+    snapshot: str | None = Field(default=None, max_length=253)
+    """Create from a VolumeSnapshot in the same namespace."""
+    volume: str | None = Field(default=None, max_length=253)
+    """Clone another Volume in the same namespace."""
+    backup: str | None = Field(default=None, max_length=253)
+    """Restore a VolumeBackup in the same namespace."""
+
+
+class VolumeSpec(ApiModel):
+    """A block device."""
+
+    size_gib: Annotated[
+        int,
+        Field(ge=1, le=65536),
+        Rule("self >= oldSelf", "sizeGib can only grow: a volume is extended, never shrunk"),
+    ]
+    """Size in GiB. Raising it extends the volume (only while detached)."""
+    volume_type: Annotated[str | None, Field(max_length=253), Immutable("volumeType")] = None
+    """VolumeType name; absent means the default type."""
+    availability_zone: Annotated[
+        str | None, Field(max_length=255), Immutable("availabilityZone")
+    ] = None
+    """Only pools in this zone qualify."""
+    source: Annotated[VolumeSource | None, Immutable("source")] = None
+    """Initial contents."""
+    bootable: bool = False
+    """Instances may boot from this volume."""
+    description: str = Field(default="", max_length=255)
+    """Free text."""
+
+
+class VolumeAttachmentStatus(ApiModel):
+    instance: str
+    """Instance name."""
+    node: str
+    """Node of the instance."""
+    target: str | None = None
+    """iSCSI target IQN the volume is exported as."""
+
+
+class VolumeStatus(Status):
+    backend: str | None = None
+    """Backend holding the volume."""
+    node: str | None = None
+    """Storage node."""
+    pool: str | None = None
+    """Pool on the node."""
+    size_gib: int | None = Field(default=None)
+    """Size provisioned."""
+    attachment: VolumeAttachmentStatus | None = None
+    """Where it is attached."""
+    bootable: bool | None = None
+    """Bootable flag in effect."""
+
+
+class Volume(Resource[VolumeSpec, VolumeStatus]):
+    crd = CrdInfo(
+        group=GROUP,
+        kind="Volume",
+        plural="volumes",
+        short_names=("vol",),
+        categories=CATEGORIES,
+        description="A Cinder volume: a block device on a storage backend.",
+        printer_columns=(
+            PrinterColumn("Size-GiB", ".spec.sizeGib", "integer"),
+            PrinterColumn("Type", ".spec.volumeType"),
+            PrinterColumn("Node", ".status.node"),
+            PrinterColumn("Attached-To", ".status.attachment.instance"),
+            READY_COLUMN,
+            REASON_COLUMN,
+            AGE_COLUMN,
+        ),
+    )
+    spec: VolumeSpec
+    status: VolumeStatus = Field(default_factory=VolumeStatus)
+
+
+class VolumeSnapshotSpec(ApiModel):
+    """A point-in-time copy of a volume, kept on its backend."""
+
+    volume: Annotated[str, Field(min_length=1, max_length=253), Immutable("volume")]
+    """Volume name in the same namespace."""
+    force: bool = False
+    """Snapshot even while attached (data may be inconsistent)."""
+    description: str = Field(default="", max_length=255)
+    """Free text."""
+
+
+class VolumeSnapshotStatus(Status):
+    size_gib: int | None = Field(default=None)
+    """Size of the source volume when taken."""
+    node: str | None = None
+    """Storage node."""
+
+
+class VolumeSnapshot(Resource[VolumeSnapshotSpec, VolumeSnapshotStatus]):
+    crd = CrdInfo(
+        group=GROUP,
+        kind="VolumeSnapshot",
+        plural="volumesnapshots",
+        short_names=("vsnap", "volsnap"),
+        categories=CATEGORIES,
+        description="A Cinder snapshot of a volume.",
+        printer_columns=(
+            PrinterColumn("Volume", ".spec.volume"),
+            PrinterColumn("Size-GiB", ".status.sizeGib", "integer"),
+            READY_COLUMN,
+            REASON_COLUMN,
+            AGE_COLUMN,
+        ),
+    )
+    spec: VolumeSnapshotSpec
+    status: VolumeSnapshotStatus = Field(default_factory=VolumeSnapshotStatus)
+
+
+class VolumeBackupSpec(ApiModel):
+    """A copy of a volume in the backup store, independent of the volume."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(cel("self == oldSelf", "a VolumeBackup is immutable"))
+    )
+
+    volume: str = Field(min_length=1, max_length=253)
+    """Volume name in the same namespace."""
+    incremental: bool = False
+    """Store only chunks changed since the latest backup of the volume."""
+    force: bool = False
+    """Back up even while attached."""
+    description: str = Field(default="", max_length=255)
+    """Free text."""
+
+
+class VolumeBackupStatus(Status):
+    size_gib: int | None = Field(default=None)
+    """Size of the volume backed up."""
+    parent: str | None = None
+    """Backup this incremental one builds on."""
+    container: str | None = None
+    """Directory in the backup store."""
+    chunks: int | None = None
+    """Chunks in the backup."""
+    chunks_stored: int | None = None
+    """Chunks this backup wrote (fewer than chunks when incremental)."""
+    stored_bytes: int | None = None
+    """Compressed bytes this backup wrote."""
+
+
+class VolumeBackup(Resource[VolumeBackupSpec, VolumeBackupStatus]):
+    crd = CrdInfo(
+        group=GROUP,
+        kind="VolumeBackup",
+        plural="volumebackups",
+        short_names=("vbak", "volbackup"),
+        categories=CATEGORIES,
+        description="A Cinder backup: compressed, checksummed chunks in the backup store.",
+        printer_columns=(
+            PrinterColumn("Volume", ".spec.volume"),
+            PrinterColumn("Incremental", ".spec.incremental", "boolean"),
+            PrinterColumn("Size-GiB", ".status.sizeGib", "integer"),
+            READY_COLUMN,
+            REASON_COLUMN,
+            AGE_COLUMN,
+        ),
+    )
+    spec: VolumeBackupSpec
+    status: VolumeBackupStatus = Field(default_factory=VolumeBackupStatus)

@@ -1,0 +1,20 @@
+"""Cluster-wide reconcilers: one module per kind, wired by `build_controller`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nubes.controllers.config import ControllerConfig
+from nubes.runtime.operator import Operator
+from nubes.runtime.reconcile import Reconciler
+
+
+async def build_controller(op: Operator, config: ControllerConfig) -> None:
+    from nubes.controllers.hypervisor import HypervisorReconciler
+    from nubes.controllers.pending import register_pending
+    from nubes.controllers.project import ProjectReconciler
+
+    reconcilers: list[Reconciler[Any]] = [HypervisorReconciler(), ProjectReconciler()]
+    for reconciler in reconcilers:
+        op.register(reconciler)
+    register_pending(op, handled={r.kind for r in reconcilers})

@@ -1,0 +1,100 @@
+"""Controller settings (command-line flags, with environment fallbacks)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from pydantic import BaseModel, Field
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"NUBES_{name}", default)
+
+
+class SegmentRange(BaseModel):
+    """An inclusive range of segmentation ids tenants allocate from."""
+
+    first: int
+    last: int
+    physical_network: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, *, with_physnet: bool = False) -> SegmentRange:
+        parts = text.split(":")
+        if with_physnet:
+            if len(parts) != 3:
+                raise argparse.ArgumentTypeError(f"expected PHYSNET:FIRST:LAST, got {text!r}")
+            return cls(physical_network=parts[0], first=int(parts[1]), last=int(parts[2]))
+        if len(parts) != 2:
+            raise argparse.ArgumentTypeError(f"expected FIRST:LAST, got {text!r}")
+        return cls(first=int(parts[0]), last=int(parts[1]))
+
+
+class ControllerConfig(BaseModel):
+    shard: int = 0
+    """This worker's shard (objects are split by uid hash)."""
+    shards: int = 1
+    """Number of controller workers."""
+    vxlan_ranges: list[SegmentRange] = Field(
+        default_factory=lambda: [SegmentRange(first=1000, last=1999)]
+    )
+    gre_ranges: list[SegmentRange] = Field(
+        default_factory=lambda: [SegmentRange(first=1000, last=1999)]
+    )
+    vlan_ranges: list[SegmentRange] = Field(default_factory=list)
+    underlay_mtu: int = 1500
+    """MTU of the physical network carrying tunnels (Neutron's global_physnet_mtu)."""
+    physnet_mtus: dict[str, int] = Field(default_factory=dict)
+    """Per provider network MTU, when not the underlay MTU."""
+    image_store: str = "/var/lib/nubes/images"
+    """Directory the controller imports images into (Glance filesystem store)."""
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--shard",
+            default=_env("SHARD", "0/1"),
+            help="I/N: handle the I-th of N shards (default 0/1)",
+        )
+        p.add_argument(
+            "--vxlan-range",
+            action="append",
+            default=[],
+            help="FIRST:LAST VNIs for tenant vxlan networks (repeatable)",
+        )
+        p.add_argument(
+            "--gre-range",
+            action="append",
+            default=[],
+            help="FIRST:LAST keys for tenant gre networks (repeatable)",
+        )
+        p.add_argument(
+            "--vlan-range",
+            action="append",
+            default=[],
+            help="PHYSNET:FIRST:LAST VLAN ids for tenant vlan networks",
+        )
+        p.add_argument("--underlay-mtu", type=int, default=int(_env("UNDERLAY_MTU", "1500")))
+        p.add_argument("--physnet-mtu", action="append", default=[], help="PHYSNET:MTU")
+        p.add_argument("--image-store", default=_env("IMAGE_STORE", "/var/lib/nubes/images"))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ControllerConfig:
+        shard, _, shards = args.shard.partition("/")
+        config = cls(
+            shard=int(shard),
+            shards=int(shards or 1),
+            underlay_mtu=args.underlay_mtu,
+            physnet_mtus={k: int(v) for k, v in (s.split(":", 1) for s in args.physnet_mtu)},
+            image_store=args.image_store,
+        )
+        if args.vxlan_range:
+            config.vxlan_ranges = [SegmentRange.parse(r) for r in args.vxlan_range]
+        if args.gre_range:
+            config.gre_ranges = [SegmentRange.parse(r) for r in args.gre_range]
+        if args.vlan_range:
+            config.vlan_ranges = [SegmentRange.parse(r, with_physnet=True) for r in args.vlan_range]
+        if not 0 <= config.shard < config.shards:
+            raise SystemExit(f"--shard {args.shard}: shard must be within 0..N-1")
+        return config

@@ -1,0 +1,1 @@
+"""Node-local drivers. They never import kopf or the Kubernetes client."""

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The main job: a local control plane and node services, the CRDs and the
+# chart's roles and policies, the controller and a node agent as local
+# processes, then the quickstart, and what came of it.
+#
+#   hack/demo.sh up     (make demo)
+#   hack/demo.sh down   (make demo-down)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+state=${NUBES_STATE:-$root/.nubes}
+bin=$(hack/build-tools.sh | tail -n 1)
+export KUBECONFIG=${KUBECONFIG:-$state/kubeconfig}
+kubectl() { "$bin/kubectl" "$@"; }
+node=${NUBES_DEMO_NODE:-$(hostname)}
+node_state=$state/node
+mkdir -p "$state/logs" "$state/run" "$node_state"
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+start_proc() { # name args...
+  local name=$1; shift
+  if [[ -f $state/run/$name.pid ]] && kill -0 "$(cat "$state/run/$name.pid")" 2>/dev/null; then
+    return
+  fi
+  nohup .venv/bin/nubes "$@" >"$state/logs/$name.log" 2>&1 &
+  echo $! > "$state/run/$name.pid"
+}
+
+stop_proc() {
+  local pidfile=$state/run/$1.pid
+  [[ -f $pidfile ]] || return 0
+  local pid; pid=$(cat "$pidfile")
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+  rm -f "$pidfile"
+}
+
+up() {
+  say "control plane and node daemons"
+  hack/cluster.sh up
+  hack/node-daemons.sh start
+
+  say "CRDs, roles and admission policies"
+  kubectl apply --server-side --force-conflicts -f crds/ >/dev/null
+  kubectl wait --for=condition=Established crd --all --timeout=60s >/dev/null
+  "$bin/helm" template nubes charts/nubes --namespace nubes-system \
+    --set controller.enabled=false --set agent.enabled=false --set crds.enabled=false \
+    | kubectl apply --server-side --force-conflicts -f - >/dev/null
+  echo "kinds: $(kubectl api-resources --categories=nubes -o name | tr '\n' ' ')"
+
+  say "controller and node agent ($node)"
+  start_proc controller --log-level info controller --health-port 18081 --image-store "$state/images"
+  start_proc agent --log-level info agent --node "$node" --state-dir "$node_state" \
+    --run-dir "$state/run/agent" --health-port 18082
+  for port in 18081 18082; do
+    for _ in $(seq 150); do curl -fsS -o /dev/null "http://127.0.0.1:$port/healthz" 2>/dev/null && break; sleep 0.2; done
+  done
+  echo "logs: $state/logs/controller.log $state/logs/agent.log"
+
+  say "quickstart (examples/quickstart)"
+  kubectl apply -f examples/quickstart/00-project.yaml
+  kubectl wait --for=condition=Ready project/demo --timeout=60s
+  kubectl apply -f examples/quickstart/
+  sleep 3
+  kubectl get nubes -n demo
+  kubectl get flavors,hypervisors
+
+  say "invalid input is refused by the API server (examples/invalid)"
+  for f in examples/invalid/*.yaml; do
+    printf -- '- %s: ' "$(basename "$f")"
+    kubectl apply --dry-run=server -f "$f" 2>&1 | tail -n 1 || true
+  done
+  say "done: KUBECONFIG=$KUBECONFIG kubectl get nubes -n demo; make demo-down to clean up"
+}
+
+down() {
+  if [[ -f $KUBECONFIG ]] && hack/cluster.sh status | grep -q 'kube-apiserver: running'; then
+    kubectl delete -f examples/quickstart/ --ignore-not-found --wait=true --timeout=120s || true
+  fi
+  stop_proc agent
+  stop_proc controller
+  hack/node-daemons.sh stop
+  hack/cluster.sh down
+}
+
+case ${1:-up} in
+  up) up ;;
+  down) down ;;
+  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+esac

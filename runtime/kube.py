@@ -1,0 +1,281 @@
+"""Thin typed access to the Kubernetes API.
+
+kubernetes_asyncio supplies configuration, authentication and the HTTP
+session; requests are issued directly against REST paths with explicit
+content types (merge patch, server-side apply) and answered as plain dicts or
+parsed into the API models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from kubernetes_asyncio import config as kube_config
+from kubernetes_asyncio.client import ApiClient, Configuration
+
+from nubes.api.meta import Resource
+
+R = TypeVar("R", bound=Resource[Any, Any])
+
+MERGE_PATCH = "application/merge-patch+json"
+THROTTLE_RETRIES = 10
+APPLY_PATCH = "application/apply-patch+yaml"
+
+
+class ApiError(Exception):
+    """The API server answered with an error status."""
+
+    def __init__(self, status: int, body: dict[str, Any] | str):
+        self.status = status
+        self.body = body
+        message = body.get("message", "") if isinstance(body, dict) else body
+        self.reason = body.get("reason", "") if isinstance(body, dict) else ""
+        super().__init__(f"{status} {self.reason}: {message}")
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def conflict(self) -> bool:
+        """AlreadyExists on create, or a stale resourceVersion on update."""
+        return self.status == 409
+
+    @property
+    def invalid(self) -> bool:
+        return self.status == 422
+
+
+@dataclass(frozen=True)
+class KindPath:
+    """Where a kind lives in the REST API."""
+
+    group: str  # "" for the core group
+    version: str
+    plural: str
+    namespaced: bool
+
+    def collection(self, namespace: str | None = None) -> str:
+        base = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
+        if self.namespaced and namespace:
+            return f"{base}/namespaces/{namespace}/{self.plural}"
+        return f"{base}/{self.plural}"
+
+    def item(self, name: str, namespace: str | None = None) -> str:
+        return f"{self.collection(namespace)}/{name}"
+
+
+def path_of(kind: type[Resource[Any, Any]]) -> KindPath:
+    info = kind.crd
+    return KindPath(info.group, info.version, info.plural, info.scope == "Namespaced")
+
+
+NAMESPACES = KindPath("", "v1", "namespaces", False)
+EVENTS = KindPath("", "v1", "events", True)
+SECRETS = KindPath("", "v1", "secrets", True)
+CONFIGMAPS = KindPath("", "v1", "configmaps", True)
+ROLEBINDINGS = KindPath("rbac.authorization.k8s.io", "v1", "rolebindings", True)
+RESOURCEQUOTAS = KindPath("", "v1", "resourcequotas", True)
+
+
+def default_kubeconfig() -> str | None:
+    """KUBECONFIG if set, else the dev cluster's, else in-cluster config."""
+    if os.environ.get("KUBECONFIG"):
+        return os.environ["KUBECONFIG"]
+    local = os.path.join(os.environ.get("NUBES_STATE", ".nubes"), "kubeconfig")
+    return local if os.path.exists(local) else None
+
+
+class Kube:
+    """An API client. Create with `await Kube.connect()`, close with `close()`."""
+
+    def __init__(self, api: ApiClient, field_manager: str):
+        self._api = api
+        self.field_manager = field_manager
+
+    @classmethod
+    async def connect(cls, kubeconfig: str | None = None, *, field_manager: str = "nubes") -> Kube:
+        configuration = Configuration()
+        path = kubeconfig or default_kubeconfig()
+        if path:
+            await kube_config.load_kube_config(config_file=path, client_configuration=configuration)
+        else:
+            kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        configuration.connection_pool_maxsize = 64
+        return cls(ApiClient(configuration), field_manager)
+
+    async def close(self) -> None:
+        await self._api.close()
+
+    async def __aenter__(self) -> Kube:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    # --- raw requests ------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        content_type: str = "application/json",
+        query: dict[str, str] | None = None,
+        timeout: float = 30,
+    ) -> dict[str, Any]:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        for attempt in range(THROTTLE_RETRIES + 1):
+            response = await self._api.call_api(
+                path,
+                method,
+                query_params=list((query or {}).items()),
+                header_params=headers,
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=timeout,
+            )
+            try:
+                raw = await response.read()
+            finally:
+                response.release()
+            # 429 means the request was not processed (throttled, or storage
+            # still initialising after a restart): safe to repeat for any verb.
+            if response.status == 429 and attempt < THROTTLE_RETRIES:
+                await asyncio.sleep(min(float(response.headers.get("Retry-After", "1")), 5.0))
+                continue
+            break
+        try:
+            data: Any = json.loads(raw) if raw else {}
+        except json.JSONDecodeError:
+            data = raw.decode(errors="replace")
+        if not 200 <= response.status <= 299:
+            raise ApiError(response.status, data)
+        return data if isinstance(data, dict) else {}
+
+    # --- untyped verbs ----------------------------------------------------------
+
+    async def get_raw(
+        self, kp: KindPath, name: str, namespace: str | None = None
+    ) -> dict[str, Any] | None:
+        try:
+            return await self.request("GET", kp.item(name, namespace))
+        except ApiError as e:
+            if e.not_found:
+                return None
+            raise
+
+    async def list_raw(
+        self, kp: KindPath, namespace: str | None = None, *, label_selector: str | None = None
+    ) -> list[dict[str, Any]]:
+        query = {"labelSelector": label_selector} if label_selector else None
+        data = await self.request("GET", kp.collection(namespace), query=query, timeout=120)
+        items: list[dict[str, Any]] = data.get("items", [])
+        return items
+
+    async def create_raw(
+        self, kp: KindPath, body: dict[str, Any], namespace: str | None = None
+    ) -> dict[str, Any]:
+        return await self.request("POST", kp.collection(namespace), body=body)
+
+    async def patch_raw(
+        self,
+        kp: KindPath,
+        name: str,
+        patch: dict[str, Any],
+        namespace: str | None = None,
+        *,
+        subresource: str | None = None,
+    ) -> dict[str, Any]:
+        path = kp.item(name, namespace) + (f"/{subresource}" if subresource else "")
+        return await self.request("PATCH", path, body=patch, content_type=MERGE_PATCH)
+
+    async def apply_raw(
+        self,
+        kp: KindPath,
+        body: dict[str, Any],
+        *,
+        subresource: str | None = None,
+        force: bool = True,
+    ) -> dict[str, Any]:
+        """Server-side apply under this client's field manager."""
+        meta = body["metadata"]
+        path = kp.item(meta["name"], meta.get("namespace")) + (
+            f"/{subresource}" if subresource else ""
+        )
+        query = {"fieldManager": self.field_manager, "force": "true" if force else "false"}
+        return await self.request("PATCH", path, body=body, content_type=APPLY_PATCH, query=query)
+
+    async def delete_raw(
+        self,
+        kp: KindPath,
+        name: str,
+        namespace: str | None = None,
+        *,
+        uid: str | None = None,
+        propagation: str = "Background",
+    ) -> bool:
+        """Delete; False when it was already gone."""
+        body: dict[str, Any] = {
+            "kind": "DeleteOptions",
+            "apiVersion": "v1",
+            "propagationPolicy": propagation,
+        }
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        try:
+            await self.request("DELETE", kp.item(name, namespace), body=body)
+        except ApiError as e:
+            if e.not_found:
+                return False
+            raise
+        return True
+
+    # --- typed verbs --------------------------------------------------------------
+
+    async def get(self, kind: type[R], name: str, namespace: str | None = None) -> R | None:
+        raw = await self.get_raw(path_of(kind), name, namespace)
+        return kind.model_validate(raw) if raw is not None else None
+
+    async def list(self, kind: type[R], namespace: str | None = None) -> builtins.list[R]:
+        return [kind.model_validate(i) for i in await self.list_raw(path_of(kind), namespace)]
+
+    async def create(self, obj: Resource[Any, Any]) -> dict[str, Any]:
+        kind = type(obj)
+        body = obj.wire()
+        body["apiVersion"] = kind.crd.api_version
+        body["kind"] = kind.crd.kind
+        body.pop("status", None)
+        meta = body["metadata"]
+        for key in ("uid", "resourceVersion", "generation", "creationTimestamp"):
+            meta.pop(key, None)
+        return await self.create_raw(path_of(kind), body, obj.namespace)
+
+    async def patch_status(self, obj: Resource[Any, Any], status: dict[str, Any]) -> dict[str, Any]:
+        return await self.patch_raw(
+            path_of(type(obj)), obj.name, {"status": status}, obj.namespace, subresource="status"
+        )
+
+    async def set_finalizers(
+        self, obj: Resource[Any, Any], finalizers: builtins.list[str]
+    ) -> dict[str, Any]:
+        """Replace finalizers, failing with 409 if the object changed meanwhile."""
+        patch: dict[str, Any] = {
+            "metadata": {
+                "finalizers": finalizers or None,
+                "resourceVersion": obj.metadata.resource_version,
+            }
+        }
+        return await self.patch_raw(path_of(type(obj)), obj.name, patch, obj.namespace)
+
+    async def delete(self, obj: Resource[Any, Any]) -> bool:
+        return await self.delete_raw(
+            path_of(type(obj)), obj.name, obj.namespace, uid=obj.uid or None
+        )

@@ -1,0 +1,362 @@
+"""The runtime shared by the controller and the node agent.
+
+kopf watches every kind (`on.event` handlers, so kopf keeps no per-object
+state in annotations) and feeds the stores; store changes queue keys for the
+reconcilers; workers take keys, run the converge function against the latest
+cached object and write status only when it changed. Finalizers and status
+are ours, written with optimistic concurrency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+from nubes.api.meta import Resource
+from nubes.runtime.kube import ApiError, Kube, path_of
+from nubes.runtime.reconcile import (
+    Outcome,
+    Reconciler,
+    Stall,
+    Wait,
+    conditions_for,
+    same_conditions,
+)
+from nubes.runtime.store import Store
+
+log = structlog.get_logger()
+
+RECONCILES = Counter("nubes_reconcile_total", "Converge passes", ["process", "kind", "result"])
+RECONCILE_SECONDS = Histogram(
+    "nubes_reconcile_duration_seconds", "Converge pass duration", ["process", "kind"]
+)
+STATUS_WRITES = Counter("nubes_status_writes_total", "Status patches", ["process", "kind"])
+QUEUE_DEPTH = Gauge("nubes_queue_depth", "Keys waiting", ["process", "kind"])
+OBJECTS = Gauge("nubes_cached_objects", "Objects in the watch caches", ["process", "kind"])
+
+
+@dataclass
+class _Registered:
+    reconciler: Reconciler[Any]
+    queue: Any  # WorkQueue (import kept local to avoid a cycle in type checking)
+
+
+class Operator:
+    """One process's set of stores and reconcilers."""
+
+    def __init__(
+        self,
+        name: str,
+        kube: Kube,
+        *,
+        health_port: int | None = None,
+        health_host: str = "127.0.0.1",
+    ):
+        from nubes.runtime.workqueue import WorkQueue
+
+        self._workqueue_cls = WorkQueue
+        self.name = name
+        self.kube = kube
+        self.health_port = health_port
+        self.health_host = health_host
+        self.stores: dict[type[Resource[Any, Any]], Store[Any]] = {}
+        self._registered: dict[type[Resource[Any, Any]], _Registered] = {}
+        self._ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._on_start: list[Callable[[], Awaitable[None]]] = []
+        self.log = log.bind(process=name)
+
+    # --- wiring -------------------------------------------------------------------
+
+    def store(self, kind: type[Resource[Any, Any]]) -> Store[Any]:
+        if kind not in self.stores:
+            self.stores[kind] = Store(kind)
+        return self.stores[kind]
+
+    def register(self, reconciler: Reconciler[Any]) -> None:
+        kind = reconciler.kind
+        queue = self._workqueue_cls(kind.crd.kind)
+        self._registered[kind] = _Registered(reconciler, queue)
+        store = self.store(kind)
+        store.add_listener(lambda old, new: queue.add((new or old).key))
+        reconciler.setup(self)
+
+    def watch(
+        self,
+        kind: type[Resource[Any, Any]],
+        target: type[Resource[Any, Any]],
+        mapper: Callable[[Any], Iterable[str]],
+    ) -> None:
+        """When an object of `kind` changes, queue the `target` keys it maps to."""
+
+        def on_change(old: Any, new: Any) -> None:
+            queue = self._registered[target].queue
+            keys: set[str] = set()
+            for obj in (old, new):
+                if obj is not None:
+                    keys.update(mapper(obj))
+            for key in keys:
+                queue.add(key)
+
+        self.store(kind).add_listener(on_change)
+
+    def on_start(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run once after the caches are loaded, before reconciling starts."""
+        self._on_start.append(hook)
+
+    def enqueue(self, kind: type[Resource[Any, Any]], key: str, after: float = 0) -> None:
+        queue = self._registered[kind].queue
+        if after:
+            queue.add_after(key, after)
+        else:
+            queue.add(key)
+
+    # --- running ------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self._initial_sync()
+        for hook in self._on_start:
+            await hook()
+        registry = self._kopf_registry()
+        settings = kopf.OperatorSettings()
+        settings.posting.enabled = False
+        settings.watching.server_timeout = 290
+        settings.watching.client_timeout = 300
+        settings.watching.connect_timeout = 10
+        settings.batching.batch_window = 0.05
+        kopf_task = asyncio.create_task(
+            kopf.operator(
+                registry=registry,
+                settings=settings,
+                standalone=True,
+                clusterwide=True,
+                stop_flag=stop,
+            ),
+            name="kopf",
+        )
+        self._tasks.append(kopf_task)
+        for kind, reg in self._registered.items():
+            for key in [o.key for o in self.stores[kind]]:
+                reg.queue.add(key)
+            for i in range(reg.reconciler.workers):
+                self._tasks.append(
+                    asyncio.create_task(self._worker(kind, reg), name=f"{kind.crd.kind}-{i}")
+                )
+        runner = await self._serve_health() if self.health_port is not None else None
+        self._ready.set()
+        self.log.info("operator started", kinds=[k.crd.kind for k in self._registered])
+        try:
+            # kopf installs its own signal handlers and may end first.
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({stopping, kopf_task}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            stop.set()
+        finally:
+            for task in self._tasks:
+                if task is not kopf_task:
+                    task.cancel()
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(kopf_task, timeout=10)
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            for reg in self._registered.values():
+                reg.queue.close()
+            if runner is not None:
+                await runner.cleanup()
+            self.log.info("operator stopped")
+
+    async def _initial_sync(self) -> None:
+        """List every watched kind before reconciling anything, so converge
+        functions never mistake a not-yet-loaded cache for an absent object."""
+        for kind, store in self.stores.items():
+            for attempt in range(60):
+                try:
+                    raw = await self.kube.list_raw(path_of(kind))
+                    break
+                except ApiError as e:
+                    if e.status != 404 or attempt == 59:
+                        raise
+                    self.log.warning("waiting for CRD", kind=kind.crd.kind)
+                    await asyncio.sleep(1)
+            store.replace_all(kind.model_validate(item) for item in raw)
+            OBJECTS.labels(self.name, kind.crd.kind).set(len(store))
+
+    def _kopf_registry(self) -> kopf.OperatorRegistry:
+        registry = kopf.OperatorRegistry()
+        configuration = self.kube._api.configuration
+
+        @kopf.on.login(registry=registry)
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            token = configuration.api_key.get("authorization", "")
+            return kopf.ConnectionInfo(
+                server=configuration.host or "",
+                ca_path=configuration.ssl_ca_cert,
+                insecure=not configuration.verify_ssl,
+                certificate_path=configuration.cert_file,
+                private_key_path=configuration.key_file,
+                token=token.removeprefix("Bearer ").strip() or None,
+            )
+
+        for kind, store in self.stores.items():
+            info = kind.crd
+            kopf.on.event(
+                info.group, info.version, info.plural, registry=registry, id=f"cache-{info.plural}"
+            )(self._cache_feeder(kind, store))
+        return registry
+
+    def _cache_feeder(
+        self, kind: type[Resource[Any, Any]], store: Store[Any]
+    ) -> Callable[..., None]:
+        def on_event(event: kopf.RawEvent, **_: Any) -> None:
+            raw = event.get("object") or {}
+            if event.get("type") == "DELETED":
+                meta = raw.get("metadata", {})
+                namespace = meta.get("namespace")
+                store.remove(f"{namespace}/{meta['name']}" if namespace else meta["name"])
+            else:
+                store.upsert(kind.model_validate(raw))
+            OBJECTS.labels(self.name, kind.crd.kind).set(len(store))
+
+        return on_event
+
+    async def _worker(self, kind: type[Resource[Any, Any]], reg: _Registered) -> None:
+        queue = reg.queue
+        while True:
+            key = await queue.get()
+            QUEUE_DEPTH.labels(self.name, kind.crd.kind).set(len(queue))
+            try:
+                await self._process(kind, reg, key)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                delay = queue.retry(key)
+                self.log.warning(
+                    "reconcile failed",
+                    kind=kind.crd.kind,
+                    key=key,
+                    error=str(e) or type(e).__name__,
+                    retry_in=round(delay, 2),
+                    exc_info=not isinstance(e, ApiError),
+                )
+                RECONCILES.labels(self.name, kind.crd.kind, "error").inc()
+            finally:
+                queue.done(key)
+
+    async def _process(self, kind: type[Resource[Any, Any]], reg: _Registered, key: str) -> None:
+        reconciler = reg.reconciler
+        obj = self.stores[kind].get(key)
+        if obj is None:
+            await reconciler.forget(key)
+            reg.queue.forget(key)
+            return
+        if not reconciler.accepts(obj):
+            return
+        started = time.monotonic()
+        finalizer = reconciler.finalizer
+        if obj.deleting:
+            if finalizer is None or finalizer not in obj.metadata.finalizers:
+                return
+            outcome = await self._guarded(reconciler.finalize, obj)
+            if outcome is None:
+                await self.kube.set_finalizers(
+                    obj, [f for f in obj.metadata.finalizers if f != finalizer]
+                )
+                self.log.info("finalized", kind=kind.crd.kind, key=key)
+            else:
+                await self._write_status(obj, outcome)
+                reg.queue.add_after(key, outcome.requeue_after or 2.0)
+            return
+        if finalizer and finalizer not in obj.metadata.finalizers:
+            # The watch delivers the updated object and queues it again.
+            await self.kube.set_finalizers(obj, [*obj.metadata.finalizers, finalizer])
+            return
+        outcome = await self._guarded(reconciler.converge, obj)
+        assert outcome is not None
+        await self._write_status(obj, outcome)
+        reg.queue.forget(key)
+        if outcome.requeue_after:
+            reg.queue.add_after(key, outcome.requeue_after)
+        RECONCILES.labels(self.name, kind.crd.kind, outcome.state or "observed").inc()
+        RECONCILE_SECONDS.labels(self.name, kind.crd.kind).observe(time.monotonic() - started)
+
+    @staticmethod
+    async def _guarded(fn: Callable[[Any], Any], obj: Any) -> Outcome | None:
+        try:
+            result: Outcome | None = await fn(obj)
+            return result
+        except Stall as s:
+            return Outcome.stalled(s.reason, s.message)
+        except Wait as w:
+            return Outcome.progressing(w.reason, w.message, requeue_after=w.retry_after or 5.0)
+
+    async def _write_status(self, obj: Resource[Any, Any], outcome: Outcome) -> None:
+        current = obj.status.wire()
+        patch = {k: v for k, v in outcome.status.items() if current.get(k) != v}
+        if outcome.state is not None:
+            conditions = conditions_for(outcome, obj.status.conditions, obj.generation)
+            if not same_conditions(obj.status.conditions, conditions):
+                patch["conditions"] = conditions
+            if current.get("observedGeneration") != obj.generation:
+                patch["observedGeneration"] = obj.generation
+            if outcome.state != "ready" and (
+                not obj.status.is_true((outcome.state == "stalled" and "Stalled") or "Reconciling")
+                or obj.status.condition("Ready") is None
+            ):
+                self.log.info(
+                    "not ready",
+                    kind=obj.crd.kind,
+                    key=obj.key,
+                    state=outcome.state,
+                    reason=outcome.reason,
+                    message=outcome.message,
+                )
+        if not patch:
+            return
+        try:
+            await self.kube.patch_status(obj, patch)
+        except ApiError as e:
+            if e.not_found:
+                return
+            raise
+        STATUS_WRITES.labels(self.name, obj.crd.kind).inc()
+
+    # --- health and metrics ----------------------------------------------------------
+
+    async def _serve_health(self) -> web.AppRunner:
+        async def healthz(_: web.Request) -> web.Response:
+            dead = [t.get_name() for t in self._tasks if t.done()]
+            unsynced = [k.crd.kind for k, s in self.stores.items() if not s.synced]
+            if dead or unsynced:
+                return web.json_response(
+                    {"ok": False, "dead": dead, "unsynced": unsynced}, status=503
+                )
+            return web.json_response({"ok": True})
+
+        async def metrics(_: web.Request) -> web.Response:
+            for kind, reg in self._registered.items():
+                QUEUE_DEPTH.labels(self.name, kind.crd.kind).set(len(reg.queue))
+            return web.Response(
+                body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            )
+
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.health_host, self.health_port)
+        await site.start()
+        self.log.info(
+            "health endpoint", url=f"http://{self.health_host}:{self.health_port}/healthz"
+        )
+        return runner

@@ -1,0 +1,167 @@
+"""Reconcilers: one per kind, each an idempotent converge function.
+
+A reconciler looks at the object and the caches of related objects, brings
+the world towards the spec, and returns an `Outcome`: the status fields it
+owns plus the kstatus state (Ready, or Reconciling/Stalled with a reason).
+The runtime (`nubes.runtime.operator`) decides when to call it and writes the status
+only when it changed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+
+from nubes.api.meta import Condition, Resource, now_rfc3339
+
+if TYPE_CHECKING:
+    from nubes.runtime.operator import Operator
+
+R = TypeVar("R", bound=Resource[Any, Any])
+
+State = Literal["ready", "progressing", "stalled"]
+_CAMEL = re.compile(r"^[A-Z][A-Za-z0-9]*$")
+
+
+@dataclass
+class Outcome:
+    """What one converge pass found.
+
+    `status` holds only the fields this process owns (wire names). `state`
+    None means the process does not own the kstatus conditions (the agent).
+    """
+
+    status: dict[str, Any] = field(default_factory=dict)
+    state: State | None = None
+    reason: str = ""
+    message: str = ""
+    requeue_after: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.reason and not _CAMEL.match(self.reason):
+            raise ValueError(f"condition reason must be CamelCase: {self.reason!r}")
+
+    @classmethod
+    def ready(
+        cls,
+        status: dict[str, Any] | None = None,
+        message: str = "",
+        *,
+        reason: str = "Ready",
+        requeue_after: float | None = None,
+    ) -> Outcome:
+        return cls(status or {}, "ready", reason, message, requeue_after)
+
+    @classmethod
+    def progressing(
+        cls,
+        reason: str,
+        message: str,
+        status: dict[str, Any] | None = None,
+        *,
+        requeue_after: float | None = None,
+    ) -> Outcome:
+        return cls(status or {}, "progressing", reason, message, requeue_after)
+
+    @classmethod
+    def stalled(cls, reason: str, message: str, status: dict[str, Any] | None = None) -> Outcome:
+        return cls(status or {}, "stalled", reason, message)
+
+    @classmethod
+    def observed(cls, status: dict[str, Any], *, requeue_after: float | None = None) -> Outcome:
+        """Status fields only, no conditions (node agents)."""
+        return cls(status, None, requeue_after=requeue_after)
+
+
+class Stall(Exception):
+    """Raised from deep inside a converge function: the object cannot make
+    progress until someone changes it (bad input, exhausted pool)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class Wait(Exception):
+    """Raised when something the object needs is not there yet."""
+
+    def __init__(self, reason: str, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retry_after = retry_after
+
+
+def conditions_for(
+    outcome: Outcome, current: list[Condition], generation: int
+) -> list[dict[str, Any]]:
+    """kstatus conditions for an outcome, keeping transition times of
+    conditions whose status did not change."""
+    assert outcome.state is not None
+    ready = outcome.state == "ready"
+    wanted: list[tuple[str, str, str, str]] = [
+        ("Ready", "True" if ready else "False", outcome.reason, outcome.message)
+    ]
+    if outcome.state == "progressing":
+        wanted.append(("Reconciling", "True", outcome.reason, outcome.message))
+    if outcome.state == "stalled":
+        wanted.append(("Stalled", "True", outcome.reason, outcome.message))
+    previous = {c.type: c for c in current}
+    now = now_rfc3339()
+    result = []
+    for type_, status, reason, message in wanted:
+        old = previous.get(type_)
+        since = old.last_transition_time if old and old.status == status else None
+        result.append(
+            {
+                "type": type_,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "observedGeneration": generation,
+                "lastTransitionTime": since or now,
+            }
+        )
+    return result
+
+
+def same_conditions(current: list[Condition], wanted: list[dict[str, Any]]) -> bool:
+    def essence(c: dict[str, Any]) -> tuple[Any, ...]:
+        return (
+            c["type"],
+            c["status"],
+            c.get("reason", ""),
+            c.get("message", ""),
+            c.get("observedGeneration"),
+        )
+
+    return sorted(essence(c.wire()) for c in current) == sorted(essence(c) for c in wanted)
+
+
+class Reconciler(Generic[R]):
+    """Base of every reconciler. Subclasses set `kind` and implement converge."""
+
+    kind: ClassVar[type[Resource[Any, Any]]]
+    finalizer: ClassVar[str | None] = None
+    workers: ClassVar[int] = 4
+    op: Operator
+
+    def setup(self, op: Operator) -> None:
+        """Declare the stores, indexes and watches this reconciler reads."""
+        self.op = op
+
+    def accepts(self, obj: R) -> bool:
+        """Whether this process handles the object (node or shard filter)."""
+        return True
+
+    async def converge(self, obj: R) -> Outcome:
+        raise NotImplementedError
+
+    async def finalize(self, obj: R) -> Outcome | None:
+        """Clean up before deletion; None when done (the finalizer goes)."""
+        return None
+
+    async def forget(self, key: str) -> None:
+        """The object is gone from the API; drop what is left of it."""

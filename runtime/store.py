@@ -1,0 +1,102 @@
+"""In-memory caches of watched objects, with secondary indexes.
+
+The stores are fed by the watch streams and read by the reconcilers, so that a
+converge function looks at related objects without API round trips.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
+
+from nubes.api.meta import Resource
+
+R = TypeVar("R", bound=Resource[Any, Any])
+
+Listener = Callable[[Any, Any], None]
+"""Called with (old, new); either may be None (added, deleted)."""
+
+
+def key_of(namespace: str | None, name: str) -> str:
+    return f"{namespace}/{name}" if namespace else name
+
+
+class Store(Generic[R]):
+    def __init__(self, kind: type[R]):
+        self.kind = kind
+        self._items: dict[str, R] = {}
+        self._index_fns: dict[str, Callable[[R], Iterable[str]]] = {}
+        self._indexes: dict[str, defaultdict[str, set[str]]] = {}
+        self._listeners: list[Listener] = []
+        self.synced = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[R]:
+        return iter(list(self._items.values()))
+
+    def get(self, key: str) -> R | None:
+        return self._items.get(key)
+
+    def lookup(self, name: str, namespace: str | None = None) -> R | None:
+        return self._items.get(key_of(namespace, name))
+
+    def add_index(self, name: str, fn: Callable[[R], Iterable[str]]) -> None:
+        self._index_fns[name] = fn
+        index: defaultdict[str, set[str]] = defaultdict(set)
+        for key, obj in self._items.items():
+            for value in fn(obj):
+                index[value].add(key)
+        self._indexes[name] = index
+
+    def by_index(self, name: str, value: str) -> list[R]:
+        keys = self._indexes[name].get(value, ())
+        return [self._items[k] for k in sorted(keys) if k in self._items]
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def upsert(self, obj: R) -> None:
+        key = obj.key
+        old = self._items.get(key)
+        if old is not None and old.metadata.resource_version == obj.metadata.resource_version:
+            return
+        self._unindex(key, old)
+        self._items[key] = obj
+        for name, fn in self._index_fns.items():
+            for value in fn(obj):
+                self._indexes[name][value].add(key)
+        for listener in self._listeners:
+            listener(old, obj)
+
+    def remove(self, key: str) -> None:
+        old = self._items.pop(key, None)
+        if old is None:
+            return
+        self._unindex(key, old)
+        for listener in self._listeners:
+            listener(old, None)
+
+    def replace_all(self, objs: Iterable[R]) -> None:
+        """Load a full listing: upsert everything, drop what is gone."""
+        fresh = {o.key: o for o in objs}
+        for key in list(self._items):
+            if key not in fresh:
+                self.remove(key)
+        for obj in fresh.values():
+            self.upsert(obj)
+        self.synced = True
+
+    def _unindex(self, key: str, old: R | None) -> None:
+        if old is None:
+            return
+        for name, fn in self._index_fns.items():
+            index = self._indexes[name]
+            for value in fn(old):
+                keys = index.get(value)
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del index[value]

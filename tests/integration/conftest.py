@@ -1,0 +1,126 @@
+"""Fixtures for tests against the real kube-apiserver (and node daemons)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from nubes.runtime.kube import NAMESPACES, ApiError, KindPath, Kube
+from tests.helpers import ROOT, Process, eventually, free_port, kubectl
+
+CRDS = KindPath("apiextensions.k8s.io", "v1", "customresourcedefinitions", False)
+
+
+@pytest.fixture(scope="session")
+async def kube() -> AsyncIterator[Kube]:
+    client = await Kube.connect(field_manager="nubes-tests")
+    try:
+        await client.request("GET", "/readyz")
+    except Exception as e:
+        pytest.fail(f"no API server (run through `make test`): {e}")
+    yield client
+    await client.close()
+
+
+async def apply_crds(kube: Kube) -> None:
+    for path in sorted((ROOT / "crds").glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        await kube.apply_raw(CRDS, crd)
+
+    async def established() -> bool:
+        for path in (ROOT / "crds").glob("*.yaml"):
+            name = yaml.safe_load(path.read_text())["metadata"]["name"]
+            got = await kube.get_raw(CRDS, name)
+            conditions = (got or {}).get("status", {}).get("conditions", [])
+            if not any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+                return False
+        return True
+
+    await eventually(established, timeout=30, what="CRDs established")
+
+
+def render_chart(*extra: str) -> str:
+    """The Helm chart's cluster objects without the workloads (no kubelet here:
+    the controller and agent run as local processes in tests)."""
+    helm = os.path.join(
+        os.environ.get("NUBES_CACHE", os.path.expanduser("~/.cache/nubes")), "bin", "helm"
+    )
+    argv = [
+        helm,
+        "template",
+        "nubes",
+        str(ROOT / "charts" / "nubes"),
+        "--namespace",
+        "nubes-system",
+        "--set",
+        "controller.enabled=false",
+        "--set",
+        "agent.enabled=false",
+        "--set",
+        "crds.enabled=false",
+        *extra,
+    ]
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def platform(kube: Kube) -> None:
+    """CRDs, roles and admission policies, as the chart installs them."""
+    await apply_crds(kube)
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=render_chart())
+
+
+@pytest.fixture
+async def namespace(kube: Kube) -> AsyncIterator[str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    await kube.create_raw(
+        NAMESPACES,
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"nubes.io/test": "true"}},
+        },
+    )
+    yield name
+    with contextlib.suppress(ApiError):
+        await kube.delete_raw(NAMESPACES, name)
+
+
+def start_process(
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    *argv: str,
+    env: dict[str, str] | None = None,
+) -> Process:
+    logs: Path = tmp_path_factory.mktemp("logs") / f"{name}.log"
+    return Process(name, list(argv), logs, free_port(), env or {}).start()
+
+
+@pytest.fixture(scope="module")
+def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+    proc = start_process(tmp_path_factory, "controller", "controller")
+    yield proc
+    proc.stop()
+    proc.assert_no_crash()
+
+
+async def get_condition(
+    kube: Kube, kp: KindPath, name: str, namespace: str | None, type_: str = "Ready"
+) -> dict[str, Any] | None:
+    obj = await kube.get_raw(kp, name, namespace)
+    for c in (obj or {}).get("status", {}).get("conditions", []):
+        if c["type"] == type_:
+            return dict(c)
+    return None
+
+
+__all__ = ["asyncio", "get_condition"]
