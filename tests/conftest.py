@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "/integration/" in str(item.fspath):
+        if "/integration/" in str(item.fspath) or "/drivers/" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
 
 
