@@ -6,7 +6,7 @@ packages=(
   qemu-system-x86 qemu-utils qemu-block-extra
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
   openvswitch-switch dnsmasq-base tgt libiscsi-bin open-iscsi lvm2
-  busybox-static linux-image-cloud-amd64 extlinux syslinux-common genisoimage
+  busybox-static linux-image-cloud-amd64 extlinux syslinux syslinux-common mtools genisoimage
   iptables ethtool iproute2 procps psmisc cpio gzip xz-utils parted dosfstools
   e2fsprogs kmod curl
 )
