@@ -34,3 +34,9 @@ def kubectl_path() -> str:
     if not found:
         pytest.fail("kubectl not built: run `make tools`")
     return found
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from nubes.runtime.logging import configure
+
+    configure("warning")

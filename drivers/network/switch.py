@@ -1,0 +1,295 @@
+"""The node's switch layout, after the Neutron Open vSwitch agent.
+
+- br-int: every VIF and DHCP port, as an access port tagged with the
+  network's *local* VLAN (per node, 1..4094, unrelated to other nodes' tags);
+  plain NORMAL switching.
+- br-tun: vxlan/gre tunnels to every other node. Traffic from br-int has its
+  local VLAN swapped for the network's tunnel id, and back on the way in;
+  broadcast floods to all tunnel ports of the type, unicast learns.
+- one bridge per provider network (flat/vlan), patched to br-int, translating
+  local VLANs to the provider VLAN (or untagged for flat).
+
+The flow tables are pure functions of the networks and ports, replaced as a
+whole on every change, so a restarted agent converges to the same state.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Literal
+
+import structlog
+
+from nubes.drivers.network.ovs import DatapathType, Ovs, OvsPort
+
+log = structlog.get_logger()
+
+NetworkType = Literal["local", "flat", "vlan", "vxlan", "gre"]
+TUNNEL_TYPES: tuple[NetworkType, ...] = ("vxlan", "gre")
+VLAN_KEY = "nubes-vlan-"
+IFACE_ID = "iface-id"
+
+
+@dataclass(frozen=True)
+class NetworkSegment:
+    uid: str
+    type: NetworkType
+    segmentation_id: int | None = None
+    physical_network: str | None = None
+
+
+class SwitchError(Exception):
+    pass
+
+
+def tunnel_port_name(type_: str, remote_ip: str) -> str:
+    """Deterministic, at most 15 characters: vx-/gre- plus the hex address."""
+    prefix = "vx" if type_ == "vxlan" else "gre"
+    return f"{prefix}-{int(ipaddress.ip_address(remote_ip)):08x}"[:15]
+
+
+def patch_names(physical_network: str) -> tuple[str, str]:
+    """(br-int side, provider side) patch port names."""
+    short = physical_network[:10]
+    return f"int-{short}", f"phy-{short}"
+
+
+def allocate_local_vlans(wanted: list[str], existing: dict[str, int]) -> dict[str, int]:
+    """Keep the tags networks already have; give new ones the lowest free tag."""
+    result = {uid: vlan for uid, vlan in existing.items() if uid in wanted}
+    used = set(result.values())
+    free = (v for v in range(1, 4095) if v not in used)
+    for uid in sorted(wanted):
+        if uid not in result:
+            try:
+                result[uid] = next(free)
+            except StopIteration:
+                raise SwitchError("no local VLAN left on this node (4094 networks)") from None
+    return result
+
+
+def tunnel_flows(
+    networks: list[NetworkSegment],
+    local_vlans: dict[str, int],
+    patch_ofport: int,
+    tunnel_ofports: dict[str, list[int]],
+) -> list[str]:
+    """br-tun: local VLAN <-> tunnel id, learning unicast, flooding the rest."""
+    flows = [
+        f"table=0,priority=1,in_port={patch_ofport},actions=resubmit(,2)",
+        *(
+            f"table=0,priority=1,in_port={ofport},actions=resubmit(,4)"
+            for ports in tunnel_ofports.values()
+            for ofport in sorted(ports)
+        ),
+        "table=0,priority=0,actions=drop",
+        # Unicast goes to the learned table first, everything else floods.
+        "table=2,priority=1,dl_dst=00:00:00:00:00:00/01:00:00:00:00:00,actions=resubmit(,20)",
+        "table=2,priority=0,actions=resubmit(,22)",
+        "table=4,priority=0,actions=drop",
+        (
+            "table=10,priority=1,actions=learn(table=20,hard_timeout=300,priority=1,"
+            "NXM_OF_VLAN_TCI[0..11],NXM_OF_ETH_DST[]=NXM_OF_ETH_SRC[],load:0->NXM_OF_VLAN_TCI[],"
+            "load:NXM_NX_TUN_ID[]->NXM_NX_TUN_ID[],output:OXM_OF_IN_PORT[]),"
+            f"output:{patch_ofport}"
+        ),
+        "table=20,priority=0,actions=resubmit(,22)",
+        "table=22,priority=0,actions=drop",
+    ]
+    for net in sorted(networks, key=lambda n: n.uid):
+        if net.type not in TUNNEL_TYPES or net.uid not in local_vlans:
+            continue
+        vlan, tun = local_vlans[net.uid], net.segmentation_id
+        ports = sorted(tunnel_ofports.get(net.type, []))
+        flows.append(f"table=4,priority=1,tun_id={tun},actions=mod_vlan_vid:{vlan},resubmit(,10)")
+        if ports:
+            outputs = ",".join(f"output:{p}" for p in ports)
+            flows.append(
+                f"table=22,priority=1,dl_vlan={vlan},actions=strip_vlan,set_tunnel:{tun},{outputs}"
+            )
+    return flows
+
+
+def integration_flows(
+    networks: list[NetworkSegment],
+    local_vlans: dict[str, int],
+    provider_patch_ofports: dict[str, int],
+) -> list[str]:
+    """br-int: NORMAL switching; provider traffic gets its local VLAN."""
+    flows = ["table=0,priority=0,actions=NORMAL"]
+    for physnet, ofport in sorted(provider_patch_ofports.items()):
+        for net in sorted(networks, key=lambda n: n.uid):
+            if net.physical_network != physnet or net.uid not in local_vlans:
+                continue
+            vlan = local_vlans[net.uid]
+            if net.type == "vlan":
+                match = f"dl_vlan={net.segmentation_id}"
+            elif net.type == "flat":
+                match = "vlan_tci=0x0000/0x1fff"
+            else:
+                continue
+            flows.append(
+                f"table=0,priority=3,in_port={ofport},{match},actions=mod_vlan_vid:{vlan},NORMAL"
+            )
+        flows.append(f"table=0,priority=2,in_port={ofport},actions=drop")
+    return flows
+
+
+def provider_flows(
+    physnet: str,
+    networks: list[NetworkSegment],
+    local_vlans: dict[str, int],
+    patch_ofport: int,
+) -> list[str]:
+    """Provider bridge: local VLAN out as the provider VLAN (or untagged)."""
+    flows = ["table=0,priority=0,actions=NORMAL"]
+    for net in sorted(networks, key=lambda n: n.uid):
+        if net.physical_network != physnet or net.uid not in local_vlans:
+            continue
+        vlan = local_vlans[net.uid]
+        if net.type == "vlan":
+            action = f"mod_vlan_vid:{net.segmentation_id},NORMAL"
+        elif net.type == "flat":
+            action = "strip_vlan,NORMAL"
+        else:
+            continue
+        flows.append(f"table=0,priority=4,in_port={patch_ofport},dl_vlan={vlan},actions={action}")
+    flows.append(f"table=0,priority=2,in_port={patch_ofport},actions=drop")
+    return flows
+
+
+class NodeSwitch:
+    """The bridges and flows of one node."""
+
+    def __init__(
+        self,
+        ovs: Ovs,
+        *,
+        datapath_type: DatapathType,
+        integration_bridge: str = "br-int",
+        tunnel_bridge: str = "br-tun",
+        tunnel_ip: str | None = None,
+        bridge_mappings: dict[str, str] | None = None,
+    ):
+        self.ovs = ovs
+        self.datapath_type = datapath_type
+        self.br_int = integration_bridge
+        self.br_tun = tunnel_bridge
+        self.tunnel_ip = tunnel_ip
+        self.bridge_mappings = dict(bridge_mappings or {})
+
+    @property
+    def tun_patch(self) -> tuple[str, str]:
+        return "patch-tun", "patch-int"
+
+    def ensure_base(self) -> None:
+        """Bridges and patch ports; idempotent."""
+        self.ovs.ensure_bridge(self.br_int, datapath_type=self.datapath_type)
+        if self.tunnel_ip:
+            to_tun, to_int = self.tun_patch
+            self.ovs.ensure_bridge(self.br_tun, datapath_type=self.datapath_type)
+            self.ovs.ensure_port(self.br_int, to_tun, type="patch", options={"peer": to_int})
+            self.ovs.ensure_port(self.br_tun, to_int, type="patch", options={"peer": to_tun})
+        for physnet, bridge in self.bridge_mappings.items():
+            int_side, phy_side = patch_names(physnet)
+            self.ovs.ensure_bridge(bridge, datapath_type=self.datapath_type)
+            self.ovs.ensure_port(self.br_int, int_side, type="patch", options={"peer": phy_side})
+            self.ovs.ensure_port(bridge, phy_side, type="patch", options={"peer": int_side})
+
+    def local_vlans(self) -> dict[str, int]:
+        ids = self.ovs.bridge_external_ids(self.br_int)
+        return {k.removeprefix(VLAN_KEY): int(v) for k, v in ids.items() if k.startswith(VLAN_KEY)}
+
+    def converge(self, networks: list[NetworkSegment], peers: list[str]) -> dict[str, int]:
+        """Make bridges, tunnels and flows match the networks present on this
+        node and the other nodes' tunnel endpoints; returns the local VLANs."""
+        unsupported = [
+            n
+            for n in networks
+            if n.type in ("flat", "vlan") and n.physical_network not in self.bridge_mappings
+        ]
+        if unsupported:
+            log.warning("no bridge for provider network", networks=[n.uid for n in unsupported])
+        present = [n for n in networks if n not in unsupported]
+        if not self.tunnel_ip:
+            present = [n for n in present if n.type not in TUNNEL_TYPES]
+        existing = self.local_vlans()
+        vlans = allocate_local_vlans([n.uid for n in present], existing)
+        changes: dict[str, str | None] = {
+            f"{VLAN_KEY}{uid}": None for uid in existing if uid not in vlans
+        }
+        changes.update(
+            {f"{VLAN_KEY}{uid}": str(v) for uid, v in vlans.items() if existing.get(uid) != v}
+        )
+        self.ovs.set_bridge_external_ids(self.br_int, changes)
+
+        int_ports = self.ovs.ports(self.br_int)
+        provider_ofports: dict[str, int] = {}
+        for physnet, bridge in self.bridge_mappings.items():
+            int_side, phy_side = patch_names(physnet)
+            if int_side in int_ports:
+                provider_ofports[physnet] = int_ports[int_side].ofport
+            phy_ports = self.ovs.ports(bridge)
+            if phy_side in phy_ports:
+                self.ovs.replace_flows(
+                    bridge, provider_flows(physnet, present, vlans, phy_ports[phy_side].ofport)
+                )
+        self.ovs.replace_flows(self.br_int, integration_flows(present, vlans, provider_ofports))
+        if self.tunnel_ip:
+            self._converge_tunnels(present, vlans, peers)
+        return vlans
+
+    def _converge_tunnels(
+        self, networks: list[NetworkSegment], vlans: dict[str, int], peers: list[str]
+    ) -> None:
+        types = sorted({n.type for n in networks if n.type in TUNNEL_TYPES})
+        wanted = {
+            tunnel_port_name(t, ip): (t, ip) for t in types for ip in peers if ip != self.tunnel_ip
+        }
+        ports = self.ovs.ports(self.br_tun)
+        for name, port in ports.items():
+            if port.type in TUNNEL_TYPES and name not in wanted:
+                self.ovs.delete_port(self.br_tun, name)
+        for name, (type_, ip) in wanted.items():
+            if name not in ports:
+                self.ovs.ensure_port(
+                    self.br_tun,
+                    name,
+                    type=type_,
+                    options={"remote_ip": ip, "local_ip": str(self.tunnel_ip), "key": "flow"},
+                )
+        ports = self.ovs.ports(self.br_tun)
+        tunnel_ofports: dict[str, list[int]] = {}
+        for name, (type_, _) in wanted.items():
+            if name in ports and ports[name].ofport > 0:
+                tunnel_ofports.setdefault(type_, []).append(ports[name].ofport)
+        _, to_int = self.tun_patch
+        self.ovs.replace_flows(
+            self.br_tun, tunnel_flows(networks, vlans, ports[to_int].ofport, tunnel_ofports)
+        )
+
+    # --- ports -----------------------------------------------------------------
+
+    def vif_ports(self) -> dict[str, OvsPort]:
+        """br-int ports plugged for Nubes ports, by Port uid."""
+        return {
+            p.external_ids[IFACE_ID]: p
+            for p in self.ovs.ports(self.br_int).values()
+            if IFACE_ID in p.external_ids
+        }
+
+    def bind(self, port: OvsPort, vlan: int) -> None:
+        if port.tag != vlan:
+            self.ovs.set_tag(port.name, vlan)
+
+    def add_vif(self, device: str, port_uid: str, mac: str, vlan: int | None = None) -> None:
+        self.ovs.ensure_port(
+            self.br_int,
+            device,
+            tag=vlan,
+            external_ids={IFACE_ID: port_uid, "attached-mac": mac, "iface-status": "active"},
+        )
+
+    def remove_vif(self, device: str) -> None:
+        self.ovs.delete_port(self.br_int, device)
