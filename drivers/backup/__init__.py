@@ -1,0 +1,1 @@
+"""Volume backups into a backup store."""

@@ -1,0 +1,1 @@
+"""iSCSI: the tgt target driver and the node's initiator side."""

@@ -1,0 +1,1 @@
+"""Volume backends: the contract (base), the file and LVM backends."""
