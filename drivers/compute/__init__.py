@@ -1,0 +1,1 @@
+"""Node-local compute: libvirt domains, their XML and config drives."""

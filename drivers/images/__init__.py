@@ -1,0 +1,1 @@
+"""Node-local image handling: header inspection and the per-node image cache."""
