@@ -123,7 +123,7 @@ def reflink_supported(directory: str) -> bool:
     a = os.path.join(directory, f".reflink-probe-{os.getpid()}-a")
     b = os.path.join(directory, f".reflink-probe-{os.getpid()}-b")
     try:
-        with open(a, "wb") as fa, open(b, "wb") as fb:
+        with open(a, "w+b") as fa, open(b, "wb") as fb:
             fa.write(b"x" * 4096)
             fa.flush()
             return try_reflink(fa.fileno(), fb.fileno())
