@@ -495,6 +495,11 @@ def verify_image(
     return info
 
 
+def sector_aligned(size: int) -> int:
+    """`size` rounded up to whole 512-byte sectors, as qemu sizes raw files."""
+    return -(-size // 512) * 512
+
+
 # --- qemu-img cross-check ---------------------------------------------------------
 
 
@@ -547,10 +552,12 @@ def cross_check(runner: Runner, info: ImageInfo) -> QemuImgInfo:
         )
     if qemu.encrypted:
         raise EncryptedImageRejected(info.path, "qemu-img sees encryption")
-    if info.virtual_size is not None and qemu.virtual_size != info.virtual_size:
+    expected = info.virtual_size
+    if expected is not None and driver == ImageFormat.RAW:
+        expected = sector_aligned(expected)  # qemu sees raw files in whole sectors
+    if expected is not None and qemu.virtual_size != expected:
         raise MalformedImage(
             info.path,
-            f"virtual size {info.virtual_size} from the header but {qemu.virtual_size}"
-            " from qemu-img",
+            f"virtual size {expected} from the header but {qemu.virtual_size} from qemu-img",
         )
     return qemu

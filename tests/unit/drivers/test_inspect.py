@@ -269,3 +269,11 @@ def test_cross_check_with_real_qemu_img(tmp_path: Path) -> None:
         path = make(tmp_path, f"d.{fmt}", fmt, "6M")
         qemu = cross_check(run, verify_image(path, fmt))
         assert (qemu.format, qemu.virtual_size) == (fmt, 6 * 2**20)
+
+
+def test_raw_of_odd_size_agrees_with_qemu_in_whole_sectors(tmp_path: Path) -> None:
+    path = tmp_path / "odd.raw"
+    path.write_bytes(b"x" * 1000)
+    info = verify_image(str(path), "raw")
+    assert info.virtual_size == 1000
+    assert cross_check(SubprocessRunner(), info).virtual_size == 1024
