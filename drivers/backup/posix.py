@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
@@ -47,6 +47,7 @@ FORMAT_VERSION = 1
 METADATA = "metadata.json"
 SUMS = "SHA256SUMS"
 DEFAULT_CHUNK_SIZE = 8 * MIB
+SAMPLE = 64 * 1024
 
 
 class Compression(StrEnum):
@@ -118,10 +119,6 @@ class RestoreResult:
     target: str
     bytes_written: int
     chunks_restored: int
-
-
-class _Codec(Protocol):
-    def __call__(self, data: bytes) -> bytes: ...
 
 
 class PosixBackupStore:
@@ -285,8 +282,6 @@ class PosixBackupStore:
         chunk_size: int,
         parent_table: dict[int, ChunkRecord],
     ) -> tuple[list[ChunkRecord], int, int, int]:
-        compress = self._compressor()
-        ext = self.compression.value
         table: list[ChunkRecord] = []
         stored = stored_bytes = 0
         zero = bytes(chunk_size)
@@ -306,8 +301,8 @@ class PosixBackupStore:
                 if inherited is not None and inherited.sha256 == digest:
                     table.append(inherited)
                     continue
-                blob = compress(data)
-                name = f"chunk-{index:08d}.{ext}"
+                blob, how = self._encode(data)
+                name = f"chunk-{index:08d}.{how.value}"
                 _write_durable(container / name, blob)
                 table.append(
                     ChunkRecord(
@@ -318,7 +313,7 @@ class PosixBackupStore:
                         object=name,
                         stored_sha256=hashlib.sha256(blob).hexdigest(),
                         stored_length=len(blob),
-                        compression=self.compression,
+                        compression=how,
                     )
                 )
                 stored += 1
@@ -327,13 +322,21 @@ class PosixBackupStore:
             os.close(fd)
         return table, stored, stored_bytes, size
 
-    def _compressor(self) -> _Codec:
+    def _encode(self, data: bytes) -> tuple[bytes, Compression]:
+        """Compress a chunk, or keep it as is when a sample shows it will not
+        shrink (encrypted or already compressed guest data): compressing
+        random bytes costs ~30 MiB/s of CPU for nothing."""
+        if self.compression is Compression.NONE:
+            return data, Compression.NONE
+        sample = data[:SAMPLE]
+        if len(sample) == SAMPLE and len(self._compress(sample)) > SAMPLE * 0.95:
+            return data, Compression.NONE
+        return self._compress(data), self.compression
+
+    def _compress(self, data: bytes) -> bytes:
         if self.compression is Compression.ZLIB:
-            level = self.zlib_level
-            return lambda data: zlib.compress(data, level)
-        if self.compression is Compression.LZMA:
-            return lambda data: lzma.compress(data, preset=1)
-        return lambda data: data
+            return zlib.compress(data, self.zlib_level)
+        return lzma.compress(data, preset=1)
 
     # --- restore and verify -------------------------------------------------------
 
