@@ -24,8 +24,10 @@ import pytest
 
 from nubes.drivers.compute.configdrive import ConfigDriveSpec, ensure_config_drive
 from nubes.drivers.compute.domain import (
+    ChapAuth,
     DomainSpec,
     FileDisk,
+    IscsiDisk,
     Nic,
     Owner,
     domain_xml,
@@ -35,6 +37,7 @@ from nubes.drivers.compute.libvirt import (
     DomainState,
     InvalidState,
     LibvirtCompute,
+    LibvirtFailure,
 )
 from nubes.drivers.host import detect_virt_type
 from nubes.drivers.images.cache import CachedImage, ImageCache, ImageSource
@@ -416,3 +419,69 @@ def test_guest_gets_dhcp_lease_router_and_mtu(
     assert tap in sh("ip", "link", "show", "master", bridge)
     compute.undefine(spec.name)
     assert subprocess.run(["ip", "link", "show", tap], capture_output=True).returncode != 0
+
+
+def tgtadm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["tgtadm", "--lld", "iscsi", *args], check=check, capture_output=True, text=True
+    )
+
+
+@pytest.fixture
+def chap_target(workdir: Path) -> Iterator[tuple[str, str, str]]:
+    """A tgt target on loopback with a 24 MiB file LUN behind CHAP; yields
+    (iqn, user, password). The tid is random: tgtd is shared with other tests."""
+    if tgtadm("--op", "show", "--mode", "sys", check=False).returncode != 0:
+        pytest.fail("tgtd is not running; run hack/node-daemons.sh start")
+    tag = uuid.uuid4().hex[:8]
+    iqn, user, password = f"iqn.2010-10.io.nubes.test:{tag}", f"nubes-{tag}", f"pw-{tag}-Secret1"
+    lun_file = data_file(workdir, f"lun-{tag}.raw", 24)
+    tid = ""
+    for candidate in range(int(tag[:4], 16) % 50000 + 10000, 65000):
+        if tgtadm("--op", "new", "--mode", "target", "--tid", str(candidate), "-T", iqn,
+                  check=False).returncode == 0:  # fmt: skip
+            tid = str(candidate)
+            break
+    assert tid, "no free tgt tid"
+    try:
+        tgtadm("--op", "new", "--mode", "logicalunit", "--tid", tid, "--lun", "1",
+               "-b", str(lun_file))  # fmt: skip
+        tgtadm("--op", "bind", "--mode", "target", "--tid", tid, "-I", "127.0.0.1")
+        tgtadm("--op", "new", "--mode", "account", "--user", user, "--password", password)
+        tgtadm("--op", "bind", "--mode", "account", "--tid", tid, "--user", user)
+        yield iqn, user, password
+    finally:
+        tgtadm("--op", "delete", "--force", "--mode", "target", "--tid", tid, check=False)
+        tgtadm("--op", "delete", "--mode", "account", "--user", user, check=False)
+        lun_file.unlink()
+    shown = tgtadm("--op", "show", "--mode", "target").stdout
+    assert iqn not in shown
+    assert user not in tgtadm("--op", "show", "--mode", "account").stdout
+
+
+def test_iscsi_disk_with_chap_hotplugs_through_qemu_initiator(
+    instances: Instances, compute: LibvirtCompute, chap_target: tuple[str, str, str]
+) -> None:
+    iqn, user, password = chap_target
+    usage = f"nubes-test-{user}"
+    spec, console = instances.spec()
+    instances.boot(spec, console)
+    disk = IscsiDisk("127.0.0.1", iqn, 1, "vdd", chap=ChapAuth(user, usage), serial="vol-iscsi")
+    try:
+        compute.ensure_iscsi_secret(usage, "wrong-password")
+        with pytest.raises(LibvirtFailure):
+            compute.attach_disk(spec.name, disk)
+        assert "vdd" not in compute.observe(spec.name).disk_targets
+        compute.ensure_iscsi_secret(usage, password)
+        console.mark()
+        assert compute.attach_disk(spec.name, disk) is True
+        added = console.wait_for(rf"disk-added (vd[a-z]+) {24 * MIB}")
+        console.mark()
+        assert compute.detach_disk(spec.name, "vdd", timeout=60) is True
+        console.wait_for(rf"disk-removed {added.group(1)}")
+    finally:
+        compute.undefine(spec.name)
+        compute.delete_iscsi_secret(usage)
+    conn = compute.connection()
+    with pytest.raises(libvirt.libvirtError):
+        conn.secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_ISCSI, usage)
