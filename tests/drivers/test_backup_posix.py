@@ -24,6 +24,7 @@ from nubes.drivers.runner import SubprocessRunner
 from nubes.drivers.volumes import sparse
 from nubes.drivers.volumes.base import MIB, NotFound
 from nubes.drivers.volumes.file import FileBackend
+from tests.drivers.storage_helpers import write_at
 
 CHUNK = 1 * MIB
 
@@ -46,15 +47,6 @@ def store(tmp_path: Path) -> Iterator[PosixBackupStore]:
     for b in reversed(s.list_backups()):
         s.delete_backup(b.backup_id)
     assert list((tmp_path / "backups").iterdir()) == []
-
-
-def write_at(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def compressible(n: int) -> bytes:

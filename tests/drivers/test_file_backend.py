@@ -26,7 +26,7 @@ from nubes.drivers.volumes.base import (
     VolumeBusy,
 )
 from nubes.drivers.volumes.file import FileBackend
-from tests.drivers.storage_helpers import loop_filesystem, physical_extents, read_image
+from tests.drivers.storage_helpers import loop_filesystem, physical_extents, read_image, write_at
 
 
 @pytest.fixture
@@ -39,15 +39,6 @@ def pool(tmp_path: Path) -> Iterator[FileBackend]:
         backend.delete_volume(vol.id)
     leftovers = [p for p in (tmp_path / "pool").rglob("*") if p.is_file()]
     assert leftovers == [], f"pool left files behind: {leftovers}"
-
-
-def write_at(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_at(path: str, offset: int, length: int) -> bytes:
