@@ -194,6 +194,9 @@ def test_guest_boots_with_config_drive_user_data_and_data_disk(
     assert observed.owner == Owner(spec.uuid, "test", spec.name)
     assert set(observed.disk_targets) == {"vda", "vdb", "vdz"}
     assert spec.name in {d.name for d in compute.list_owned()}
+    # Repeating the disk step while the guest runs is a no-op (no image lock needed).
+    again = instances.cache.ensure_instance_disk(instances.base, spec.root_disk.path, 128 * MIB)
+    assert again.virtual_size == 128 * MIB
     # The marker is really on the volume: ext2 written by the guest.
     with open(volume, "rb") as f:
         f.seek(1080)
@@ -257,6 +260,29 @@ def test_lifecycle_verbs_in_libvirt_and_in_the_guest(
     compute.undefine(spec.name)
     compute.undefine(spec.name)
     assert compute.state(spec.name) == DomainState.ABSENT
+
+
+def test_rescue_boots_the_rescue_disk_with_the_root_disk_second(
+    instances: Instances, compute: LibvirtCompute, workdir: Path
+) -> None:
+    spec, console = instances.spec()
+    home = Path(spec.root_disk.path).parent
+    # The original root is unbootable here, so reaching `ready` proves the
+    # boot came from the rescue disk.
+    blank = home / "blank.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(blank), "64M"], check=True)
+    rescue = instances.cache.ensure_instance_disk(
+        instances.base, str(home / "disk.rescue"), 96 * MIB
+    )
+    rescued = dataclasses.replace(
+        spec,
+        root_disk=FileDisk(str(blank), "vdb"),
+        rescue_disk=FileDisk(rescue.path, "vda"),
+    )
+    instances.boot(rescued, console)
+    messages = console.markers()
+    assert f"disk vda {96 * MIB}" in messages
+    assert f"disk vdb {64 * MIB}" in messages
 
 
 def test_suspended_domain_is_undefined_with_its_saved_image(

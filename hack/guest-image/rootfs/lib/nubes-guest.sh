@@ -12,7 +12,7 @@ list_disks() {
   done
 }
 
-# The disk whose ISO 9660 volume id (or FAT label) is config-2.
+# The disk whose ISO 9660 volume id is config-2 (the image carries isofs only).
 find_config_drive() {
   for d in /sys/block/vd* /sys/block/sd* /sys/block/sr*; do
     [ -e "$d" ] || continue
@@ -21,11 +21,6 @@ find_config_drive() {
        [ "$(dd if="$dev" bs=1 skip=32808 count=32 2>/dev/null | tr -d ' ')" = config-2 ]; then
       echo "${d##*/}"; return 0
     fi
-    for off in 43 71; do
-      if [ "$(dd if="$dev" bs=1 skip=$off count=11 2>/dev/null | tr -d ' ')" = CONFIG-2 ]; then
-        echo "${d##*/}"; return 0
-      fi
-    done
   done
   return 1
 }
