@@ -42,7 +42,7 @@ class ExportError(StorageError):
 
 def iqn_for(volume_id: str, prefix: str = IQN_PREFIX) -> str:
     """IQNs are lowercase letters, digits, '.', '-' and ':' (RFC 3720)."""
-    if not _IQN_ID.match(volume_id):
+    if not _IQN_ID.fullmatch(volume_id):
         raise InvalidId("volume (for an IQN)", volume_id)
     return f"{prefix}volume-{volume_id}"
 

@@ -83,7 +83,7 @@ class BackendUnavailable(StorageError):
 
 
 def check_id(kind: str, value: str) -> str:
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):  # fullmatch: `$` would let a trailing "\n" through
         raise InvalidId(kind, value)
     return value
 

@@ -37,7 +37,7 @@ class ImageFacts:
 
 
 def check_format(image_format: str) -> str:
-    if image_format == "iso" or not _FORMAT.match(image_format):
+    if image_format == "iso" or not _FORMAT.fullmatch(image_format):
         raise ImageRejected(f"{image_format!r} is not a disk image format qemu-img can convert")
     return image_format
 

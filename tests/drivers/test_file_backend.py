@@ -19,6 +19,7 @@ from nubes.drivers.volumes.base import (
     ImageImport,
     ImageRejected,
     InvalidId,
+    NoSpace,
     NotFound,
     ShrinkRefused,
     SnapshotRevert,
@@ -285,3 +286,17 @@ def test_image_import_converts_qcow2_and_refuses_backing_files(
         pool.copy_image_to_volume("from-image", str(image), "iso")
     digest = hashlib.sha256(read_at(vol.path, 0, 4 * MIB)).hexdigest()
     assert digest == hashlib.sha256(bytes(MIB) + b"\x5a" * 2 * MIB + bytes(MIB)).hexdigest()
+
+
+def test_space_limits_are_typed_errors(disk_pool: tuple[FileBackend, Path]) -> None:
+    pool, _ = disk_pool
+    # 256 MiB filesystem x ratio 20: about 5 GiB may be provisioned.
+    with pytest.raises(NoSpace, match="volume huge"):
+        pool.create_volume("huge", 6)
+    vol = pool.create_volume("full", 1)
+    write_at(vol.path, 0, os.urandom(150 * MIB))
+    # A sparse copy needs the 150 MiB again; the filesystem has less left.
+    with pytest.raises(NoSpace, match="snapshot s"):
+        pool.create_snapshot("s", "full")
+    assert pool.list_snapshots() == []
+    assert list((pool.root / ".work").iterdir()) == []

@@ -92,7 +92,7 @@ def test_parse_reads_tids_luns_accounts_acls_and_sessions() -> None:
 
 def test_iqn_is_derived_from_the_volume_id_and_must_be_iqn_safe() -> None:
     assert iqn_for("0f1e-22") == "iqn.2010-10.io.nubes:volume-0f1e-22"
-    for bad in ("Upper", "under_score", "-lead", ""):
+    for bad in ("Upper", "under_score", "-lead", "", "abc\n"):
         with pytest.raises(InvalidId):
             iqn_for(bad)
 
