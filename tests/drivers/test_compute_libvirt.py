@@ -298,6 +298,20 @@ def test_suspended_domain_is_undefined_with_its_saved_image(
     assert not os.path.exists(save)
 
 
+def test_shutdown_presses_again_when_the_guest_missed_the_first_press(
+    instances: Instances, compute: LibvirtCompute
+) -> None:
+    spec, console = instances.spec()
+    compute.ensure_defined(spec)
+    compute.start(spec.name)
+    # Pressed while the firmware and kernel are still starting: only a later
+    # press can reach the guest's acpid.
+    result = compute.shutdown(spec.name, timeout=90, retry_interval=2)
+    assert result.graceful, console.text()[-2000:]
+    assert console.markers()[-3:] == ["power-button", "poweroff", "shutdown"]
+    assert compute.state(spec.name) == DomainState.SHUTOFF
+
+
 def test_shutdown_destroys_a_guest_that_ignores_the_button(
     instances: Instances, compute: LibvirtCompute
 ) -> None:
