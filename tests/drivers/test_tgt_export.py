@@ -18,6 +18,8 @@ import pytest
 from nubes.drivers.iscsi.connection import ChapCredentials, IscsiConnection
 from nubes.drivers.iscsi.tgt import LUN, TgtExporter, iqn_for
 from nubes.drivers.runner import SubprocessRunner
+from nubes.drivers.volumes.base import VolumeBusy
+from nubes.drivers.volumes.file import FileBackend
 from tests.drivers.storage_helpers import tgt_accounts, tgt_show, tgtd_running
 
 SIZE = 64 * 1024 * 1024
@@ -193,3 +195,25 @@ def test_two_exports_get_distinct_target_ids(
 def _foreign(exporter: TgtExporter, *ours: str) -> list[str]:
     """Exports other test runs on this tgtd own right now: never prune those."""
     return [e.volume_id for e in exporter.list_exports() if e.volume_id not in ours]
+
+
+def test_an_exported_file_volume_cannot_be_deleted_until_unexported(
+    exporter: TgtExporter, tmp_path: Path
+) -> None:
+    pool = FileBackend(SubprocessRunner(), tmp_path / "pool")
+    volume_id = f"t-{uuid.uuid4()}"
+    vol = pool.create_volume(volume_id, 1)
+    try:
+        exporter.ensure_export(
+            volume_id, vol.path, chap=ChapCredentials.generate(volume_id), initiators=["127.0.0.1"]
+        )
+        with pytest.raises(VolumeBusy, match="open by another process"):
+            pool.delete_volume(volume_id)
+        with pytest.raises(VolumeBusy):
+            pool.extend_volume(volume_id, 2)
+    finally:
+        exporter.remove_export(volume_id)
+    pool.extend_volume(volume_id, 2)
+    pool.delete_volume(volume_id)
+    assert pool.list_volumes() == []
+    assert iqn_for(volume_id) not in tgt_show()
