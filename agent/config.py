@@ -36,6 +36,8 @@ class AgentConfig(BaseModel):
     bridge_mappings: dict[str, str] = Field(default_factory=dict)
     """Provider network to bridge, e.g. physnet1: br-provider."""
     availability_zone: str = "nova"
+    virt_type: str = "auto"
+    """kvm, qemu (TCG) or auto: probe whether KVM really works."""
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +53,8 @@ class AgentConfig(BaseModel):
         p.add_argument("--tunnel-ip", default=os.environ.get("NUBES_TUNNEL_IP"))
         p.add_argument("--bridge-mapping", action="append", default=[], help="PHYSNET:BRIDGE")
         p.add_argument("--availability-zone", default=_env("AVAILABILITY_ZONE", "nova"))
+        p.add_argument("--virt-type", choices=["auto", "kvm", "qemu"],
+                       default=_env("VIRT_TYPE", "auto"))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AgentConfig:
@@ -67,4 +71,5 @@ class AgentConfig(BaseModel):
             tunnel_ip=args.tunnel_ip,
             bridge_mappings=dict(m.split(":", 1) for m in args.bridge_mapping),
             availability_zone=args.availability_zone,
+            virt_type=args.virt_type,
         )

@@ -66,7 +66,11 @@ class HypervisorReporter(Reconciler[Hypervisor]):
         }
         try:
             facts["hypervisorVersion"] = host.qemu_version(self.runner)
-            facts["virtType"] = host.detect_virt_type(self.runner, self.config.state_dir)
+            facts["virtType"] = (
+                host.detect_virt_type(self.runner, self.config.state_dir)
+                if self.config.virt_type == "auto"
+                else self.config.virt_type
+            )
         except (OSError, Exception) as e:  # no QEMU on this node: not a compute node
             log.warning("no hypervisor found", error=str(e))
         if self.config.tunnel_ip:

@@ -127,6 +127,8 @@ class NetworkSpec(ApiModel):
     """When false, ports on the network do not forward traffic."""
     port_security_enabled: bool = True
     """Default for ports created on this network."""
+    availability_zone_hints: list[str] = Field(default_factory=list, max_length=16)
+    """Run the network's DHCP server on a node of one of these zones."""
     description: str = Field(default="", max_length=255)
     """Free text."""
 

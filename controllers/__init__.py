@@ -11,10 +11,19 @@ from nubes.runtime.reconcile import Reconciler
 
 async def build_controller(op: Operator, config: ControllerConfig) -> None:
     from nubes.controllers.hypervisor import HypervisorReconciler
+    from nubes.controllers.network import NetworkReconciler
     from nubes.controllers.pending import register_pending
+    from nubes.controllers.port import PortReconciler
     from nubes.controllers.project import ProjectReconciler
+    from nubes.controllers.subnet import SubnetReconciler
 
-    reconcilers: list[Reconciler[Any]] = [HypervisorReconciler(), ProjectReconciler()]
+    reconcilers: list[Reconciler[Any]] = [
+        HypervisorReconciler(),
+        ProjectReconciler(),
+        NetworkReconciler(config),
+        SubnetReconciler(),
+        PortReconciler(),
+    ]
     for reconciler in reconcilers:
         op.register(reconciler)
     register_pending(op, handled={r.kind for r in reconcilers})

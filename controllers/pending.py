@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from nubes.api.meta import Resource
+from nubes.api.network import Allocation
 from nubes.api.registry import ALL_KINDS
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Reconciler
@@ -13,7 +14,8 @@ from nubes.runtime.reconcile import Outcome, Reconciler
 
 def register_pending(op: Operator, handled: set[type[Resource[Any, Any]]] | None = None) -> None:
     for kind in ALL_KINDS:
-        if handled and kind in handled:
+        # Allocation is an internal ledger without conditions.
+        if (handled and kind in handled) or kind is Allocation:
             continue
         op.register(_pending_for(kind))
 

@@ -21,6 +21,9 @@ def _run(
     kubeconfig: str | None,
     health_port: int | None,
     build: Callable[[Operator], Awaitable[None]],
+    *,
+    shard: int = 0,
+    shards: int = 1,
 ) -> int:
     async def main() -> None:
         stop = asyncio.Event()
@@ -29,7 +32,7 @@ def _run(
             loop.add_signal_handler(sig, stop.set)
         kube = await Kube.connect(kubeconfig, field_manager=name)
         try:
-            op = Operator(name, kube, health_port=health_port)
+            op = Operator(name, kube, health_port=health_port, shard=shard, shards=shards)
             await build(op)
             await op.run(stop)
         finally:
@@ -51,6 +54,8 @@ def controller(args: argparse.Namespace) -> int:
         args.kubeconfig,
         args.health_port,
         lambda op: build_controller(op, config),
+        shard=config.shard,
+        shards=config.shards,
     )
 
 

@@ -258,9 +258,16 @@ class Kube:
             meta.pop(key, None)
         return await self.create_raw(path_of(kind), body, obj.namespace)
 
-    async def patch_status(self, obj: Resource[Any, Any], status: dict[str, Any]) -> dict[str, Any]:
+    async def patch_status(
+        self, obj: Resource[Any, Any], status: dict[str, Any], *, if_unchanged: bool = False
+    ) -> dict[str, Any]:
+        """Merge-patch status; with `if_unchanged`, fail with 409 unless the
+        object is still at the resourceVersion `obj` was read at."""
+        body: dict[str, Any] = {"status": status}
+        if if_unchanged:
+            body["metadata"] = {"resourceVersion": obj.metadata.resource_version}
         return await self.patch_raw(
-            path_of(type(obj)), obj.name, {"status": status}, obj.namespace, subresource="status"
+            path_of(type(obj)), obj.name, body, obj.namespace, subresource="status"
         )
 
     async def set_finalizers(

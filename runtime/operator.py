@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from nubes.runtime.reconcile import (
     same_conditions,
 )
 from nubes.runtime.store import Store
+from nubes.runtime.workqueue import WorkQueue
 
 log = structlog.get_logger()
 
@@ -47,7 +49,7 @@ OBJECTS = Gauge("nubes_cached_objects", "Objects in the watch caches", ["process
 @dataclass
 class _Registered:
     reconciler: Reconciler[Any]
-    queue: Any  # WorkQueue (import kept local to avoid a cycle in type checking)
+    queue: WorkQueue
 
 
 class Operator:
@@ -60,12 +62,13 @@ class Operator:
         *,
         health_port: int | None = None,
         health_host: str = "127.0.0.1",
+        shard: int = 0,
+        shards: int = 1,
     ):
-        from nubes.runtime.workqueue import WorkQueue
-
-        self._workqueue_cls = WorkQueue
         self.name = name
         self.kube = kube
+        self.shard = shard
+        self.shards = shards
         self.health_port = health_port
         self.health_host = health_host
         self.stores: dict[type[Resource[Any, Any]], Store[Any]] = {}
@@ -73,6 +76,8 @@ class Operator:
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._on_start: list[Callable[[], Awaitable[None]]] = []
+        self._periodic: list[tuple[float, Callable[[], Awaitable[None]]]] = []
+        self._loops: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = []
         self.log = log.bind(process=name)
 
     # --- wiring -------------------------------------------------------------------
@@ -84,7 +89,7 @@ class Operator:
 
     def register(self, reconciler: Reconciler[Any]) -> None:
         kind = reconciler.kind
-        queue = self._workqueue_cls(kind.crd.kind)
+        queue = WorkQueue(kind.crd.kind)
         self._registered[kind] = _Registered(reconciler, queue)
         store = self.store(kind)
         store.add_listener(lambda old, new: queue.add((new or old).key))
@@ -95,10 +100,15 @@ class Operator:
         kind: type[Resource[Any, Any]],
         target: type[Resource[Any, Any]],
         mapper: Callable[[Any], Iterable[str]],
+        *,
+        when: Callable[[Any, Any], bool] | None = None,
     ) -> None:
-        """When an object of `kind` changes, queue the `target` keys it maps to."""
+        """When an object of `kind` changes (and `when(old, new)` holds), queue
+        the `target` keys it maps to."""
 
         def on_change(old: Any, new: Any) -> None:
+            if when is not None and not when(old, new):
+                return
             queue = self._registered[target].queue
             keys: set[str] = set()
             for obj in (old, new):
@@ -108,6 +118,68 @@ class Operator:
                 queue.add(key)
 
         self.store(kind).add_listener(on_change)
+
+    def owns_shard(self, uid: str) -> bool:
+        """Whether this worker's shard holds the object with this uid."""
+        if self.shards == 1:
+            return True
+        bucket = int(hashlib.sha256(uid.encode()).hexdigest()[:8], 16) % self.shards
+        return bucket == self.shard
+
+    def loop(
+        self,
+        name: str,
+        sync: Callable[[bool], Awaitable[None]],
+        kinds: Iterable[type[Resource[Any, Any]]],
+        *,
+        resync: float = 30.0,
+        debounce: float = 0.05,
+    ) -> None:
+        """A whole-node converge function: run `sync(full)` after any change
+        to the given kinds (changes within `debounce` are merged) and every
+        `resync` seconds with full=True, to repair drift."""
+        dirty = asyncio.Event()
+        dirty.set()  # converge once at start: re-adopt what exists
+        for kind in kinds:
+            self.store(kind).add_listener(lambda old, new: dirty.set())
+
+        async def run() -> None:
+            failures = 0
+            while True:
+                try:
+                    await asyncio.wait_for(dirty.wait(), timeout=resync)
+                    full = False
+                except TimeoutError:
+                    full = True
+                await asyncio.sleep(debounce)
+                dirty.clear()
+                started = time.monotonic()
+                try:
+                    await sync(full)
+                    failures = 0
+                    RECONCILES.labels(self.name, name, "observed").inc()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    failures += 1
+                    delay = min(30.0, 0.2 * 2**failures)
+                    self.log.warning(
+                        "loop failed",
+                        loop=name,
+                        error=str(e) or type(e).__name__,
+                        retry_in=delay,
+                        exc_info=True,
+                    )
+                    RECONCILES.labels(self.name, name, "error").inc()
+                    await asyncio.sleep(delay)
+                    dirty.set()
+                RECONCILE_SECONDS.labels(self.name, name).observe(time.monotonic() - started)
+
+        self._loops.append((name, run))
+
+    def every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+        """Run `job` periodically once started (level-based clean-ups)."""
+        self._periodic.append((seconds, job))
 
     def on_start(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run once after the caches are loaded, before reconciling starts."""
@@ -151,6 +223,12 @@ class Operator:
                 self._tasks.append(
                     asyncio.create_task(self._worker(kind, reg), name=f"{kind.crd.kind}-{i}")
                 )
+        for name, run in self._loops:
+            self._tasks.append(asyncio.create_task(run(), name=f"loop-{name}"))
+        for seconds, job in self._periodic:
+            self._tasks.append(
+                asyncio.create_task(self._repeat(seconds, job), name=f"every-{seconds}")
+            )
         runner = await self._serve_health() if self.health_port is not None else None
         self._ready.set()
         self.log.info("operator started", kinds=[k.crd.kind for k in self._registered])
@@ -174,6 +252,18 @@ class Operator:
             if runner is not None:
                 await runner.cleanup()
             self.log.info("operator stopped")
+
+    async def _repeat(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.log.warning(
+                    "periodic job failed", job=getattr(job, "__name__", "?"), error=str(e)
+                )
 
     async def _initial_sync(self) -> None:
         """List every watched kind before reconciling anything, so converge
@@ -216,8 +306,10 @@ class Operator:
 
     def _cache_feeder(
         self, kind: type[Resource[Any, Any]], store: Store[Any]
-    ) -> Callable[..., None]:
-        def on_event(event: kopf.RawEvent, **_: Any) -> None:
+    ) -> Callable[..., Awaitable[None]]:
+        # async: kopf would run a sync handler in a thread, and the stores
+        # and queues belong to the event loop.
+        async def on_event(event: kopf.RawEvent, **_: Any) -> None:
             raw = event.get("object") or {}
             if event.get("type") == "DELETED":
                 meta = raw.get("metadata", {})
@@ -238,6 +330,22 @@ class Operator:
                 await self._process(kind, reg, key)
             except asyncio.CancelledError:
                 raise
+            except ApiError as e:
+                if e.conflict:
+                    # Acted on an outdated cached object; the watch brings the
+                    # new version, and a retry picks it up.
+                    queue.add_after(key, 0.05)
+                    RECONCILES.labels(self.name, kind.crd.kind, "conflict").inc()
+                    continue
+                delay = queue.retry(key)
+                self.log.warning(
+                    "reconcile failed",
+                    kind=kind.crd.kind,
+                    key=key,
+                    error=str(e),
+                    retry_in=round(delay, 2),
+                )
+                RECONCILES.labels(self.name, kind.crd.kind, "error").inc()
             except Exception as e:
                 delay = queue.retry(key)
                 self.log.warning(
@@ -246,7 +354,7 @@ class Operator:
                     key=key,
                     error=str(e) or type(e).__name__,
                     retry_in=round(delay, 2),
-                    exc_info=not isinstance(e, ApiError),
+                    exc_info=True,
                 )
                 RECONCILES.labels(self.name, kind.crd.kind, "error").inc()
             finally:
@@ -323,7 +431,9 @@ class Operator:
         if not patch:
             return
         try:
-            await self.kube.patch_status(obj, patch)
+            # Never write status computed from an outdated view of the object:
+            # the write fails and the newer version is reconciled instead.
+            await self.kube.patch_status(obj, patch, if_unchanged=True)
         except ApiError as e:
             if e.not_found:
                 return

@@ -1,0 +1,265 @@
+"""The node's networking, converged as a whole: switch layout and tunnels,
+port bindings (VLAN tags on br-int), and the DHCP servers this node runs.
+
+Like Neutron's OVS and DHCP agents, but level-based: every pass computes the
+desired node state from the watch caches and applies it through the drivers;
+what the agent observes goes into the Ports' `binding` and `dhcp` status
+fields, which only this node's agent writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from nubes.agent.config import AgentConfig
+from nubes.api.compute import Hypervisor
+from nubes.api.network import Network, Port, Subnet
+from nubes.drivers.network.dhcp import DhcpConfig, DhcpHost, DhcpServers, DhcpSubnet
+from nubes.drivers.network.netns import Links
+from nubes.drivers.network.ovs import DatapathType, Ovs, OvsEndpoint, kernel_datapath_available
+from nubes.drivers.network.switch import NetworkSegment, NodeSwitch
+from nubes.drivers.runner import SubprocessRunner
+from nubes.runtime.kube import ApiError, path_of
+from nubes.runtime.operator import Operator
+
+log = structlog.get_logger()
+
+DEAD_VLAN = 4095  # Neutron's tag for ports that must not forward
+PATCH_CONCURRENCY = 16
+
+
+@dataclass
+class Plan:
+    """The desired node state, computed from the caches (pure)."""
+
+    segments: list[NetworkSegment] = field(default_factory=list)
+    peers: list[str] = field(default_factory=list)
+    bound: dict[str, Port] = field(default_factory=dict)
+    """Ports bound to this node, by uid."""
+    dhcp: list[tuple[DhcpConfig, list[Port]]] = field(default_factory=list)
+    """DHCP servers to run, with the ports each serves."""
+
+
+@dataclass
+class Applied:
+    vlans: dict[str, int]
+    plugged: dict[str, str]
+    """Port uid -> OVS port name, for bound ports found on br-int."""
+
+
+def hostname_for(ip: str) -> str:
+    return "host-" + ip.replace(".", "-").replace(":", "-")
+
+
+class NodeNetworking:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        runner = SubprocessRunner()
+        endpoint = OvsEndpoint(config.ovs_db, config.ovs_rundir, config.node_netns)
+        # The kernel datapath only where its module exists (and for the host's
+        # own switch); the userspace datapath everywhere else.
+        datapath: DatapathType = (
+            "system" if kernel_datapath_available() and not config.node_netns else "netdev"
+        )
+        self.switch = NodeSwitch(
+            Ovs(runner, endpoint),
+            datapath_type=datapath,
+            integration_bridge=config.integration_bridge,
+            tunnel_bridge=config.tunnel_bridge,
+            tunnel_ip=config.tunnel_ip,
+            bridge_mappings=config.bridge_mappings,
+        )
+        self.links = Links(runner)
+        self.dhcp = DhcpServers(
+            runner,
+            self.links,
+            self.switch,
+            state_dir=config.state_dir,
+            netns_prefix=config.netns_prefix,
+            node_netns=config.node_netns,
+        )
+        self._last_layout: tuple[Any, ...] | None = None
+        log.info("node networking", datapath=datapath, node=config.node)
+
+    def register(self, op: Operator) -> None:
+        self.op = op
+        ports = op.store(Port)
+        ports.add_index("network-uid", lambda p: [p.status.network_uid or ""])
+        op.loop("networking", self.sync, [Network, Subnet, Port, Hypervisor])
+
+    # --- plan ---------------------------------------------------------------------------
+
+    def plan(self) -> Plan:
+        me = self.config.node
+        networks = {n.uid: n for n in self.op.store(Network) if not n.deleting}
+        plan = Plan()
+        plan.bound = {
+            p.uid: p
+            for p in self.op.store(Port)
+            if p.spec.binding.host == me
+            and p.status.network_uid in networks
+            and p.status.mac_address
+        }
+        here = {p.status.network_uid for p in plan.bound.values()}
+        for net in networks.values():
+            if net.status.dhcp_node == me and net.status.dhcp_port:
+                config = self._dhcp_config(net)
+                if config is not None:
+                    plan.dhcp.append(config)
+                    here.add(net.uid)
+        for uid in sorted(u for u in here if u):
+            net = networks[uid]
+            if net.spec.type in ("vlan", "vxlan", "gre") and net.status.segmentation_id is None:
+                continue  # not allocated yet
+            plan.segments.append(
+                NetworkSegment(
+                    uid, net.spec.type, net.status.segmentation_id, net.spec.physical_network
+                )
+            )
+        plan.peers = sorted(
+            hv.status.host_ip
+            for hv in self.op.store(Hypervisor)
+            if hv.name != me and hv.status.host_ip and not hv.deleting
+        )
+        return plan
+
+    def _dhcp_config(self, net: Network) -> tuple[DhcpConfig, list[Port]] | None:
+        port = self.op.store(Port).lookup(net.status.dhcp_port or "", net.namespace)
+        if port is None or not port.status.mac_address or not port.status.fixed_ips:
+            return None
+        subnets = {
+            s.name: s
+            for s in self.op.store(Subnet)
+            if s.namespace == net.namespace
+            and s.spec.network.name == net.name
+            and s.spec.enable_dhcp
+            and s.spec.ip_version == 4
+            and s.status.is_true("Ready")
+        }
+        addresses = []
+        for fixed in port.status.fixed_ips:
+            subnet = subnets.get(fixed.subnet)
+            if subnet is not None:
+                prefix = ipaddress.ip_network(subnet.spec.cidr).prefixlen
+                addresses.append(f"{fixed.ip_address}/{prefix}")
+        if not addresses:
+            return None
+        hosts: list[DhcpHost] = []
+        served: list[Port] = []
+        for other in self.op.store(Port).by_index("network-uid", net.uid):
+            if other.uid == port.uid or not other.status.mac_address or other.deleting:
+                continue
+            ips = [f.ip_address for f in other.status.fixed_ips if f.subnet in subnets]
+            for ip in ips:
+                hosts.append(DhcpHost(other.status.mac_address, ip, hostname_for(ip)))
+            if ips:
+                served.append(other)
+        config = DhcpConfig(
+            network_uid=net.uid,
+            port_uid=port.uid,
+            mac=port.status.mac_address,
+            addresses=tuple(addresses),
+            local_vlan=0,  # filled in once the switch has placed the network
+            mtu=net.status.mtu or 1500,
+            subnets=tuple(
+                DhcpSubnet(
+                    s.spec.cidr,
+                    s.status.gateway_ip,
+                    tuple(s.spec.dns_nameservers),
+                    tuple((r.destination, r.nexthop) for r in s.spec.host_routes),
+                )
+                for s in sorted(subnets.values(), key=lambda s: s.name)
+            ),
+            hosts=tuple(hosts),
+        )
+        return config, served
+
+    # --- apply (drivers, in a worker thread) ----------------------------------------------
+
+    def apply(self, plan: Plan, full: bool) -> Applied:
+        layout = (tuple(plan.segments), tuple(plan.peers))
+        if full or layout != self._last_layout:
+            self.switch.ensure_base()
+            vlans = self.switch.converge(plan.segments, plan.peers)
+            self._last_layout = layout
+        else:
+            vlans = self.switch.local_vlans()
+        vifs = self.switch.vif_ports()
+        plugged: dict[str, str] = {}
+        for uid, ovs_port in vifs.items():
+            port = plan.bound.get(uid)
+            vlan = vlans.get(port.status.network_uid or "") if port is not None else None
+            if port is None or vlan is None or not port.spec.admin_state_up:
+                # Unknown, unbound or disabled: isolate it.
+                self.switch.bind(ovs_port, DEAD_VLAN)
+                continue
+            self.switch.bind(ovs_port, vlan)
+            plugged[uid] = ovs_port.name
+        served = set()
+        for config, _ in plan.dhcp:
+            vlan = vlans.get(config.network_uid)
+            if vlan is None:
+                continue
+            self.dhcp.ensure(DhcpConfig(**{**config.__dict__, "local_vlan": vlan}))
+            served.add(config.network_uid)
+        for stale in self.dhcp.networks() - served:
+            self.dhcp.remove(stale)
+        return Applied(vlans, plugged)
+
+    # --- report ---------------------------------------------------------------------------
+
+    async def sync(self, full: bool) -> None:
+        plan = self.plan()
+        applied = await asyncio.to_thread(self.apply, plan, full)
+        patches: list[tuple[Port, dict[str, Any]]] = []
+        for uid, port in plan.bound.items():
+            vlan = applied.vlans.get(port.status.network_uid or "")
+            device = applied.plugged.get(uid)
+            binding = {
+                "node": self.config.node,
+                "device": device or "",
+                "localVlan": vlan,
+                "active": device is not None,
+            }
+            current = port.status.binding.wire() if port.status.binding else None
+            if current != {k: v for k, v in binding.items() if v is not None}:
+                patches.append((port, {"binding": binding}))
+        for config, served in plan.dhcp:
+            if config.network_uid not in applied.vlans:
+                continue
+            for port in served:
+                entry = {
+                    "node": self.config.node,
+                    "macAddress": port.status.mac_address,
+                    "ipAddresses": sorted(
+                        h.ip for h in config.hosts if h.mac == port.status.mac_address
+                    ),
+                }
+                current = port.status.dhcp.wire() if port.status.dhcp else None
+                if current != entry:
+                    patches.append((port, {"dhcp": entry}))
+        await self._patch(patches)
+
+    async def _patch(self, patches: list[tuple[Port, dict[str, Any]]]) -> None:
+        semaphore = asyncio.Semaphore(PATCH_CONCURRENCY)
+
+        async def one(port: Port, status: dict[str, Any]) -> None:
+            async with semaphore:
+                try:
+                    await self.op.kube.patch_raw(
+                        path_of(Port),
+                        port.name,
+                        {"status": status},
+                        port.namespace,
+                        subresource="status",
+                    )
+                except ApiError as e:
+                    if not e.not_found:
+                        raise
+
+        await asyncio.gather(*(one(p, s) for p, s in patches))

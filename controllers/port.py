@@ -1,0 +1,322 @@
+"""Port: MAC and fixed IPs from the ledger, and readiness from the agents'
+reports (DHCP entry in place, plugged on its node)."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import structlog
+
+from nubes.api.meta import seconds_since
+from nubes.api.network import Allocation, Network, Port, Subnet
+from nubes.controllers.allocations import Ledger
+from nubes.controllers.ipam import SubnetPlan, random_mac
+from nubes.controllers.network import DHCP_OWNER
+from nubes.controllers.subnet import ip_pool, plan_of
+from nubes.runtime.operator import Operator
+from nubes.runtime.reconcile import Outcome, Reconciler, Stall, Wait
+
+log = structlog.get_logger()
+
+MAC_ATTEMPTS = 16
+# Addresses tried per pass before yielding to other ports (another worker may
+# be taking the same ones).
+IP_ATTEMPTS = 64
+# Claims whose holder is gone are released after this grace period.
+ORPHAN_GRACE_SECONDS = 30.0
+
+
+def network_key(port: Port) -> str:
+    return f"{port.spec.network.namespace or port.namespace}/{port.spec.network.name}"
+
+
+def mac_pool(network: Network) -> str:
+    return f"mac.{network.uid}"
+
+
+def _holder(alloc: Allocation | None) -> str:
+    if alloc is None:
+        return "another port"
+    owner = alloc.spec.owner
+    return f"port {owner.namespace}/{owner.name}"
+
+
+class PortReconciler(Reconciler[Port]):
+    kind = Port
+    workers = 16
+
+    def setup(self, op: Operator) -> None:
+        super().setup(op)
+        self.ledger = Ledger(op)
+        self._uids: dict[str, str] = {}
+        ports = op.store(Port)
+
+        def ports_on(net_key: str) -> list[str]:
+            return [p.key for p in ports.by_index("network", net_key)]
+
+        # Ports care about their network's segment/MTU/DHCP node and about
+        # subnets appearing, going or becoming usable; not about usage counts.
+        op.watch(
+            Network,
+            Port,
+            lambda n: ports_on(n.key),
+            when=lambda old, new: _network_facts(old) != _network_facts(new),
+        )
+        op.watch(
+            Subnet,
+            Port,
+            lambda s: ports_on(f"{s.namespace}/{s.spec.network.name}"),
+            when=lambda old, new: _subnet_facts(old) != _subnet_facts(new),
+        )
+        # Stalled ports retry when an address or MAC is given back.
+        op.watch(Allocation, Port, self._stalled_ports_of_pool, when=lambda old, new: new is None)
+        op.every(60.0, self.release_orphans)
+
+    def _stalled_ports_of_pool(self, alloc: Allocation) -> list[str]:
+        kind, _, uid = alloc.spec.pool.partition(".")
+        if kind == "ip":
+            subnets = self.op.store(Subnet).by_index("uid", uid)
+            keys = [f"{s.namespace}/{s.spec.network.name}" for s in subnets]
+        elif kind == "mac":
+            keys = [n.key for n in self.op.store(Network) if n.uid == uid]
+        else:
+            return []
+        return [
+            p.key
+            for key in keys
+            for p in self.op.store(Port).by_index("network", key)
+            if p.status.is_true("Stalled")
+        ]
+
+    def accepts(self, obj: Port) -> bool:
+        return self.op.owns_shard(obj.uid)
+
+    # --- resolution --------------------------------------------------------------
+
+    def _network(self, port: Port) -> Network:
+        ref = port.spec.network
+        namespace = ref.namespace or port.namespace
+        net: Network | None = self.op.store(Network).lookup(ref.name, namespace)
+        if net is None or net.deleting:
+            raise Wait("NetworkNotFound", f"network {namespace}/{ref.name} does not exist", 5)
+        if namespace != port.namespace and not (net.spec.shared or net.spec.external):
+            raise Stall(
+                "NetworkNotShared",
+                f"network {namespace}/{ref.name} belongs to another project and is not shared",
+            )
+        return net
+
+    def _subnets(self, net: Network) -> list[Subnet]:
+        found = [
+            s
+            for s in self.op.store(Subnet).by_index("network", net.key)
+            if s.status.is_true("Ready") and not s.deleting
+        ]
+        return sorted(found, key=lambda s: (s.metadata.creation_timestamp or "", s.name))
+
+    # --- MAC ---------------------------------------------------------------------------
+
+    async def _mac(self, port: Port, net: Network) -> str:
+        pool = mac_pool(net)
+        held = [a.spec.value for a in self.ledger.held(port.uid, pool)]
+        wanted = port.spec.mac_address or port.status.mac_address or (held[0] if held else None)
+        if wanted:
+            wanted = wanted.lower()
+            if await self.ledger.claim(pool, wanted, port):
+                await self._release_except(port, pool, {wanted})
+                return wanted
+            if port.spec.mac_address:
+                raise Stall(
+                    "MacAddressInUse",
+                    f"MAC {wanted} is already used on network {net.name} by "
+                    f"{_holder(self.ledger.holder(pool, wanted))}",
+                )
+        for _ in range(MAC_ATTEMPTS):
+            mac = random_mac()
+            if await self.ledger.claim(pool, mac, port):
+                await self._release_except(port, pool, {mac})
+                return mac
+        raise Wait("MacAllocationContended", "could not find a free MAC; retrying", 1)
+
+    # --- fixed IPs ------------------------------------------------------------------------
+
+    def _requests(self, port: Port, subnets: list[Subnet]) -> list[tuple[Subnet, str | None]]:
+        by_name = {s.name: s for s in subnets}
+        # What the port already has: its claims first (the ledger knows this
+        # worker's latest writes), then what its status says.
+        sticky = {f.subnet: f.ip_address for f in port.status.fixed_ips}
+        for alloc in self.ledger.held(port.uid, "ip."):
+            for s in subnets:
+                if ip_pool(s) == alloc.spec.pool:
+                    sticky[s.name] = alloc.spec.value
+        if port.spec.fixed_ips is None:
+            wanted: list[tuple[Subnet, str | None]] = []
+            for version in (4, 6):
+                family = [s for s in subnets if s.spec.ip_version == version]
+                kept = [s for s in family if s.name in sticky]
+                if kept:
+                    wanted.append((kept[0], sticky[kept[0].name]))
+                elif family:
+                    wanted.append((family[0], None))
+            return wanted
+        result: list[tuple[Subnet, str | None]] = []
+        for request in port.spec.fixed_ips:
+            if request.subnet is not None:
+                subnet = by_name.get(request.subnet)
+                if subnet is None:
+                    raise Wait(
+                        "SubnetNotFound",
+                        f"subnet {request.subnet} is not a ready subnet of network "
+                        f"{port.spec.network.name}",
+                        5,
+                    )
+            else:
+                assert request.ip_address is not None
+                address = ipaddress.ip_address(request.ip_address)
+                matches = [s for s in subnets if address in ipaddress.ip_network(s.spec.cidr)]
+                if not matches:
+                    raise Stall(
+                        "IpAddressNotInSubnet",
+                        f"{request.ip_address} is in no subnet of network {port.spec.network.name}",
+                    )
+                subnet = matches[0]
+            ip = request.ip_address or sticky.get(subnet.name)
+            result.append((subnet, ip))
+        return result
+
+    async def _allocate(
+        self, port: Port, subnet: Subnet, plan: SubnetPlan, wanted: str | None, explicit: bool
+    ) -> str:
+        pool = ip_pool(subnet)
+        if wanted is not None:
+            address = ipaddress.ip_address(wanted)
+            if not plan.usable(address):
+                raise Stall(
+                    "InvalidIpAddress",
+                    f"{wanted} cannot be assigned on subnet {subnet.name} ({subnet.spec.cidr}):"
+                    " it is the network, broadcast or gateway address or outside the CIDR",
+                )
+            if await self.ledger.claim(pool, str(address), port):
+                return str(address)
+            if explicit:
+                raise Stall(
+                    "IpAddressInUse",
+                    f"{wanted} is already used by "
+                    + _holder(self.ledger.holder(pool, str(address))),
+                )
+        used = {int(ipaddress.ip_address(v)) for v in self.ledger.used(pool)}
+        start = self.op.shard * (plan.capacity // max(self.op.shards, 1))
+        for attempt, address in enumerate(plan.free(used, start=start)):
+            if attempt >= IP_ATTEMPTS:
+                raise Wait(
+                    "IpAllocationContended", "addresses are being taken concurrently; retrying", 0.5
+                )
+            if await self.ledger.claim(pool, str(address), port):
+                return str(address)
+        raise Stall(
+            "IpAddressExhausted",
+            f"subnet {subnet.name} ({subnet.spec.cidr}) has no free address: "
+            f"{len(used)} of {plan.capacity} in use",
+        )
+
+    async def _fixed_ips(self, port: Port, subnets: list[Subnet]) -> list[dict[str, str]]:
+        result = []
+        for subnet, wanted in self._requests(port, subnets):
+            explicit = (
+                any(r.ip_address == wanted for r in port.spec.fixed_ips or [])
+                and wanted is not None
+            )
+            ip = await self._allocate(port, subnet, plan_of(subnet), wanted, explicit)
+            result.append({"subnet": subnet.name, "ipAddress": ip})
+        keep = {
+            (ip_pool(s), f["ipAddress"]) for s in subnets for f in result if f["subnet"] == s.name
+        }
+        for alloc in self.ledger.held(port.uid, "ip."):
+            if (alloc.spec.pool, alloc.spec.value) not in keep:
+                await self.ledger.release(alloc)
+        return result
+
+    async def _release_except(self, port: Port, pool: str, keep: set[str]) -> None:
+        for alloc in self.ledger.held(port.uid, pool):
+            if alloc.spec.value not in keep:
+                await self.ledger.release(alloc)
+
+    # --- converge ------------------------------------------------------------------------------
+
+    async def converge(self, obj: Port) -> Outcome:
+        self._uids[obj.key] = obj.uid
+        net = self._network(obj)
+        subnets = self._subnets(net)
+        mac = await self._mac(obj, net)
+        fixed = await self._fixed_ips(obj, subnets)
+        status: dict[str, Any] = {
+            "macAddress": mac,
+            "fixedIps": fixed,
+            "mtu": net.status.mtu,
+            "networkUid": net.uid,
+        }
+        addresses = ", ".join(f["ipAddress"] for f in fixed) or "no address"
+        if net.status.mtu is None:
+            return Outcome.progressing(
+                "WaitingForNetwork", f"network {net.name} is not ready", status
+            )
+        waiting = self._waiting_for(obj, net, subnets, mac, fixed)
+        if waiting:
+            return Outcome.progressing(waiting[0], f"{addresses}; {waiting[1]}", status)
+        return Outcome.ready(status, f"{mac} {addresses}")
+
+    def _waiting_for(
+        self, port: Port, net: Network, subnets: list[Subnet], mac: str, fixed: list[dict[str, str]]
+    ) -> tuple[str, str] | None:
+        dhcp_subnets = {s.name for s in subnets if s.spec.enable_dhcp and s.spec.ip_version == 4}
+        dhcp_ips = sorted(f["ipAddress"] for f in fixed if f["subnet"] in dhcp_subnets)
+        if dhcp_ips and net.status.dhcp_node and port.spec.device_owner != DHCP_OWNER:
+            entry = port.status.dhcp
+            if (
+                entry is None
+                or entry.node != net.status.dhcp_node
+                or entry.mac_address != mac
+                or sorted(entry.ip_addresses) != dhcp_ips
+            ):
+                return "WaitingForDhcp", f"DHCP entry not yet served by {net.status.dhcp_node}"
+        host = port.spec.binding.host
+        if host:
+            binding = port.status.binding
+            if binding is None or binding.node != host or not binding.active:
+                return "WaitingForBinding", f"not yet plugged on node {host}"
+        return None
+
+    async def forget(self, key: str) -> None:
+        uid = self._uids.pop(key, None)
+        if uid is not None:
+            await self.ledger.release_owner(uid)
+
+    async def release_orphans(self) -> None:
+        """Level-based clean-up: claims of ports that no longer exist (missed
+        deletions, crashes between claim and status)."""
+        live = {p.uid for p in self.op.store(Port)}
+        for alloc in list(self.ledger.store):
+            owner = alloc.spec.owner
+            if owner.kind != "Port" or owner.uid in live or not self.op.owns_shard(owner.uid):
+                continue
+            age = _age(alloc)
+            if age is not None and age > ORPHAN_GRACE_SECONDS:
+                log.info("releasing orphaned allocation", allocation=alloc.name)
+                await self.ledger.release(alloc)
+
+
+def _age(alloc: Allocation) -> float | None:
+    return seconds_since(alloc.metadata.creation_timestamp)
+
+
+def _network_facts(net: Network | None) -> tuple[Any, ...] | None:
+    if net is None:
+        return None
+    return (net.status.mtu, net.status.dhcp_node, net.uid, net.deleting)
+
+
+def _subnet_facts(subnet: Subnet | None) -> tuple[Any, ...] | None:
+    if subnet is None:
+        return None
+    return (subnet.status.is_true("Ready"), subnet.deleting, subnet.spec.enable_dhcp)

@@ -1,0 +1,440 @@
+"""Networks, subnets and ports end to end: the controller (IPAM, segments,
+DHCP placement), two node agents acting as two nodes (each its own OVS in a
+namespace, vxlan between them over a fabric), dnsmasq, and namespaces as
+guests that get their Port's address by DHCP."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nubes.api.network import Allocation, Network, Port, Subnet
+from nubes.drivers.network.netns import Links
+from nubes.drivers.network.ovs import Ovs
+from nubes.drivers.network.switch import NodeSwitch
+from nubes.drivers.network.vif import VifPlugger
+from nubes.drivers.runner import SubprocessRunner
+from nubes.runtime.kube import Kube
+from tests.helpers import Process, apply, eventually, kubectl
+from tests.integration.conftest import start_process
+from tests.nodes import Fabric, SimNode, dhcp_lease, ping, sh
+
+NET = "network.nubes.io/v1alpha1"
+
+
+@pytest.fixture(scope="module")
+def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
+    fab = Fabric.start(tmp_path_factory.mktemp("fabric"), ["n1", "n2"])
+    yield fab
+    fab.stop()
+
+
+def node_name(fabric: Fabric, node: SimNode) -> str:
+    return f"{fabric.prefix}-{node.name}"
+
+
+def start_agent(fabric: Fabric, node: SimNode, tmp_path_factory: pytest.TempPathFactory) -> Process:
+    state = fabric.root / f"agent-{node.name}"
+    return start_process(
+        tmp_path_factory,
+        f"agent-{node.name}",
+        "agent",
+        "--node",
+        node_name(fabric, node),
+        "--state-dir",
+        str(state),
+        "--run-dir",
+        str(state / "run"),
+        "--ovs-db",
+        node.endpoint.db,
+        "--ovs-rundir",
+        str(node.rundir),
+        "--node-netns",
+        node.netns,
+        "--netns-prefix",
+        f"{fabric.prefix}{node.name}",
+        "--tunnel-ip",
+        node.tunnel_ip,
+        "--availability-zone",
+        fabric.prefix,
+        "--virt-type",
+        "qemu",
+    )
+
+
+@pytest.fixture(scope="module")
+def agents(
+    fabric: Fabric, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Process]]:
+    procs = {n.name: start_agent(fabric, n, tmp_path_factory) for n in fabric.nodes}
+    yield procs
+    for proc in procs.values():
+        proc.stop()
+        proc.assert_no_crash()
+    for node in fabric.nodes:
+        kubectl("delete", "hypervisor", node_name(fabric, node), "--ignore-not-found")
+
+
+def plugger(node: SimNode) -> VifPlugger:
+    run = SubprocessRunner()
+    switch = NodeSwitch(Ovs(run, node.endpoint), datapath_type="netdev")
+    return VifPlugger(Links(run), switch, node.netns)
+
+
+def network(ns: str, name: str, fabric: Fabric, **spec: Any) -> None:
+    apply(
+        {
+            "apiVersion": NET,
+            "kind": "Network",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"availabilityZoneHints": [fabric.prefix], **spec},
+        }
+    )
+
+
+def subnet(ns: str, name: str, net: str, cidr: str, **spec: Any) -> None:
+    apply(
+        {
+            "apiVersion": NET,
+            "kind": "Subnet",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"network": {"name": net}, "cidr": cidr, **spec},
+        }
+    )
+
+
+def port(ns: str, name: str, net: str, host: str | None = None, **spec: Any) -> None:
+    body: dict[str, Any] = {"network": {"name": net}, **spec}
+    if host:
+        body["binding"] = {"host": host}
+    apply(
+        {
+            "apiVersion": NET,
+            "kind": "Port",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": body,
+        }
+    )
+
+
+async def condition(
+    kube: Kube,
+    kind: type[Any],
+    name: str,
+    ns: str | None,
+    type_: str = "Ready",
+    status: str = "True",
+    timeout: float = 60,
+) -> Any:
+    async def probe() -> Any:
+        obj = await kube.get(kind, name, ns)
+        if obj is None:
+            return None
+        cond = obj.status.condition(type_)
+        return obj if cond is not None and cond.status == status else None
+
+    return await eventually(
+        probe, timeout=timeout, what=f"{kind.crd.kind} {ns}/{name} {type_}={status}"
+    )
+
+
+async def test_guests_get_their_port_by_dhcp_and_networks_are_isolated(
+    kube: Kube, controller: Process, agents: dict[str, Process], fabric: Fabric, tmp_path: Path
+) -> None:
+    n1, n2 = fabric.nodes
+    h1, h2 = node_name(fabric, n1), node_name(fabric, n2)
+    ns_a, ns_b = f"na-{uuid.uuid4().hex[:6]}", f"nb-{uuid.uuid4().hex[:6]}"
+    for ns in (ns_a, ns_b):
+        kubectl("create", "namespace", ns)
+    try:
+        network(ns_a, "blue", fabric, type="vxlan")
+        subnet(
+            ns_a,
+            "blue-v4",
+            "blue",
+            "10.0.0.0/24",
+            dnsNameservers=["10.0.0.53"],
+            hostRoutes=[{"destination": "192.168.7.0/24", "nexthop": "10.0.0.254"}],
+        )
+        network(ns_a, "green", fabric, type="vxlan")
+        subnet(ns_a, "green-v4", "green", "10.0.0.0/24")
+        # Another project with the very same CIDR and the same addresses.
+        network(ns_b, "blue", fabric, type="vxlan")
+        subnet(ns_b, "blue-v4", "blue", "10.0.0.0/24")
+
+        # Fixed addresses so that each isolation probe targets an address that
+        # does not exist on the prober's own network.
+        port(ns_a, "a1", "blue", h1, fixedIps=[{"ipAddress": "10.0.0.201"}])
+        port(ns_a, "a2", "blue", h2, fixedIps=[{"ipAddress": "10.0.0.202"}])
+        port(ns_a, "g1", "green", h2, fixedIps=[{"ipAddress": "10.0.0.203"}])
+        port(ns_b, "b1", "blue", h1, fixedIps=[{"ipAddress": "10.0.0.202"}])
+        net_blue = await condition(kube, Network, "blue", ns_a)
+        assert net_blue.status.mtu == 1450
+        assert net_blue.status.dhcp_node in (h1, h2)
+        a2_ip = "10.0.0.202"
+
+        guests = {}
+        for ns, name, node in (
+            (ns_a, "a1", n1),
+            (ns_a, "a2", n2),
+            (ns_a, "g1", n2),
+            (ns_b, "b1", n1),
+        ):
+            p = await kube.get(Port, name, ns)
+            assert p is not None and p.status.mac_address
+            netns = fabric.guest(f"{ns[:2]}{name}")
+            plugger(node).plug_netns(p.uid, p.status.mac_address, p.status.mtu or 1500, netns)
+            guests[(ns, name)] = netns
+        ports = {}
+        for ns, name in guests:
+            ports[(ns, name)] = await condition(kube, Port, name, ns, timeout=60)
+
+        for (ns, name), netns in guests.items():
+            p = ports[(ns, name)]
+            lease = dhcp_lease(netns)
+            assert lease.get("ip") == p.status.fixed_ips[0].ip_address, (name, lease)
+            assert lease["router"] == "10.0.0.1"
+            assert lease["mtu"] == "1450"
+        lease = dhcp_lease(guests[(ns_a, "a1")])
+        assert lease["dns"] == "10.0.0.53"
+        assert "192.168.7.0/24 10.0.0.254" in lease["staticroutes"]
+
+        a1, g1 = guests[(ns_a, "a1")], guests[(ns_a, "g1")]
+        assert ping(a1, a2_ip), "a1 (node 1) must reach a2 (node 2) over vxlan"
+        neigh = sh("ip", "-n", a1, "neigh", "show", a2_ip).stdout
+        assert ports[(ns_a, "a2")].status.mac_address in neigh, "reached the other project's twin"
+        assert not ping(a1, ports[(ns_a, "g1")].status.fixed_ips[0].ip_address, count=1)
+        assert not ping(g1, ports[(ns_a, "a1")].status.fixed_ips[0].ip_address, count=1)
+        assert not ping(
+            guests[(ns_b, "b1")], ports[(ns_a, "a1")].status.fixed_ips[0].ip_address, count=1
+        )
+
+        # Restarting an agent changes nothing that works and re-adopts it.
+        dhcp_node = next(
+            n for n in fabric.nodes if node_name(fabric, n) == net_blue.status.dhcp_node
+        )
+        pids_before = _dnsmasq_pids(fabric)
+        agents[dhcp_node.name].stop()
+        agents[dhcp_node.name] = start_agent(fabric, dhcp_node, _factory(tmp_path))
+        await condition(kube, Port, "a1", ns_a)
+        assert _dnsmasq_pids(fabric) == pids_before
+        assert ping(a1, a2_ip)
+        assert dhcp_lease(guests[(ns_a, "a2")]).get("ip") == a2_ip
+
+        for ns, name in guests:
+            p = ports[(ns, name)]
+            node = n1 if p.spec.binding.host == h1 else n2
+            plugger(node).unplug(p.uid)
+    finally:
+        for ns in (ns_a, ns_b):
+            kubectl("delete", "ports,subnets,networks", "--all", "-n", ns, "--wait=false")
+    await _everything_removed(kube, fabric, [ns_a, ns_b])
+    for ns in (ns_a, ns_b):
+        kubectl("delete", "namespace", ns, "--wait=false")
+
+
+def _factory(tmp_path: Path) -> Any:
+    class Factory:
+        def mktemp(self, name: str) -> Path:
+            path = tmp_path / f"{name}-{uuid.uuid4().hex[:4]}"
+            path.mkdir()
+            return path
+
+    return Factory()
+
+
+def _dnsmasq_pids(fabric: Fabric) -> set[int]:
+    out = sh("pgrep", "-f", f"dnsmasq.*{fabric.root}", check=False).stdout
+    return {int(x) for x in out.split()}
+
+
+async def _everything_removed(kube: Kube, fabric: Fabric, namespaces: list[str]) -> None:
+    async def clean() -> bool:
+        for ns in namespaces:
+            for kind in (Port, Subnet, Network):
+                if await kube.list(kind, ns):
+                    return False
+        if _dnsmasq_pids(fabric):
+            return False
+        if any("-dhcp-" in n for n in fabric.namespaces()):
+            return False
+        for node in fabric.nodes:
+            ports = node.vsctl("list-ports", "br-int").split()
+            if [p for p in ports if p.startswith(("dh", "vg", "qvo"))]:
+                return False
+        return True
+
+    await eventually(clean, timeout=60, what="networks, DHCP servers and OVS ports removed")
+    allocations = await kube.list(Allocation)
+    owners = {a.spec.owner.namespace for a in allocations}
+    assert not owners & set(namespaces), "allocations left behind"
+
+
+async def test_bad_input_and_lifecycle(
+    kube: Kube, controller: Process, agents: dict[str, Process], fabric: Fabric, namespace: str
+) -> None:
+    ns = namespace
+    network(ns, "tiny", fabric, type="vxlan")
+    subnet(
+        ns,
+        "tiny-v4",
+        "tiny",
+        "10.1.0.0/24",
+        enableDhcp=False,
+        allocationPools=[{"start": "10.1.0.10", "end": "10.1.0.11"}],
+    )
+    await condition(kube, Subnet, "tiny-v4", ns)
+    port(ns, "p1", "tiny")
+    port(ns, "p2", "tiny")
+    p1 = await condition(kube, Port, "p1", ns)
+    await condition(kube, Port, "p2", ns)
+    port(ns, "p3", "tiny")
+    stalled = await condition(kube, Port, "p3", ns, type_="Stalled")
+    cond = stalled.status.condition("Stalled")
+    assert cond.reason == "IpAddressExhausted"
+    assert "tiny-v4" in cond.message and "2 of 2" in cond.message
+
+    # Addresses return to the pool on delete.
+    kubectl("delete", "port", "p2", "-n", ns)
+    p3 = await condition(kube, Port, "p3", ns)
+    assert p3.status.fixed_ips[0].ip_address in ("10.1.0.10", "10.1.0.11")
+
+    port(ns, "dup-ip", "tiny", fixedIps=[{"ipAddress": p1.status.fixed_ips[0].ip_address}])
+    cond = (await condition(kube, Port, "dup-ip", ns, type_="Stalled")).status.condition("Stalled")
+    assert cond.reason == "IpAddressInUse" and f"{ns}/p1" in cond.message
+
+    port(ns, "dup-mac", "tiny", macAddress=p1.status.mac_address, fixedIps=[])
+    cond = (await condition(kube, Port, "dup-mac", ns, type_="Stalled")).status.condition("Stalled")
+    assert cond.reason == "MacAddressInUse" and p1.status.mac_address in cond.message
+
+    network(ns, "fat", fabric, type="vxlan", mtu=1500)
+    cond = (await condition(kube, Network, "fat", ns, type_="Stalled")).status.condition("Stalled")
+    assert cond.reason == "MtuTooLarge" and "1450" in cond.message
+
+    tiny = await kube.get(Network, "tiny", ns)
+    assert tiny is not None
+    network(ns, "twin", fabric, type="vxlan", segmentationId=tiny.status.segmentation_id)
+    cond = (await condition(kube, Network, "twin", ns, type_="Stalled")).status.condition("Stalled")
+    assert cond.reason == "SegmentationIdInUse" and f"{ns}/tiny" in cond.message
+
+    network(ns, "gre", fabric, type="gre")
+    gre = await condition(kube, Network, "gre", ns)
+    assert gre.status.mtu == 1458
+
+    # A network with ports is not deleted under them.
+    kubectl("delete", "network", "tiny", "-n", ns, "--wait=false")
+    waiting = await condition(kube, Network, "tiny", ns, type_="Reconciling")
+    cond = waiting.status.condition("Reconciling")
+    assert cond.reason == "InUse" and f"{ns}/p1" in cond.message
+    kubectl("delete", "ports", "--all", "-n", ns)
+
+    async def gone() -> bool:
+        return await kube.get(Network, "tiny", ns) is None
+
+    await eventually(gone, timeout=30, what="network deleted after its ports")
+
+
+@pytest.mark.parametrize("count", [int(os.environ.get("NUBES_TEST_PORTS", "200"))])
+async def test_concurrent_ports_across_two_controller_workers(
+    kube: Kube, tmp_path_factory: pytest.TempPathFactory, namespace: str, count: int
+) -> None:
+    """No duplicate IP, MAC or segmentation id when two controller workers
+    allocate from the same subnet and ranges at once."""
+    workers = [
+        start_process(
+            tmp_path_factory,
+            f"worker-{i}",
+            "controller",
+            "--shard",
+            f"{i}/2",
+            "--vxlan-range",
+            "5000:5999",
+        )
+        for i in range(2)
+    ]
+    try:
+        docs = []
+        for i in range(20):
+            docs.append(
+                {
+                    "apiVersion": NET,
+                    "kind": "Network",
+                    "metadata": {"name": f"n{i}", "namespace": namespace},
+                    "spec": {"type": "vxlan"},
+                }
+            )
+        docs.append(
+            {
+                "apiVersion": NET,
+                "kind": "Subnet",
+                "metadata": {"name": "big", "namespace": namespace},
+                "spec": {"network": {"name": "n0"}, "cidr": "10.50.0.0/22", "enableDhcp": False},
+            }
+        )
+        for i in range(count):
+            docs.append(
+                {
+                    "apiVersion": NET,
+                    "kind": "Port",
+                    "metadata": {"name": f"p{i}", "namespace": namespace},
+                    "spec": {"network": {"name": "n0"}},
+                }
+            )
+        import yaml
+
+        kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+
+        async def all_ready() -> list[Port] | None:
+            ports = await kube.list(Port, namespace)
+            ready = [p for p in ports if p.status.is_true("Ready")]
+            return ready if len(ready) == count else None
+
+        ports = await eventually(all_ready, timeout=180, interval=1, what=f"{count} ports Ready")
+        ips = [p.status.fixed_ips[0].ip_address for p in ports]
+        macs = [p.status.mac_address for p in ports]
+        dups = {
+            ip: [p.name for p in ports if p.status.fixed_ips[0].ip_address == ip]
+            for ip in ips
+            if ips.count(ip) > 1
+        }
+        if dups:
+            allocs = [
+                (a.name, a.spec.owner.name)
+                for a in await kube.list(Allocation)
+                if a.spec.owner.namespace == namespace and a.spec.value in dups
+            ]
+            raise AssertionError(f"duplicate IPs: {dups}; allocations: {allocs}")
+        assert len(set(macs)) == count, "duplicate MAC"
+        nets = await kube.list(Network, namespace)
+        segments = [n.status.segmentation_id for n in nets]
+        assert None not in segments and len(set(segments)) == 20, "duplicate segmentation id"
+        # Both workers did part of the work.
+        for worker in workers:
+            assert 'kind="Port",process="nubes-controller-' in worker.metrics()
+            assert "nubes_status_writes_total" in worker.metrics()
+        writes = [_status_writes(w.metrics(), "Port") for w in workers]
+        assert all(w > 0 for w in writes), writes
+        kubectl("delete", "ports,subnets,networks", "--all", "-n", namespace, "--wait=false")
+
+        async def released() -> bool:
+            return not [
+                a for a in await kube.list(Allocation) if a.spec.owner.namespace == namespace
+            ]
+
+        await eventually(released, timeout=120, interval=1, what="allocations released")
+    finally:
+        for worker in workers:
+            worker.stop()
+            worker.assert_no_crash()
+
+
+def _status_writes(metrics: str, kind: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("nubes_status_writes_total{") and f'kind="{kind}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
