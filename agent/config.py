@@ -53,8 +53,9 @@ class AgentConfig(BaseModel):
         p.add_argument("--tunnel-ip", default=os.environ.get("NUBES_TUNNEL_IP"))
         p.add_argument("--bridge-mapping", action="append", default=[], help="PHYSNET:BRIDGE")
         p.add_argument("--availability-zone", default=_env("AVAILABILITY_ZONE", "nova"))
-        p.add_argument("--virt-type", choices=["auto", "kvm", "qemu"],
-                       default=_env("VIRT_TYPE", "auto"))
+        p.add_argument(
+            "--virt-type", choices=["auto", "kvm", "qemu"], default=_env("VIRT_TYPE", "auto")
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AgentConfig:
