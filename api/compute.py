@@ -349,6 +349,26 @@ class HypervisorSpec(ApiModel):
     """Capabilities matched by flavor extra specs `trait:NAME=required`."""
 
 
+class StoragePool(ApiModel):
+    """A volume pool on the node, as its agent reports it (Cinder's
+    get_volume_stats)."""
+
+    backend: str
+    """volume_backend_name."""
+    pool: str
+    """Pool name."""
+    total_gib: int
+    """Capacity."""
+    free_gib: int
+    """Unused capacity."""
+    provisioned_gib: int
+    """Sum of volume sizes (thin pools may exceed total)."""
+    max_over_subscription_ratio: float = 1.0
+    """How far provisioned may exceed total."""
+    capabilities: dict[str, str] = Field(default_factory=dict)
+    """Capabilities matched by volume type extra specs, e.g. thin_provisioning_support."""
+
+
 class HypervisorStatus(Status):
     hypervisor_type: str | None = None
     """QEMU."""
@@ -376,6 +396,10 @@ class HypervisorStatus(Status):
     """Domains running."""
     heartbeat_time: str | None = None
     """Last agent heartbeat."""
+    storage_pools: list[StoragePool] = Field(default_factory=list)
+    """Volume pools this node serves."""
+    iscsi_portal: str | None = None
+    """host:port of this node's iSCSI target."""
 
 
 class Hypervisor(Resource[HypervisorSpec, HypervisorStatus]):

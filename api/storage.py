@@ -108,27 +108,59 @@ class VolumeSpec(ApiModel):
 
 
 class VolumeAttachmentStatus(ApiModel):
+    """Written by the controller: which instance may use the volume."""
+
     instance: str
-    """Instance name."""
+    """Instance name (same namespace)."""
+    instance_uid: str
+    """Uid of that instance."""
+    node: str | None = None
+    """Compute node of the instance; the export admits only this initiator."""
+    boot: bool = False
+    """Attached as the instance's root disk."""
+
+
+class VolumeBacking(ApiModel):
+    """Written by the storage node's agent: the volume as it exists there."""
+
     node: str
-    """Node of the instance."""
-    target: str | None = None
-    """iSCSI target IQN the volume is exported as."""
+    """Storage node holding the data."""
+    size_gib: int
+    """Size the backend has provisioned."""
+    source_done: bool = True
+    """The initial contents (image, snapshot, clone, backup) are in place."""
+
+
+class VolumeExport(ApiModel):
+    """Written by the storage node's agent while the volume is attached."""
+
+    portal: str
+    """iSCSI portal, host:port."""
+    iqn: str
+    """Target IQN; the volume is LUN `lun` of it."""
+    lun: int = 1
+    """LUN number."""
+    chap_secret: str
+    """Secret (same namespace) with `username` and `password` for CHAP."""
+    initiator_node: str | None = None
+    """Node whose initiator the target admits."""
 
 
 class VolumeStatus(Status):
     backend: str | None = None
-    """Backend holding the volume."""
+    """Backend holding the volume (controller)."""
     node: str | None = None
-    """Storage node."""
+    """Storage node the scheduler chose (controller)."""
     pool: str | None = None
-    """Pool on the node."""
-    size_gib: int | None = Field(default=None)
-    """Size provisioned."""
+    """Pool on that node (controller)."""
     attachment: VolumeAttachmentStatus | None = None
-    """Where it is attached."""
+    """Where it is attached (controller)."""
     bootable: bool | None = None
-    """Bootable flag in effect."""
+    """Bootable flag in effect (controller)."""
+    backing: VolumeBacking | None = None
+    """The data on the storage node (storage agent)."""
+    export: VolumeExport | None = None
+    """iSCSI export for the attached instance (storage agent)."""
 
 
 class Volume(Resource[VolumeSpec, VolumeStatus]):
@@ -165,10 +197,10 @@ class VolumeSnapshotSpec(ApiModel):
 
 
 class VolumeSnapshotStatus(Status):
-    size_gib: int | None = Field(default=None)
-    """Size of the source volume when taken."""
     node: str | None = None
-    """Storage node."""
+    """Storage node (controller: the volume's)."""
+    size_gib: int | None = Field(default=None)
+    """Size of the source volume when taken (storage agent, once taken)."""
 
 
 class VolumeSnapshot(Resource[VolumeSnapshotSpec, VolumeSnapshotStatus]):
@@ -209,10 +241,14 @@ class VolumeBackupSpec(ApiModel):
 
 
 class VolumeBackupStatus(Status):
-    size_gib: int | None = Field(default=None)
-    """Size of the volume backed up."""
+    node: str | None = None
+    """Node that takes the backup (controller: the volume's storage node)."""
+    volume_uid: str | None = None
+    """Uid of the volume backed up (controller); the backup outlives it."""
     parent: str | None = None
-    """Backup this incremental one builds on."""
+    """Backup this incremental one builds on (controller)."""
+    size_gib: int | None = Field(default=None)
+    """Size of the volume backed up (storage agent, like the fields below)."""
     container: str | None = None
     """Directory in the backup store."""
     chunks: int | None = None
