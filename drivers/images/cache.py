@@ -241,21 +241,7 @@ class ImageCache:
         return cached
 
     def _download(self, url: str, dest: str) -> tuple[str, int]:
-        digest = hashlib.sha256()
-        size = 0
-        try:
-            with _open_url(url, self.fetch_timeout) as src, open(dest, "wb") as out:
-                while chunk := src.read(CHUNK):
-                    size += len(chunk)
-                    if self.max_image_bytes is not None and size > self.max_image_bytes:
-                        raise ImageTooLarge(
-                            f"image from {url} is larger than {self.max_image_bytes} bytes"
-                        )
-                    digest.update(chunk)
-                    out.write(chunk)
-        except (OSError, urllib.error.URLError, ValueError) as e:
-            raise ImageFetchError(f"cannot fetch {url}: {e}") from e
-        return digest.hexdigest(), size
+        return download(url, dest, timeout=self.fetch_timeout, max_bytes=self.max_image_bytes)
 
     def prune(self, in_use: Iterable[str], *, min_unused_seconds: float = 0) -> list[str]:
         """Delete cached images whose SHA-256 is not in `in_use`.
@@ -402,7 +388,7 @@ class ImageCache:
         info = inspect_image(target_path)
         return SnapshotFile(
             path=target_path,
-            sha256=_sha256_file(target_path),
+            sha256=sha256_file(target_path),
             size=info.file_size,
             virtual_size=info.virtual_size or 0,
         )
@@ -443,6 +429,23 @@ class ImageCache:
             os.close(fd)
 
 
+def download(url: str, dest: str, *, timeout: float, max_bytes: int | None) -> tuple[str, int]:
+    """Stream `url` into `dest`; returns (sha256, size)."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with _open_url(url, timeout) as src, open(dest, "wb") as out:
+            while chunk := src.read(CHUNK):
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    raise ImageTooLarge(f"image from {url} is larger than {max_bytes} bytes")
+                digest.update(chunk)
+                out.write(chunk)
+    except (OSError, urllib.error.URLError, ValueError) as e:
+        raise ImageFetchError(f"cannot fetch {url}: {e}") from e
+    return digest.hexdigest(), size
+
+
 def _check_sha(sha256: str) -> None:
     if not SHA256.match(sha256):
         raise InvalidImageSource(f"{sha256!r} is not a lowercase hex SHA-256")
@@ -465,7 +468,7 @@ def _open_url(url: str, timeout: float) -> BinaryIO:
     return response
 
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
