@@ -158,10 +158,12 @@ def _stable(name: str) -> tuple[int, ...]:
 
 def traits_from_extra_specs(extra_specs: dict[str, str]) -> tuple[frozenset[str], frozenset[str]]:
     """Nova's `trait:NAME=required|forbidden` flavor extra specs."""
-    required, forbidden = set(), set()
+    required: set[str] = set()
+    forbidden: set[str] = set()
     for key, value in extra_specs.items():
         if key.startswith("trait:"):
-            (required if value == "required" else forbidden if value == "forbidden" else set()).add(
-                key.removeprefix("trait:")
-            )
+            if value == "required":
+                required.add(key.removeprefix("trait:"))
+            elif value == "forbidden":
+                forbidden.add(key.removeprefix("trait:"))
     return frozenset(required), frozenset(forbidden)
