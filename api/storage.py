@@ -146,6 +146,17 @@ class VolumeExport(ApiModel):
     """Node whose initiator the target admits."""
 
 
+class AgentError(ApiModel):
+    """Written by the storage node's agent: why it cannot do what the object asks."""
+
+    reason: str = Field(pattern=r"^[A-Z][A-Za-z0-9]*$")
+    """A CamelCase token, e.g. BackupCorrupt or InsufficientSpace."""
+    message: str
+    """What went wrong, for people."""
+    retrying: bool = True
+    """The agent tries again by itself; false means it waits for a change."""
+
+
 class VolumeStatus(Status):
     backend: str | None = None
     """Backend holding the volume (controller)."""
@@ -161,6 +172,8 @@ class VolumeStatus(Status):
     """The data on the storage node (storage agent)."""
     export: VolumeExport | None = None
     """iSCSI export for the attached instance (storage agent)."""
+    agent_error: AgentError | None = None
+    """Why the storage agent is stuck, if it is (storage agent)."""
 
 
 class Volume(Resource[VolumeSpec, VolumeStatus]):
@@ -201,6 +214,8 @@ class VolumeSnapshotStatus(Status):
     """Storage node (controller: the volume's)."""
     size_gib: int | None = Field(default=None)
     """Size of the source volume when taken (storage agent, once taken)."""
+    agent_error: AgentError | None = None
+    """Why the storage agent is stuck, if it is (storage agent)."""
 
 
 class VolumeSnapshot(Resource[VolumeSnapshotSpec, VolumeSnapshotStatus]):
@@ -257,6 +272,8 @@ class VolumeBackupStatus(Status):
     """Chunks this backup wrote (fewer than chunks when incremental)."""
     stored_bytes: int | None = None
     """Compressed bytes this backup wrote."""
+    agent_error: AgentError | None = None
+    """Why the storage agent is stuck, if it is (storage agent)."""
 
 
 class VolumeBackup(Resource[VolumeBackupSpec, VolumeBackupStatus]):
