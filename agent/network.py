@@ -101,9 +101,7 @@ class NodeNetworking:
         plan.bound = {
             p.uid: p
             for p in self.op.store(Port)
-            if p.spec.binding.host == me
-            and p.status.network_uid in networks
-            and p.status.mac_address
+            if p.status.host == me and p.status.network_uid in networks and p.status.mac_address
         }
         here = {p.status.network_uid for p in plan.bound.values()}
         for net in networks.values():

@@ -191,11 +191,21 @@ class InstanceAddress(ApiModel):
     """Fixed addresses."""
 
 
+class DiskTransfer(ApiModel):
+    """A root disk flattened into the image store, to be booted elsewhere."""
+
+    url: str
+    """file:// URL in the image store."""
+    sha256: str
+    """SHA-256 of the file."""
+
+
 class InstanceStatus(Status):
+    # Written by the controller:
     node: str | None = None
-    """Node the instance is scheduled to."""
-    power_state: str | None = None
-    """Power state observed in the hypervisor."""
+    """Node the instance runs on (changes with Migrate and Resize)."""
+    node_since: str | None = None
+    """When the instance was placed on that node (scheduling or a move)."""
     flavor: str | None = None
     """Flavor in effect (changes with Resize)."""
     image: str | None = None
@@ -208,14 +218,19 @@ class InstanceStatus(Status):
     """Root disk size in effect."""
     addresses: list[InstanceAddress] = Field(default_factory=list)
     """NICs and their addresses."""
-    attached_volumes: list[str] = Field(default_factory=list)
-    """Volumes attached right now."""
+    rescued: bool | None = None
+    """Booted from a rescue image (after Rescue, until Unrescue)."""
+    # Written by the node agent:
+    power_state: str | None = None
+    """Power state observed in the hypervisor."""
     domain: str | None = None
     """libvirt domain name."""
-    rescued: bool | None = None
-    """Booted from a rescue image."""
+    attached_volumes: list[str] = Field(default_factory=list)
+    """Volumes attached right now."""
     console_log: str | None = None
-    """Path of the serial console log on the node."""
+    """ConfigMap holding the tail of the serial console."""
+    shelved_disk: DiskTransfer | None = None
+    """Root disk kept in the image store while shelved."""
 
 
 class Instance(Resource[InstanceSpec, InstanceStatus]):
@@ -296,13 +311,35 @@ class InstanceActionSpec(ApiModel):
     """Migrate: a specific node; otherwise the scheduler picks another node."""
 
 
+class ActionError(ApiModel):
+    reason: str
+    """CamelCase reason."""
+    message: str
+    """What went wrong."""
+
+
 class InstanceActionStatus(Status):
+    # Written by the controller:
+    source_node: str | None = None
+    """Node the instance was on when the action was accepted."""
+    target_node: str | None = None
+    """Node the instance ends up on (Migrate, Resize)."""
+    flavor: str | None = None
+    """Resize: the new flavor, validated."""
+    image: str | None = None
+    """Rebuild/Rescue: the image to use, as namespace/name, validated."""
+    # Written by the source node's agent:
     started_at: str | None = None
     """When the agent began."""
+    transfer: DiskTransfer | None = None
+    """Snapshot, Migrate, Resize to another node: the flattened root disk."""
+    # Written by the agent that finishes the action (the target node's for moves):
     completed_at: str | None = None
     """When it finished (either way)."""
     result: str | None = None
     """What came out, e.g. the snapshot Image name."""
+    error: ActionError | None = None
+    """Why it failed."""
 
 
 class InstanceAction(Resource[InstanceActionSpec, InstanceActionStatus]):

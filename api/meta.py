@@ -160,6 +160,11 @@ def now_rfc3339() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+def now_precise() -> str:
+    """RFC 3339 with microseconds, for ordering events within a second."""
+    return dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
 def seconds_since(timestamp: str | None) -> float | None:
     """Age of an RFC 3339 timestamp, None when absent or unreadable."""
     if not timestamp:

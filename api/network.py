@@ -421,6 +421,9 @@ class PortStatus(Status):
     """MTU of the network."""
     network_uid: str | None = None
     """Uid of the network, which the agents key node state by."""
+    host: str | None = None
+    """Node the port is bound to: spec.binding.host, or the node of the
+    instance using the port (controller)."""
     binding: PortBindingStatus | None = None
     """Node-side binding, reported by the bound node's agent."""
     dhcp: PortDhcpStatus | None = None

@@ -10,7 +10,10 @@ from nubes.runtime.reconcile import Reconciler
 
 
 async def build_controller(op: Operator, config: ControllerConfig) -> None:
+    from nubes.controllers.flavor import FlavorReconciler
     from nubes.controllers.hypervisor import HypervisorReconciler
+    from nubes.controllers.image import ImageReconciler
+    from nubes.controllers.instance import InstanceReconciler
     from nubes.controllers.network import NetworkReconciler
     from nubes.controllers.pending import register_pending
     from nubes.controllers.port import PortReconciler
@@ -23,6 +26,9 @@ async def build_controller(op: Operator, config: ControllerConfig) -> None:
         NetworkReconciler(config),
         SubnetReconciler(),
         PortReconciler(),
+        FlavorReconciler(),
+        ImageReconciler(config),
+        InstanceReconciler(),
     ]
     for reconciler in reconcilers:
         op.register(reconciler)

@@ -8,6 +8,7 @@ from typing import Any
 
 import structlog
 
+from nubes.api.compute import Instance
 from nubes.api.meta import seconds_since
 from nubes.api.network import Allocation, Network, Port, Subnet
 from nubes.controllers.allocations import Ledger
@@ -51,6 +52,7 @@ class PortReconciler(Reconciler[Port]):
         self.ledger = Ledger(op)
         self._uids: dict[str, str] = {}
         ports = op.store(Port)
+        op.store(Instance).add_index("uid", lambda i: [i.uid])
 
         def ports_on(net_key: str) -> list[str]:
             return [p.key for p in ports.by_index("network", net_key)]
@@ -68,6 +70,14 @@ class PortReconciler(Reconciler[Port]):
             Port,
             lambda s: ports_on(f"{s.namespace}/{s.spec.network.name}"),
             when=lambda old, new: _subnet_facts(old) != _subnet_facts(new),
+        )
+        # An instance's node is where its ports are bound.
+        ports.add_index("device", lambda p: [p.spec.device_id] if p.spec.device_id else [])
+        op.watch(
+            Instance,
+            Port,
+            lambda i: [p.key for p in ports.by_index("device", i.uid)],
+            when=lambda old, new: (old and old.status.node) != (new and new.status.node),
         )
         # Stalled ports retry when an address or MAC is given back.
         op.watch(Allocation, Port, self._stalled_ports_of_pool, when=lambda old, new: new is None)
@@ -250,24 +260,42 @@ class PortReconciler(Reconciler[Port]):
         subnets = self._subnets(net)
         mac = await self._mac(obj, net)
         fixed = await self._fixed_ips(obj, subnets)
+        host = self._host(obj)
         status: dict[str, Any] = {
             "macAddress": mac,
             "fixedIps": fixed,
             "mtu": net.status.mtu,
             "networkUid": net.uid,
+            "host": host,
         }
         addresses = ", ".join(f["ipAddress"] for f in fixed) or "no address"
         if net.status.mtu is None:
             return Outcome.progressing(
                 "WaitingForNetwork", f"network {net.name} is not ready", status
             )
-        waiting = self._waiting_for(obj, net, subnets, mac, fixed)
+        waiting = self._waiting_for(obj, net, subnets, mac, fixed, host)
         if waiting:
             return Outcome.progressing(waiting[0], f"{addresses}; {waiting[1]}", status)
         return Outcome.ready(status, f"{mac} {addresses}")
 
+    def _host(self, port: Port) -> str | None:
+        if port.spec.binding.host:
+            return port.spec.binding.host
+        if port.spec.device_id:
+            for inst in self.op.store(Instance).by_index("uid", port.spec.device_id):
+                if inst.namespace == port.namespace:
+                    node: str | None = inst.status.node
+                    return node
+        return None
+
     def _waiting_for(
-        self, port: Port, net: Network, subnets: list[Subnet], mac: str, fixed: list[dict[str, str]]
+        self,
+        port: Port,
+        net: Network,
+        subnets: list[Subnet],
+        mac: str,
+        fixed: list[dict[str, str]],
+        host: str | None,
     ) -> tuple[str, str] | None:
         dhcp_subnets = {s.name for s in subnets if s.spec.enable_dhcp and s.spec.ip_version == 4}
         dhcp_ips = sorted(f["ipAddress"] for f in fixed if f["subnet"] in dhcp_subnets)
@@ -280,7 +308,6 @@ class PortReconciler(Reconciler[Port]):
                 or sorted(entry.ip_addresses) != dhcp_ips
             ):
                 return "WaitingForDhcp", f"DHCP entry not yet served by {net.status.dhcp_node}"
-        host = port.spec.binding.host
         if host:
             binding = port.status.binding
             if binding is None or binding.node != host or not binding.active:

@@ -87,15 +87,15 @@ class FormatNotAllowed(ImageInspectionError):
 
 
 class BackingFileRejected(ImageInspectionError):
-    reason = "BackingFile"
+    reason = "BackingFileRejected"
 
 
 class DataFileRejected(ImageInspectionError):
-    reason = "ExternalDataFile"
+    reason = "ExternalDataFileRejected"
 
 
 class EncryptedImageRejected(ImageInspectionError):
-    reason = "Encrypted"
+    reason = "EncryptedImageRejected"
 
 
 class UnsupportedFeature(ImageInspectionError):

@@ -164,7 +164,7 @@ def test_qcow2_with_backing_file_is_rejected(cache: ImageCache, tmp_path: Path) 
     )
     with pytest.raises(ImageRejected, match="backing file") as e:
         cache.ensure_image(ImageSource(src.as_uri(), sha(src), "qcow2"))
-    assert e.value.reason == "BackingFile"
+    assert e.value.reason == "BackingFileRejected"
     assert leftovers(cache) == []
 
 

@@ -1,0 +1,444 @@
+"""Instance: flavor and boot source checks, scheduling, ports, and readiness.
+
+What an instance *is* right now (flavor, image, node, rescue) follows from
+its spec and the InstanceAction records that completed since: a Resize
+changes the flavor, a Rebuild the image, a Migrate or Resize the node. The
+node agent runs the domain and reports what it observes; this reconciler
+owns the conditions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from nubes.api.compute import Flavor, Hypervisor, Instance, InstanceAction
+from nubes.api.image import Image
+from nubes.api.meta import ProjectRef, now_precise
+from nubes.api.network import FixedIpRequest, Network, Port, PortSpec
+from nubes.api.storage import Volume
+from nubes.controllers.compute_scheduler import (
+    Choice,
+    HostState,
+    RequestSpec,
+    schedule,
+    traits_from_extra_specs,
+)
+from nubes.controllers.image import resolve_image
+from nubes.runtime.kube import path_of
+from nubes.runtime.operator import Operator
+from nubes.runtime.reconcile import Outcome, Reconciler, Stall, Wait
+
+log = structlog.get_logger()
+
+GIB = 2**30
+COMPUTE_OWNER = "compute:nova"
+MOVES = ("Migrate", "Resize")
+
+
+@dataclass(frozen=True)
+class Effective:
+    """What the instance is after the actions that completed."""
+
+    flavor: str
+    image: ProjectRef | None
+    rescued: bool
+    move: InstanceAction | None
+    """The latest completed Migrate/Resize, if any."""
+
+
+def completed(actions: list[InstanceAction]) -> list[InstanceAction]:
+    done = [a for a in actions if a.status.completed_at and a.status.error is None]
+    return sorted(done, key=lambda a: a.status.completed_at or "")
+
+
+def effective(inst: Instance, actions: list[InstanceAction]) -> Effective:
+    flavor, image, rescued, move = inst.spec.flavor, inst.spec.image, False, None
+    for action in completed(actions):
+        kind = action.spec.action
+        if kind == "Resize" and action.status.flavor:
+            flavor = action.status.flavor
+        if kind in MOVES:
+            move = action
+        if kind == "Rebuild" and action.status.image:
+            namespace, _, name = action.status.image.partition("/")
+            image = ProjectRef(name=name, namespace=namespace)
+        if kind == "Rescue":
+            rescued = True
+        if kind == "Unrescue":
+            rescued = False
+    return Effective(flavor, image, rescued, move)
+
+
+def port_name(inst: Instance, index: int) -> str:
+    return f"{inst.name}-{index}"
+
+
+def host_states(op: Operator, exclude_uid: str) -> list[HostState]:
+    """Nodes with the usage of the instances placed on them."""
+    usage: dict[str, list[int]] = {}
+    for other in op.store(Instance):
+        node = other.status.node
+        if node and other.uid != exclude_uid:
+            used = usage.setdefault(node, [0, 0, 0])
+            used[0] += other.status.vcpus or 0
+            used[1] += other.status.ram_mib or 0
+            used[2] += other.status.disk_gib or 0
+    hosts = []
+    for hv in op.store(Hypervisor):
+        used = usage.get(hv.name, [0, 0, 0])
+        hosts.append(
+            HostState(
+                name=hv.name,
+                zone=hv.spec.availability_zone,
+                usable=hv.status.is_true("Ready") and not hv.spec.disabled and not hv.deleting,
+                vcpus=hv.status.vcpus or 0,
+                ram_mib=hv.status.ram_mib or 0,
+                disk_gib=hv.status.disk_gib or 0,
+                vcpus_used=used[0],
+                ram_mib_used=used[1],
+                disk_gib_used=used[2],
+                cpu_allocation_ratio=hv.spec.cpu_allocation_ratio,
+                ram_allocation_ratio=hv.spec.ram_allocation_ratio,
+                disk_allocation_ratio=hv.spec.disk_allocation_ratio,
+                reserved_ram_mib=hv.spec.reserved_ram_mib,
+                traits=frozenset(hv.spec.traits),
+                hypervisor_type=hv.status.hypervisor_type or "QEMU",
+            )
+        )
+    return hosts
+
+
+def request_for(
+    flavor: Flavor, image: Image | None, disk_gib: int, zone: str | None
+) -> RequestSpec:
+    required, forbidden = traits_from_extra_specs(flavor.spec.extra_specs)
+    return RequestSpec(
+        vcpus=flavor.spec.vcpus,
+        ram_mib=flavor.spec.ram_mib,
+        disk_gib=disk_gib,
+        zone=zone,
+        required_traits=required,
+        forbidden_traits=forbidden,
+        image_properties=dict(image.spec.properties) if image else {},
+    )
+
+
+def root_disk_gib(flavor: Flavor, image: Image | None) -> int:
+    """The flavor's disk, or the image's virtual size rounded up when 0."""
+    if flavor.spec.disk_gib:
+        return flavor.spec.disk_gib
+    if image is None:
+        return 0
+    return max(1, -(-(image.status.virtual_size_bytes or 0) // GIB))
+
+
+def check_fit(flavor: Flavor, image: Image) -> None:
+    virtual = image.status.virtual_size_bytes or 0
+    if flavor.spec.disk_gib and virtual > flavor.spec.disk_gib * GIB:
+        raise Stall(
+            "ImageTooLarge",
+            f"image {image.name} needs a {virtual / GIB:.2f} GiB disk but flavor "
+            f"{flavor.name} has {flavor.spec.disk_gib} GiB",
+        )
+    if (
+        image.spec.min_disk_gib
+        and flavor.spec.disk_gib
+        and image.spec.min_disk_gib > flavor.spec.disk_gib
+    ):
+        raise Stall(
+            "FlavorDiskTooSmall",
+            f"image {image.name} requires at least {image.spec.min_disk_gib} GiB of disk; "
+            f"flavor {flavor.name} has {flavor.spec.disk_gib}",
+        )
+    if image.spec.min_ram_mib > flavor.spec.ram_mib:
+        raise Stall(
+            "FlavorRamTooSmall",
+            f"image {image.name} requires at least {image.spec.min_ram_mib} MiB of RAM; "
+            f"flavor {flavor.name} has {flavor.spec.ram_mib}",
+        )
+
+
+class InstanceReconciler(Reconciler[Instance]):
+    kind = Instance
+    workers = 8
+
+    def setup(self, op: Operator) -> None:
+        super().setup(op)
+        instances = op.store(Instance)
+        instances.add_index("uid", lambda i: [i.uid])
+        instances.add_index("flavor", lambda i: [i.spec.flavor])
+        instances.add_index(
+            "image",
+            lambda i: (
+                [f"{i.spec.image.namespace or i.namespace}/{i.spec.image.name}"]
+                if i.spec.image
+                else []
+            ),
+        )
+        instances.add_index(
+            "volume", lambda i: [f"{i.namespace}/{v}" for v in self._volume_names(i)]
+        )
+        actions = op.store(InstanceAction)
+        actions.add_index("instance", lambda a: [f"{a.namespace}/{a.spec.instance}"])
+        ports = op.store(Port)
+        ports.add_index("device", lambda p: [p.spec.device_id] if p.spec.device_id else [])
+        op.store(Network)
+        op.store(Volume)
+        op.store(Image)
+
+        op.watch(Flavor, Instance, lambda f: [i.key for i in instances.by_index("flavor", f.name)])
+        op.watch(
+            Image,
+            Instance,
+            lambda img: [i.key for i in instances.by_index("image", img.key)],
+            when=_condition_changed,
+        )
+        op.watch(
+            InstanceAction,
+            Instance,
+            lambda a: [f"{a.namespace}/{a.spec.instance}"],
+            when=lambda old, new: _completion(old) != _completion(new),
+        )
+        op.watch(
+            Port,
+            Instance,
+            lambda p: (
+                [i.key for i in instances.by_index("uid", p.spec.device_id)]
+                if p.spec.device_id
+                else []
+            ),
+            when=_port_changed,
+        )
+        op.watch(
+            Volume,
+            Instance,
+            lambda v: [i.key for i in instances.by_index("volume", v.key)],
+            when=_condition_changed,
+        )
+        # Capacity changes may unblock instances nobody could place.
+        op.watch(
+            Hypervisor,
+            Instance,
+            lambda _: [i.key for i in instances if not i.status.node],
+            when=lambda old, new: _hv_facts(old) != _hv_facts(new),
+        )
+
+    @staticmethod
+    def _volume_names(inst: Instance) -> list[str]:
+        names = [v.volume for v in inst.spec.volumes]
+        if inst.spec.boot_volume:
+            names.append(inst.spec.boot_volume.name)
+        return names
+
+    def accepts(self, obj: Instance) -> bool:
+        return self.op.owns_shard(obj.uid)
+
+    # --- converge ------------------------------------------------------------------
+
+    async def converge(self, obj: Instance) -> Outcome:
+        actions = self.op.store(InstanceAction).by_index("instance", obj.key)
+        eff = effective(obj, actions)
+        flavor = self.op.store(Flavor).lookup(eff.flavor)
+        if flavor is None:
+            raise Stall("FlavorNotFound", f"flavor {eff.flavor} does not exist")
+        image: Image | None = None
+        if eff.image is not None:
+            image = resolve_image(self.op, eff.image, obj.namespace or "")
+            check_fit(flavor, image)
+        elif obj.spec.boot_volume is not None:
+            self._check_boot_volume(obj)
+        disk_gib = root_disk_gib(flavor, image)
+
+        node, since = self._placement(obj, eff, flavor, image, disk_gib)
+        status: dict[str, Any] = {
+            "node": node,
+            "nodeSince": since,
+            "flavor": flavor.name,
+            "image": f"{eff.image.namespace or obj.namespace}/{eff.image.name}"
+            if eff.image
+            else None,
+            "vcpus": flavor.spec.vcpus if node else None,
+            "ramMib": flavor.spec.ram_mib if node else None,
+            "diskGib": disk_gib if node else None,
+            "rescued": eff.rescued,
+        }
+        if node is None:
+            if obj.spec.power_state == "Shelved" and obj.status.shelved_disk:
+                status["addresses"] = []
+                return Outcome.ready(status, "shelved: the disk is in the image store")
+            raise Wait("Scheduling", "waiting for a node", 5)
+        ports = await self._ensure_ports(obj)
+        status["addresses"] = [
+            {
+                "network": p.spec.network.name,
+                "port": p.name,
+                "macAddress": p.status.mac_address or "",
+                "ipAddresses": [f.ip_address for f in p.status.fixed_ips],
+            }
+            for p in ports
+        ]
+        waiting = self._waiting_for(obj, ports)
+        if waiting:
+            return Outcome.progressing(waiting[0], waiting[1], status)
+        ips = ", ".join(ip for p in ports for ip in (f.ip_address for f in p.status.fixed_ips))
+        return Outcome.ready(
+            status, f"{obj.status.power_state} on {node}" + (f", {ips}" if ips else "")
+        )
+
+    def _check_boot_volume(self, obj: Instance) -> None:
+        assert obj.spec.boot_volume is not None
+        name = obj.spec.boot_volume.name
+        volume: Volume | None = self.op.store(Volume).lookup(name, obj.namespace)
+        if volume is None:
+            raise Wait("BootVolumeNotFound", f"volume {name} does not exist", 5)
+        if not volume.spec.bootable:
+            raise Stall("VolumeNotBootable", f"volume {name} is not bootable")
+
+    def _placement(
+        self, obj: Instance, eff: Effective, flavor: Flavor, image: Image | None, disk_gib: int
+    ) -> tuple[str | None, str | None]:
+        """(node, since): sticky; moved by completed moves; cleared when shelved."""
+        node, since = obj.status.node, obj.status.node_since
+        move = eff.move
+        if move and move.status.target_node and (since or "") < (move.status.completed_at or ""):
+            node, since = move.status.target_node, move.status.completed_at
+        if obj.spec.power_state == "Shelved" and obj.status.shelved_disk:
+            return None, since  # shelved and offloaded: node resources freed
+        if node is not None and self.op.store(Hypervisor).lookup(node) is not None:
+            return node, since
+        result = schedule(
+            host_states(self.op, obj.uid),
+            request_for(flavor, image, disk_gib, obj.spec.availability_zone),
+        )
+        if not isinstance(result, Choice):
+            raise Stall("NoValidHost", result.explanation)
+        log.info("scheduled", instance=obj.key, node=result.host)
+        return result.host, now_precise()
+
+    async def _ensure_ports(self, obj: Instance) -> list[Port]:
+        store = self.op.store(Port)
+        wanted: list[Port] = []
+        created_names = set()
+        for index, nic in enumerate(obj.spec.networks):
+            if nic.port is not None:
+                port: Port | None = store.lookup(nic.port, obj.namespace)
+                if port is None:
+                    raise Wait("PortNotFound", f"port {nic.port} does not exist", 5)
+                if port.spec.device_id not in ("", obj.uid):
+                    raise Stall("PortInUse", f"port {nic.port} is used by {port.spec.device_id}")
+                for other in self.op.store(Instance):
+                    if (
+                        other.uid != obj.uid
+                        and other.namespace == obj.namespace
+                        and any(n.port == nic.port for n in other.spec.networks)
+                    ):
+                        raise Stall(
+                            "PortInUse", f"port {nic.port} is used by instance {other.name}"
+                        )
+                wanted.append(port)
+                continue
+            assert nic.network is not None
+            name = port_name(obj, index)
+            created_names.add(name)
+            spec = PortSpec(
+                network=nic.network,
+                fixed_ips=[FixedIpRequest(ip_address=nic.fixed_ip)] if nic.fixed_ip else None,
+                device_owner=COMPUTE_OWNER,
+                device_id=obj.uid,
+                security_groups=obj.spec.security_groups,
+            )
+            existing = store.lookup(name, obj.namespace)
+            if existing is not None and existing.spec.device_id != obj.uid:
+                raise Stall("PortNameTaken", f"port {name} exists and belongs to something else")
+            if existing is None or existing.spec.wire() != spec.wire():
+                await self.op.kube.apply_raw(path_of(Port), self._port_body(obj, name, spec))
+            if existing is not None:
+                wanted.append(existing)
+        for port in store.by_index("device", obj.uid):
+            if (
+                port.namespace == obj.namespace
+                and port.name not in created_names
+                and _owned_by(port, obj)
+            ):
+                await self.op.kube.delete(port)
+        return wanted
+
+    @staticmethod
+    def _port_body(obj: Instance, name: str, spec: PortSpec) -> dict[str, Any]:
+        return {
+            "apiVersion": Port.crd.api_version,
+            "kind": "Port",
+            "metadata": {
+                "name": name,
+                "namespace": obj.namespace,
+                # Deleting the instance deletes the ports it made.
+                "ownerReferences": [
+                    {
+                        "apiVersion": Instance.crd.api_version,
+                        "kind": "Instance",
+                        "name": obj.name,
+                        "uid": obj.uid,
+                        "controller": True,
+                    }
+                ],
+            },
+            "spec": spec.wire(),
+        }
+
+    def _waiting_for(self, obj: Instance, ports: list[Port]) -> tuple[str, str] | None:
+        if len(ports) < len(obj.spec.networks):
+            return "CreatingPorts", "creating ports"
+        for port in ports:
+            if port.status.is_true("Stalled"):
+                cond = port.status.condition("Stalled")
+                raise Stall("PortFailed", f"port {port.name}: {cond.message if cond else ''}")
+        desired = obj.spec.power_state
+        observed = obj.status.power_state
+        if observed != desired:
+            return "PowerStateConverging", f"{observed or 'not created'}, want {desired}"
+        unready = [p.name for p in ports if not p.status.is_true("Ready")]
+        if unready and desired == "Running":
+            return "WaitingForPorts", f"ports not ready: {', '.join(unready)}"
+        return None
+
+
+def _owned_by(port: Port, inst: Instance) -> bool:
+    return any(ref.get("uid") == inst.uid for ref in port.metadata.owner_references)
+
+
+def _completion(action: InstanceAction | None) -> tuple[Any, ...] | None:
+    if action is None:
+        return None
+    return (action.status.completed_at, action.status.error is None)
+
+
+def _condition_changed(old: Any, new: Any) -> bool:
+    def facts(obj: Any) -> tuple[Any, ...] | None:
+        if obj is None:
+            return None
+        return tuple((c.type, c.status) for c in obj.status.conditions), obj.deleting
+
+    return facts(old) != facts(new)
+
+
+def _port_changed(old: Port | None, new: Port | None) -> bool:
+    def facts(p: Port | None) -> tuple[Any, ...] | None:
+        if p is None:
+            return None
+        return (
+            p.status.is_true("Ready"),
+            p.status.is_true("Stalled"),
+            p.status.mac_address,
+            tuple(f.ip_address for f in p.status.fixed_ips),
+        )
+
+    return facts(old) != facts(new)
+
+
+def _hv_facts(hv: Hypervisor | None) -> tuple[Any, ...] | None:
+    if hv is None:
+        return None
+    return (hv.status.is_true("Ready"), hv.spec.disabled, hv.status.vcpus, hv.status.ram_mib)
