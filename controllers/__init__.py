@@ -19,6 +19,10 @@ async def build_controller(op: Operator, config: ControllerConfig) -> None:
     from nubes.controllers.port import PortReconciler
     from nubes.controllers.project import ProjectReconciler
     from nubes.controllers.subnet import SubnetReconciler
+    from nubes.controllers.volume import VolumeReconciler
+    from nubes.controllers.volume_backup import VolumeBackupReconciler
+    from nubes.controllers.volume_snapshot import VolumeSnapshotReconciler
+    from nubes.controllers.volume_type import VolumeTypeReconciler
 
     reconcilers: list[Reconciler[Any]] = [
         HypervisorReconciler(),
@@ -29,6 +33,10 @@ async def build_controller(op: Operator, config: ControllerConfig) -> None:
         FlavorReconciler(),
         ImageReconciler(config),
         InstanceReconciler(),
+        VolumeTypeReconciler(),
+        VolumeReconciler(),
+        VolumeSnapshotReconciler(),
+        VolumeBackupReconciler(),
     ]
     for reconciler in reconcilers:
         op.register(reconciler)

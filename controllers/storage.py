@@ -1,0 +1,156 @@
+"""What the block-storage reconcilers share: finalizer names, the pools the
+nodes report, and how the storage agent's reports turn into conditions.
+
+Status ownership (see api/storage.py): the controller writes placement
+(backend/node/pool), attachment, bootable, and for snapshots and backups the
+node, volume uid and parent; the storage node's agent writes what exists
+there (backing, export, sizes, backup facts) and `agentError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nubes.api.compute import Hypervisor, Instance
+from nubes.api.meta import ApiModel
+from nubes.api.storage import AgentError, Volume, VolumeBackup, VolumeSnapshot
+from nubes.controllers.volume_scheduler import PoolState
+from nubes.runtime.operator import Operator
+from nubes.runtime.reconcile import Outcome
+
+VOLUME_FINALIZER = "storage.nubes.io/volume"
+SNAPSHOT_FINALIZER = "storage.nubes.io/snapshot"
+BACKUP_FINALIZER = "storage.nubes.io/backup"
+DEFAULT_VOLUME_TYPE = "default"
+"""The VolumeType used when a volume names none (if it exists)."""
+
+
+def node_usable(hv: Hypervisor) -> bool:
+    return hv.status.is_true("Ready") and not hv.spec.disabled and not hv.deleting
+
+
+def pool_states(op: Operator, pending: dict[tuple[str, str, str], float]) -> list[PoolState]:
+    """Every pool every node reports, with what was placed since its report."""
+    found = []
+    for hv in op.store(Hypervisor):
+        for p in hv.status.storage_pools:
+            key = (hv.name, p.backend, p.pool)
+            found.append(
+                PoolState(
+                    node=hv.name,
+                    backend=p.backend,
+                    pool=p.pool,
+                    zone=hv.spec.availability_zone,
+                    usable=node_usable(hv),
+                    total_gib=float(p.total_gib),
+                    free_gib=float(p.free_gib),
+                    provisioned_gib=float(p.provisioned_gib),
+                    max_over_subscription_ratio=p.max_over_subscription_ratio,
+                    capabilities=dict(p.capabilities),
+                    pending_gib=pending.get(key, 0.0),
+                )
+            )
+    return sorted(found, key=lambda s: s.key)
+
+
+def storage_facts(hv: Hypervisor | None) -> tuple[Any, ...] | None:
+    """What a Hypervisor change must alter to matter to storage placement."""
+    if hv is None:
+        return None
+    pools = tuple(
+        (p.backend, p.pool, p.free_gib, p.provisioned_gib) for p in hv.status.storage_pools
+    )
+    return (node_usable(hv), hv.spec.availability_zone, pools, hv.status.host_ip)
+
+
+def merged(current: ApiModel | None, wanted: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A nested status object for a merge patch: keys the new value lacks are
+    sent as null, or the API server would keep them."""
+    if wanted is None:
+        return None
+    out = {k: v for k, v in wanted.items() if v is not None}
+    for key in current.wire() if current is not None else {}:
+        out.setdefault(key, None)
+    return out
+
+
+def agent_problem(error: AgentError | None, where: str, status: dict[str, Any]) -> Outcome | None:
+    """The storage agent's report as the object's state: Stalled when it
+    waits for a change, Reconciling while it retries."""
+    if error is None:
+        return None
+    message = f"{where}: {error.message}"
+    if error.retrying:
+        return Outcome.progressing(error.reason, message, status, requeue_after=30)
+    return Outcome.stalled(error.reason, message, status)
+
+
+def source_key(volume: Volume) -> str | None:
+    """`kind:namespace/name` of what the volume is filled from."""
+    src = volume.spec.source
+    if src is None:
+        return None
+    if src.snapshot:
+        return f"snapshot:{volume.namespace}/{src.snapshot}"
+    if src.volume:
+        return f"volume:{volume.namespace}/{src.volume}"
+    if src.backup:
+        return f"backup:{volume.namespace}/{src.backup}"
+    if src.image:
+        return f"image:{src.image.namespace or volume.namespace}/{src.image.name}"
+    return None
+
+
+def describe_source(volume: Volume) -> str:
+    key = source_key(volume) or ""
+    kind, _, ref = key.partition(":")
+    return f"{kind} {ref if kind == 'image' else ref.split('/', 1)[-1]}"
+
+
+def filled(volume: Volume) -> bool:
+    """The agent reports the volume and its initial contents in place."""
+    backing = volume.status.backing
+    return backing is not None and backing.source_done
+
+
+def needs_source(volume: Volume) -> list[str]:
+    """Index: the source a volume still reads (until it is filled)."""
+    key = source_key(volume)
+    return [key] if key and not filled(volume) and not volume.deleting else []
+
+
+def instance_volume_names(inst: Instance) -> set[str]:
+    """Volumes an instance asks for (spec) or holds (the compute agent's report)."""
+    wanted = {v.volume for v in inst.spec.volumes} | set(inst.status.attached_volumes)
+    if inst.spec.boot_volume is not None:
+        wanted.add(inst.spec.boot_volume.name)
+    return wanted
+
+
+def add_indexes(op: Operator) -> None:
+    """The indexes the storage reconcilers read (each adds them all, so any
+    one of them works alone)."""
+    op.store(Volume).add_index("storage-source", needs_source)
+    op.store(Volume).add_index(
+        "storage-type",
+        lambda v: [v.spec.volume_type or DEFAULT_VOLUME_TYPE] if not v.status.node else [],
+    )
+    op.store(Instance).add_index(
+        "storage-volume",
+        lambda i: [f"{i.namespace}/{n}" for n in sorted(instance_volume_names(i))],
+    )
+    op.store(VolumeSnapshot).add_index(
+        "storage-volume", lambda s: [f"{s.namespace}/{s.spec.volume}"]
+    )
+    backups = op.store(VolumeBackup)
+    backups.add_index("storage-volume", lambda b: [f"{b.namespace}/{b.spec.volume}"])
+    backups.add_index("storage-volume-uid", lambda b: [b.status.volume_uid or ""])
+    backups.add_index(
+        "storage-parent",
+        lambda b: [f"{b.namespace}/{b.status.parent}"] if b.status.parent else [],
+    )
+
+
+def names(items: list[Any], limit: int = 5) -> str:
+    shown = ", ".join(sorted(i.name for i in items)[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")

@@ -1,0 +1,88 @@
+"""VolumeSnapshot: taken on the volume's node, refused while the volume is
+attached unless forced (the data may be inconsistent), deletable once no
+volume is still being copied from it.
+
+The controller sets status.node (the go-ahead); the storage agent takes the
+snapshot and reports its size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nubes.api.storage import Volume, VolumeSnapshot
+from nubes.controllers.storage import (
+    SNAPSHOT_FINALIZER,
+    add_indexes,
+    agent_problem,
+    filled,
+    names,
+)
+from nubes.runtime.operator import Operator
+from nubes.runtime.reconcile import Outcome, Reconciler, Stall, Wait
+
+
+class VolumeSnapshotReconciler(Reconciler[VolumeSnapshot]):
+    kind = VolumeSnapshot
+    finalizer = SNAPSHOT_FINALIZER
+    workers = 4
+
+    def setup(self, op: Operator) -> None:
+        super().setup(op)
+        add_indexes(op)
+        snapshots = op.store(VolumeSnapshot)
+        volumes = op.store(Volume)
+        op.watch(
+            Volume,
+            VolumeSnapshot,
+            lambda v: [
+                *(s.key for s in snapshots.by_index("storage-volume", v.key)),
+                *(
+                    [f"{v.namespace}/{v.spec.source.snapshot}"]
+                    if v.spec.source and v.spec.source.snapshot
+                    else []
+                ),
+            ],
+        )
+        self.volumes = volumes
+
+    def accepts(self, obj: VolumeSnapshot) -> bool:
+        return self.op.owns_shard(obj.uid)
+
+    async def converge(self, obj: VolumeSnapshot) -> Outcome:
+        volume_name = obj.spec.volume
+        node = obj.status.node
+        if node is None:
+            vol: Volume | None = self.volumes.lookup(volume_name, obj.namespace)
+            if vol is None:
+                raise Wait("VolumeNotFound", f"volume {volume_name} does not exist", 10)
+            if vol.deleting:
+                raise Stall("VolumeDeleting", f"volume {volume_name} is being deleted")
+            if not filled(vol) or vol.status.node is None:
+                raise Wait("VolumeNotReady", f"volume {volume_name} is not created yet", 5)
+            attachment = vol.status.attachment
+            if attachment is not None and not obj.spec.force:
+                raise Stall(
+                    "VolumeAttached",
+                    f"volume {volume_name} is attached to instance {attachment.instance}:"
+                    " detach it, or set force: true and accept a possibly inconsistent snapshot",
+                )
+            node = vol.status.node
+        status: dict[str, Any] = {"node": node}
+        where = f"snapshot of volume {volume_name} on node {node}"
+        if obj.status.size_gib is not None:
+            return Outcome.ready(status, f"{obj.status.size_gib} GiB {where}")
+        problem = agent_problem(obj.status.agent_error, where, status)
+        if problem:
+            return problem
+        return Outcome.progressing("Creating", f"taking the {where}", status)
+
+    async def finalize(self, obj: VolumeSnapshot) -> Outcome | None:
+        copying = self.volumes.by_index("storage-source", f"snapshot:{obj.key}")
+        if copying:
+            return Outcome.progressing(
+                "InUse",
+                f"volumes are being created from snapshot {obj.name}: {names(copying)}",
+                requeue_after=5,
+            )
+        return None
