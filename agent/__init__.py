@@ -7,8 +7,11 @@ from nubes.runtime.operator import Operator
 
 
 async def build_agent(op: Operator, config: AgentConfig) -> None:
+    from nubes.agent.compute import InstanceAgent
     from nubes.agent.hypervisor import HypervisorReporter
     from nubes.agent.network import NodeNetworking
 
     op.register(HypervisorReporter(config))
-    NodeNetworking(config).register(op)
+    networking = NodeNetworking(config)
+    networking.register(op)
+    op.register(InstanceAgent(config, networking))

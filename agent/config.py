@@ -36,6 +36,9 @@ class AgentConfig(BaseModel):
     bridge_mappings: dict[str, str] = Field(default_factory=dict)
     """Provider network to bridge, e.g. physnet1: br-provider."""
     availability_zone: str = "nova"
+    image_store: str = "/var/lib/nubes/images"
+    """The image store the controller imports into (a shared filesystem): read
+    for image data, written for snapshots and shelved disks."""
     virt_type: str = "auto"
     """kvm, qemu (TCG) or auto: probe whether KVM really works."""
 
@@ -53,6 +56,7 @@ class AgentConfig(BaseModel):
         p.add_argument("--tunnel-ip", default=os.environ.get("NUBES_TUNNEL_IP"))
         p.add_argument("--bridge-mapping", action="append", default=[], help="PHYSNET:BRIDGE")
         p.add_argument("--availability-zone", default=_env("AVAILABILITY_ZONE", "nova"))
+        p.add_argument("--image-store", default=_env("IMAGE_STORE", "/var/lib/nubes/images"))
         p.add_argument(
             "--virt-type", choices=["auto", "kvm", "qemu"], default=_env("VIRT_TYPE", "auto")
         )
@@ -72,5 +76,6 @@ class AgentConfig(BaseModel):
             tunnel_ip=args.tunnel_ip,
             bridge_mappings=dict(m.split(":", 1) for m in args.bridge_mapping),
             availability_zone=args.availability_zone,
+            image_store=args.image_store,
             virt_type=args.virt_type,
         )

@@ -8,7 +8,7 @@ from typing import Any
 import structlog
 
 from nubes.agent.config import AgentConfig
-from nubes.api.compute import Hypervisor, HypervisorSpec
+from nubes.api.compute import Hypervisor, HypervisorSpec, Instance
 from nubes.api.meta import ObjectMeta, now_rfc3339, seconds_since
 from nubes.drivers import host
 from nubes.drivers.runner import SubprocessRunner
@@ -33,6 +33,12 @@ class HypervisorReporter(Reconciler[Hypervisor]):
     def setup(self, op: Operator) -> None:
         super().setup(op)
         op.on_start(self.register)
+        op.watch(
+            Instance,
+            Hypervisor,
+            lambda i: [self.config.node],
+            when=lambda old, new: _usage_facts(old) != _usage_facts(new),
+        )
 
     def accepts(self, obj: Hypervisor) -> bool:
         return obj.name == self.config.node
@@ -77,8 +83,20 @@ class HypervisorReporter(Reconciler[Hypervisor]):
             facts["hostIp"] = self.config.tunnel_ip
         return facts
 
+    def usage(self) -> dict[str, int]:
+        """What the instances placed here use (the controller's placement,
+        the agent's observed power state)."""
+        here = [i for i in self.op.store(Instance) if i.status.node == self.config.node]
+        return {
+            "vcpusUsed": sum(i.status.vcpus or 0 for i in here),
+            "ramMibUsed": sum(i.status.ram_mib or 0 for i in here),
+            "diskGibUsed": sum(i.status.disk_gib or 0 for i in here),
+            "runningVms": sum(1 for i in here if i.status.power_state == "Running"),
+        }
+
     async def converge(self, obj: Hypervisor) -> Outcome:
         status = dict(await self.facts())
+        status.update(self.usage())
         # Beat only when the last beat is due: every status write comes back
         # as a watch event and would otherwise beat again at once.
         age = seconds_since(obj.status.heartbeat_time)
@@ -87,3 +105,10 @@ class HypervisorReporter(Reconciler[Hypervisor]):
             return Outcome.observed(status, requeue_after=HEARTBEAT_SECONDS - age)
         status["heartbeatTime"] = now_rfc3339()
         return Outcome.observed(status, requeue_after=HEARTBEAT_SECONDS)
+
+
+def _usage_facts(inst: Instance | None) -> tuple[object, ...] | None:
+    if inst is None:
+        return None
+    s = inst.status
+    return (s.node, s.vcpus, s.ram_mib, s.disk_gib, s.power_state)

@@ -49,7 +49,8 @@ class ImageSpec(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
             cel(
-                "self.visibility == 'shared' || size(self.sharedWith) == 0",
+                "!has(self.sharedWith) || self.visibility == 'shared'"
+                " || size(self.sharedWith) == 0",
                 "sharedWith is only allowed with visibility shared",
                 field_path=".sharedWith",
             ),

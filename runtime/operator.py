@@ -372,14 +372,15 @@ class Operator:
         started = time.monotonic()
         finalizer = reconciler.finalizer
         if obj.deleting:
-            if finalizer is None or finalizer not in obj.metadata.finalizers:
+            if finalizer is not None and finalizer not in obj.metadata.finalizers:
                 return
             outcome = await self._guarded(reconciler.finalize, obj)
             if outcome is None:
-                await self.kube.set_finalizers(
-                    obj, [f for f in obj.metadata.finalizers if f != finalizer]
-                )
-                self.log.info("finalized", kind=kind.crd.kind, key=key)
+                if finalizer is not None:
+                    await self.kube.set_finalizers(
+                        obj, [f for f in obj.metadata.finalizers if f != finalizer]
+                    )
+                    self.log.info("finalized", kind=kind.crd.kind, key=key)
             else:
                 await self._write_status(obj, outcome)
                 reg.queue.add_after(key, outcome.requeue_after or 2.0)

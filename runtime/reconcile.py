@@ -144,7 +144,10 @@ class Reconciler(Generic[R]):
     """Base of every reconciler. Subclasses set `kind` and implement converge."""
 
     kind: ClassVar[type[Resource[Any, Any]]]
-    finalizer: ClassVar[str | None] = None
+    finalizer: str | None = None
+    """The runtime adds it and removes it once `finalize` returns None. A
+    reconciler without one still gets `finalize` called for objects being
+    deleted (it may manage finalizers of its own)."""
     workers: ClassVar[int] = 4
     op: Operator
 

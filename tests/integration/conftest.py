@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -105,9 +107,28 @@ def start_process(
     return Process(name, list(argv), logs, free_port(), env or {}).start()
 
 
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    """State shared with QEMU (which runs as another user and cannot enter
+    pytest's 0700 temp dirs): a world-traversable directory, removed after."""
+    path = Path(tempfile.mkdtemp(prefix="nubes-tests-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def image_store(workdir: Path) -> Path:
+    path = workdir / "images"
+    path.mkdir(mode=0o755)
+    return path
+
+
 @pytest.fixture(scope="module")
-def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    proc = start_process(tmp_path_factory, "controller", "controller")
+def controller(tmp_path_factory: pytest.TempPathFactory, image_store: Path) -> Iterator[Process]:
+    proc = start_process(
+        tmp_path_factory, "controller", "controller", "--image-store", str(image_store)
+    )
     yield proc
     proc.stop()
     proc.assert_no_crash()

@@ -234,6 +234,14 @@ CREATE_CASES: list[tuple[str, str, str, dict[str, Any], str, str]] = [
         "url must be http://, https:// or file:///",
     ),
     (
+        "image-shared-with-private",
+        IMAGE,
+        "Image",
+        {"source": {"url": "http://127.0.0.1/x"}, "diskFormat": "raw", "sharedWith": ["p2"]},
+        "spec.sharedWith",
+        "sharedWith is only allowed with visibility shared",
+    ),
+    (
         "image-unknown-format",
         IMAGE,
         "Image",
@@ -389,6 +397,9 @@ def test_valid_objects_accepted_with_defaults(namespace: str) -> None:
     )
     from tests.helpers import kubectl
 
+    image_spec = {"source": {"url": "http://127.0.0.1/x.img"}, "diskFormat": "raw"}
+    apply(obj(IMAGE, "Image", "img", image_spec, namespace))
+    apply(obj(COMPUTE, "Instance", "vm", INSTANCE, namespace))
     net = yaml.safe_load(kubectl("get", "network", "n1", "-n", namespace, "-o", "yaml").stdout)
     assert net["spec"]["type"] == "vxlan"
     assert net["spec"]["portSecurityEnabled"] is True

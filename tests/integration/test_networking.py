@@ -14,17 +14,20 @@ from typing import Any
 import pytest
 
 from nubes.api.network import Allocation, Network, Port, Subnet
-from nubes.drivers.network.netns import Links
-from nubes.drivers.network.ovs import Ovs
-from nubes.drivers.network.switch import NodeSwitch
-from nubes.drivers.network.vif import VifPlugger
-from nubes.drivers.runner import SubprocessRunner
 from nubes.runtime.kube import Kube
-from tests.helpers import Process, apply, eventually, kubectl
+from tests.helpers import Process, eventually, kubectl
+from tests.integration.cloud import (
+    NET,
+    condition,
+    network,
+    node_name,
+    plugger,
+    port,
+    start_agent,
+    subnet,
+)
 from tests.integration.conftest import start_process
-from tests.nodes import Fabric, SimNode, dhcp_lease, ping, sh
-
-NET = "network.nubes.io/v1alpha1"
+from tests.nodes import Fabric, dhcp_lease, ping, sh
 
 
 @pytest.fixture(scope="module")
@@ -32,39 +35,6 @@ def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
     fab = Fabric.start(tmp_path_factory.mktemp("fabric"), ["n1", "n2"])
     yield fab
     fab.stop()
-
-
-def node_name(fabric: Fabric, node: SimNode) -> str:
-    return f"{fabric.prefix}-{node.name}"
-
-
-def start_agent(fabric: Fabric, node: SimNode, tmp_path_factory: pytest.TempPathFactory) -> Process:
-    state = fabric.root / f"agent-{node.name}"
-    return start_process(
-        tmp_path_factory,
-        f"agent-{node.name}",
-        "agent",
-        "--node",
-        node_name(fabric, node),
-        "--state-dir",
-        str(state),
-        "--run-dir",
-        str(state / "run"),
-        "--ovs-db",
-        node.endpoint.db,
-        "--ovs-rundir",
-        str(node.rundir),
-        "--node-netns",
-        node.netns,
-        "--netns-prefix",
-        f"{fabric.prefix}{node.name}",
-        "--tunnel-ip",
-        node.tunnel_ip,
-        "--availability-zone",
-        fabric.prefix,
-        "--virt-type",
-        "qemu",
-    )
 
 
 @pytest.fixture(scope="module")
@@ -78,69 +48,6 @@ def agents(
         proc.assert_no_crash()
     for node in fabric.nodes:
         kubectl("delete", "hypervisor", node_name(fabric, node), "--ignore-not-found")
-
-
-def plugger(node: SimNode) -> VifPlugger:
-    run = SubprocessRunner()
-    switch = NodeSwitch(Ovs(run, node.endpoint), datapath_type="netdev")
-    return VifPlugger(Links(run), switch, node.netns)
-
-
-def network(ns: str, name: str, fabric: Fabric, **spec: Any) -> None:
-    apply(
-        {
-            "apiVersion": NET,
-            "kind": "Network",
-            "metadata": {"name": name, "namespace": ns},
-            "spec": {"availabilityZoneHints": [fabric.prefix], **spec},
-        }
-    )
-
-
-def subnet(ns: str, name: str, net: str, cidr: str, **spec: Any) -> None:
-    apply(
-        {
-            "apiVersion": NET,
-            "kind": "Subnet",
-            "metadata": {"name": name, "namespace": ns},
-            "spec": {"network": {"name": net}, "cidr": cidr, **spec},
-        }
-    )
-
-
-def port(ns: str, name: str, net: str, host: str | None = None, **spec: Any) -> None:
-    body: dict[str, Any] = {"network": {"name": net}, **spec}
-    if host:
-        body["binding"] = {"host": host}
-    apply(
-        {
-            "apiVersion": NET,
-            "kind": "Port",
-            "metadata": {"name": name, "namespace": ns},
-            "spec": body,
-        }
-    )
-
-
-async def condition(
-    kube: Kube,
-    kind: type[Any],
-    name: str,
-    ns: str | None,
-    type_: str = "Ready",
-    status: str = "True",
-    timeout: float = 60,
-) -> Any:
-    async def probe() -> Any:
-        obj = await kube.get(kind, name, ns)
-        if obj is None:
-            return None
-        cond = obj.status.condition(type_)
-        return obj if cond is not None and cond.status == status else None
-
-    return await eventually(
-        probe, timeout=timeout, what=f"{kind.crd.kind} {ns}/{name} {type_}={status}"
-    )
 
 
 async def test_guests_get_their_port_by_dhcp_and_networks_are_isolated(

@@ -1,0 +1,527 @@
+"""The node side of Nova: instances placed on this node become libvirt
+domains, converged to their desired power state.
+
+Per instance: the image is fetched once into the node's cache (raw base in
+`_base`), the root disk is a qcow2 overlay on it, the config drive carries
+metadata and user data, each port is plugged (hybrid: tap -> qbr -> qvb/qvo
+-> br-int), attached volumes come from their iSCSI exports, and the domain
+is defined from a DomainSpec and driven to Running, Stopped, Paused,
+Suspended (managed save) or Shelved (root disk flattened into the image
+store, domain and disk removed from the node). The agent writes only the
+fields it observes: power state, domain, attached volumes, console log,
+shelved disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+import structlog
+
+from nubes.agent.config import AgentConfig
+from nubes.agent.network import NodeNetworking
+from nubes.api.compute import Instance, InstanceAction
+from nubes.api.image import Image
+from nubes.api.network import Port
+from nubes.api.storage import Volume
+from nubes.drivers.compute.configdrive import (
+    ConfigDriveSpec,
+    NetworkDataPort,
+    delete_config_drive,
+    ensure_config_drive,
+)
+from nubes.drivers.compute.domain import (
+    ChapAuth,
+    DataDisk,
+    DomainSpec,
+    FileDisk,
+    IscsiDisk,
+    Nic,
+    Owner,
+    instance_domain_name,
+)
+from nubes.drivers.compute.libvirt import DomainState, LibvirtCompute
+from nubes.drivers.host import VirtType, detect_virt_type
+from nubes.drivers.images.cache import ImageCache, ImageSource
+from nubes.drivers.network.vif import VifPlugger
+from nubes.drivers.runner import SubprocessRunner
+from nubes.runtime.kube import CONFIGMAPS, SECRETS, ApiError
+from nubes.runtime.operator import Operator
+from nubes.runtime.reconcile import Outcome, Reconciler
+
+log = structlog.get_logger()
+
+GIB = 2**30
+POWER = {
+    DomainState.RUNNING: "Running",
+    DomainState.PAUSED: "Paused",
+    DomainState.SHUTOFF: "Stopped",
+    DomainState.SAVED: "Suspended",
+}
+CONSOLE_TAIL = 64 * 1024
+SHUTDOWN_TIMEOUT = 30.0
+DATA_TARGETS = [f"vd{c}" for c in "bcdefghijklmnopqrstuvwxy"]
+
+
+@dataclass
+class VolumeDisk:
+    """A volume to attach: where it is exported, and its CHAP secret."""
+
+    name: str
+    target: str
+    host: str
+    port: int
+    iqn: str
+    lun: int
+    username: str
+    password: str
+
+
+@dataclass
+class Plan:
+    """Everything the node needs to converge one instance (no API access)."""
+
+    inst: Instance
+    vcpus: int
+    ram_mib: int
+    disk_bytes: int
+    root_source: ImageSource | None
+    """Where a missing root disk comes from (image, shelved disk, transfer)."""
+    ports: list[Port] = field(default_factory=list)
+    volumes: list[VolumeDisk] = field(default_factory=list)
+    rescue_source: ImageSource | None = None
+
+
+def source_of(image: Image) -> ImageSource | None:
+    s = image.status
+    if not (s.store_path and s.sha256):
+        return None
+    return ImageSource(
+        url=Path(s.store_path).as_uri(), sha256=s.sha256, disk_format=s.format or "raw"
+    )
+
+
+class InstanceAgent(Reconciler[Instance]):
+    """Converges this node's instances; GCs domains of instances that left."""
+
+    kind = Instance
+    workers = 4
+
+    def __init__(self, config: AgentConfig, networking: NodeNetworking):
+        self.config = config
+        self.node = config.node
+        self.own_finalizer = f"compute.nubes.io/agent-{config.node}"
+        self.runner = SubprocessRunner()
+        self.root = Path(config.state_dir) / "instances"
+        self.cache = ImageCache(str(self.root), self.runner)
+        self.libvirt = LibvirtCompute()
+        self.vifs = VifPlugger(networking.links, networking.switch, config.node_netns)
+        self.store_dir = Path(config.image_store)
+        self._local: set[str] = set()
+        self._console_digest: dict[str, str] = {}
+
+    def setup(self, op: Operator) -> None:
+        super().setup(op)
+        instances = op.store(Instance)
+        instances.add_index("uid", lambda i: [i.uid])
+        ports = op.store(Port)
+        ports.add_index("device", lambda p: [p.spec.device_id] if p.spec.device_id else [])
+        op.store(Image)
+        op.store(InstanceAction).add_index(
+            "instance", lambda a: [f"{a.namespace}/{a.spec.instance}"]
+        )
+        op.store(Volume)
+        op.watch(
+            Port,
+            Instance,
+            lambda p: (
+                [i.key for i in instances.by_index("uid", p.spec.device_id)]
+                if p.spec.device_id
+                else []
+            ),
+            when=_port_facts_changed,
+        )
+        op.watch(
+            Volume,
+            Instance,
+            lambda v: (
+                [v.status.attachment.instance and f"{v.namespace}/{v.status.attachment.instance}"]
+                if v.status.attachment
+                else []
+            ),
+            when=_export_changed,
+        )
+        op.watch(
+            Image, Instance, lambda img: [i.key for i in instances if i.status.image == img.key]
+        )
+        op.on_start(self._adopt)
+        op.every(5.0, self.publish_consoles)
+
+    async def _adopt(self) -> None:
+        """Domains of this node from before a restart: converge or collect them."""
+        owned = await asyncio.to_thread(self.libvirt.list_owned)
+        self._local = {d.owner.uid for d in owned if d.owner is not None}
+        if self.root.exists():
+            self._local |= {
+                p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("_")
+            }
+
+    def accepts(self, obj: Instance) -> bool:
+        return obj.status.node == self.node or obj.uid in self._local
+
+    def _dir(self, inst: Instance) -> Path:
+        return self.root / inst.uid
+
+    # --- converge -------------------------------------------------------------------
+
+    async def converge(self, obj: Instance) -> Outcome:
+        if obj.status.node != self.node:
+            # Moved away, shelved or never ours: collect what is left here.
+            if obj.uid in self._local:
+                await asyncio.to_thread(self._teardown, obj)
+                await self._drop_finalizer(obj)
+            return Outcome.observed({})
+        await self._add_finalizer(obj)
+        self._local.add(obj.uid)
+        plan = await self._plan(obj)
+        if plan is None:
+            return Outcome.observed({}, requeue_after=5)
+        if obj.spec.power_state == "Shelved":
+            shelved = await asyncio.to_thread(self._shelve, plan)
+            return Outcome.observed({"shelvedDisk": shelved, "powerState": "Shelved"})
+        state = await asyncio.to_thread(self._converge_domain, plan)
+        status: dict[str, Any] = {
+            "powerState": POWER.get(state, "Absent"),
+            "domain": instance_domain_name(obj.uid),
+            "attachedVolumes": [v.name for v in plan.volumes],
+            "consoleLog": f"{obj.name}-console",
+        }
+        if obj.status.shelved_disk and state == DomainState.RUNNING:
+            # Unshelved: the disk is local again, the store copy can go.
+            await asyncio.to_thread(_unlink_url, obj.status.shelved_disk.url)
+            status["shelvedDisk"] = None
+        settled = status["powerState"] == obj.spec.power_state
+        return Outcome.observed(status, requeue_after=None if settled else 2)
+
+    async def finalize(self, obj: Instance) -> Outcome | None:
+        if self.own_finalizer in obj.metadata.finalizers:
+            await asyncio.to_thread(self._teardown, obj)
+            await self._drop_finalizer(obj)
+        return None
+
+    async def _add_finalizer(self, obj: Instance) -> None:
+        if self.own_finalizer not in obj.metadata.finalizers:
+            await self.op.kube.set_finalizers(obj, [*obj.metadata.finalizers, self.own_finalizer])
+
+    async def _drop_finalizer(self, obj: Instance) -> None:
+        self._local.discard(obj.uid)
+        if self.own_finalizer in obj.metadata.finalizers:
+            fresh = await self.op.kube.get(Instance, obj.name, obj.namespace)
+            if fresh is not None:
+                await self.op.kube.set_finalizers(
+                    fresh, [f for f in fresh.metadata.finalizers if f != self.own_finalizer]
+                )
+
+    # --- planning (async: reads the caches and Secrets) ------------------------------
+
+    async def _plan(self, inst: Instance) -> Plan | None:
+        if inst.status.vcpus is None or inst.status.ram_mib is None:
+            return None
+        root: ImageSource | None = None
+        if inst.status.shelved_disk:
+            root = ImageSource(
+                inst.status.shelved_disk.url, inst.status.shelved_disk.sha256, "qcow2"
+            )
+        elif inst.status.image:
+            image: Image | None = self.op.store(Image).get(inst.status.image)
+            root = source_of(image) if image else None
+        ports = [
+            p
+            for p in self.op.store(Port).by_index("device", inst.uid)
+            if p.namespace == inst.namespace and p.status.mac_address
+        ]
+        order = {a.port: i for i, a in enumerate(inst.status.addresses)}
+        ports.sort(key=lambda p: order.get(p.name, len(order)))
+        return Plan(
+            inst=inst,
+            vcpus=inst.status.vcpus,
+            ram_mib=inst.status.ram_mib,
+            disk_bytes=(inst.status.disk_gib or 0) * GIB,
+            root_source=root,
+            ports=ports,
+            volumes=await self._volume_disks(inst),
+        )
+
+    async def _volume_disks(self, inst: Instance) -> list[VolumeDisk]:
+        disks = []
+        for index, attachment in enumerate(inst.spec.volumes[: len(DATA_TARGETS)]):
+            volume: Volume | None = self.op.store(Volume).lookup(attachment.volume, inst.namespace)
+            if volume is None or volume.status.export is None or volume.status.attachment is None:
+                continue
+            if volume.status.attachment.instance_uid != inst.uid:
+                continue
+            export = volume.status.export
+            secret = await self.op.kube.get_raw(SECRETS, export.chap_secret, inst.namespace)
+            if secret is None:
+                continue
+            data = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
+            host, _, port = export.portal.rpartition(":")
+            disks.append(
+                VolumeDisk(
+                    volume.name,
+                    DATA_TARGETS[index],
+                    host,
+                    int(port or 3260),
+                    export.iqn,
+                    export.lun,
+                    data.get("username", ""),
+                    data.get("password", ""),
+                )
+            )
+        return disks
+
+    # --- node work (blocking, in a worker thread) -------------------------------------
+
+    def _root_disk(self, plan: Plan) -> str:
+        disk = self._dir(plan.inst) / "disk"
+        if disk.exists():
+            if plan.disk_bytes and self.libvirt.state(instance_domain_name(plan.inst.uid)) in (
+                DomainState.SHUTOFF,
+                DomainState.ABSENT,
+            ):
+                info = self.cache.disk_info(str(disk))
+                if info.virtual_size < plan.disk_bytes:
+                    self.cache.grow_disk(str(disk), plan.disk_bytes)
+            return str(disk)
+        if plan.root_source is None:
+            raise RuntimeError("no image to create the root disk from")
+        base = self.cache.ensure_image(plan.root_source)
+        size = max(plan.disk_bytes, base.virtual_size) if plan.disk_bytes else None
+        self.cache.ensure_instance_disk(base, str(disk), size)
+        return str(disk)
+
+    def _config_drive(self, plan: Plan) -> str:
+        inst = plan.inst
+        path = self._dir(inst) / "config.iso"
+        ports = tuple(
+            NetworkDataPort(
+                port_id=p.uid,
+                mac=p.status.mac_address or "",
+                mtu=p.status.mtu or 1500,
+                network_id=p.status.network_uid or "",
+            )
+            for p in plan.ports
+        )
+        spec = ConfigDriveSpec(
+            uuid=inst.uid,
+            name=inst.name,
+            hostname=inst.spec.hostname or inst.name,
+            metadata=dict(inst.spec.metadata),
+            user_data=inst.spec.user_data.encode() if inst.spec.user_data else None,
+            ports=ports,
+            availability_zone=inst.spec.availability_zone,
+            project=inst.namespace,
+        )
+        ensure_config_drive(self.runner, spec, str(path))
+        return str(path)
+
+    def _domain_spec(self, plan: Plan) -> DomainSpec:
+        inst = plan.inst
+        directory = self._dir(inst)
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o755)  # QEMU runs as another user
+        root = self._root_disk(plan)
+        nics = []
+        for port in plan.ports:
+            names = self.vifs.plug_hybrid(
+                port.uid, port.status.mac_address or "", port.status.mtu or 1500
+            )
+            nics.append(
+                Nic(
+                    bridge=names.qbr,
+                    tap=names.tap,
+                    mac=port.status.mac_address or "",
+                    mtu=port.status.mtu or 1500,
+                )
+            )
+        (directory / "ports.json").write_text(json.dumps([p.uid for p in plan.ports]))
+        data: list[DataDisk] = []
+        for vol in plan.volumes:
+            usage = f"nubes-volume-{inst.uid}-{vol.name}"
+            self.libvirt.ensure_iscsi_secret(usage, vol.password)
+            data.append(
+                IscsiDisk(
+                    host=vol.host,
+                    port=vol.port,
+                    iqn=vol.iqn,
+                    lun=vol.lun,
+                    target=vol.target,
+                    chap=ChapAuth(vol.username, usage),
+                )
+            )
+        return DomainSpec(
+            name=instance_domain_name(inst.uid),
+            uuid=inst.uid,
+            owner=Owner(inst.uid, inst.namespace or "", inst.name),
+            vcpus=plan.vcpus,
+            memory_mib=plan.ram_mib,
+            virt_type=self._virt_type(),
+            root_disk=FileDisk(root, "vda"),
+            console_log=str(directory / "console.log"),
+            config_drive=self._config_drive(plan) if inst.spec.config_drive else None,
+            data_disks=tuple(data),
+            nics=tuple(nics),
+        )
+
+    def _virt_type(self) -> VirtType:
+        if self.config.virt_type == "kvm":
+            return "kvm"
+        if self.config.virt_type == "qemu":
+            return "qemu"
+        return detect_virt_type(self.runner, self.config.state_dir)
+
+    def _converge_domain(self, plan: Plan) -> DomainState:
+        spec = self._domain_spec(plan)
+        name = spec.name
+        self.libvirt.ensure_defined(spec)
+        state = self.libvirt.state(name)
+        if state in (DomainState.RUNNING, DomainState.PAUSED):
+            self._sync_volumes(name, spec)
+        want = plan.inst.spec.power_state
+        if want == "Running":
+            if state == DomainState.PAUSED:
+                self.libvirt.unpause(name)
+            elif state in (DomainState.SHUTOFF, DomainState.SAVED):
+                self.libvirt.start(name)  # restores a managed save
+        elif want == "Stopped":
+            if state in (DomainState.RUNNING, DomainState.PAUSED, DomainState.SAVED):
+                self.libvirt.shutdown(name, timeout=SHUTDOWN_TIMEOUT)
+        elif want == "Paused":
+            if state in (DomainState.SHUTOFF, DomainState.SAVED):
+                self.libvirt.start(name)
+            self.libvirt.pause(name)
+        elif want == "Suspended" and state in (DomainState.RUNNING, DomainState.PAUSED):
+            self.libvirt.suspend(name)
+        return self.libvirt.state(name)
+
+    def _sync_volumes(self, name: str, spec: DomainSpec) -> None:
+        """Hot-plug and unplug data volumes of a running domain."""
+        observed = set(self.libvirt.observe(name).disk_targets)
+        wanted = {d.target: d for d in spec.data_disks}
+        for target, disk in wanted.items():
+            if target not in observed:
+                self.libvirt.attach_disk(name, disk)
+        for target in observed - set(wanted) - {"vda", "vdz"}:
+            self.libvirt.detach_disk(name, target)
+
+    def _shelve(self, plan: Plan) -> dict[str, str] | None:
+        """Flatten the root disk into the image store; the controller then
+        frees the node and this agent collects the rest."""
+        inst = plan.inst
+        if inst.status.shelved_disk:
+            return inst.status.shelved_disk.wire()
+        name = instance_domain_name(inst.uid)
+        disk = self._dir(inst) / "disk"
+        if not disk.exists():
+            return None
+        self.libvirt.shutdown(name, timeout=SHUTDOWN_TIMEOUT)
+        target = self.store_dir / "shelved" / f"{inst.uid}.qcow2"
+        snap = self.cache.snapshot_disk(str(disk), str(target))
+        os.chmod(target, 0o644)
+        return {"url": target.as_uri(), "sha256": snap.sha256}
+
+    def _teardown(self, inst: Instance) -> None:
+        """Remove everything of the instance from this node."""
+        name = instance_domain_name(inst.uid)
+        self.libvirt.undefine(name)
+        directory = self._dir(inst)
+        ports_file = directory / "ports.json"
+        if ports_file.exists():
+            for port_uid in json.loads(ports_file.read_text()):
+                self.vifs.unplug(port_uid)
+        for attachment in inst.spec.volumes:
+            self.libvirt.delete_iscsi_secret(f"nubes-volume-{inst.uid}-{attachment.volume}")
+        delete_config_drive(str(directory / "config.iso"))
+        shutil.rmtree(directory, ignore_errors=True)
+        self._console_digest.pop(inst.uid, None)
+        log.info("instance removed from node", instance=inst.key, node=self.node)
+
+    # --- console ---------------------------------------------------------------------
+
+    async def publish_consoles(self) -> None:
+        """The tail of each local serial console, in a ConfigMap users can read."""
+        for inst in list(self.op.store(Instance)):
+            if inst.status.node != self.node or inst.deleting:
+                continue
+            path = self._dir(inst) / "console.log"
+            tail = await asyncio.to_thread(_tail, path, CONSOLE_TAIL)
+            if tail is None:
+                continue
+            digest = hashlib.sha256(tail.encode()).hexdigest()
+            if self._console_digest.get(inst.uid) == digest:
+                continue
+            body = {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": f"{inst.name}-console",
+                    "namespace": inst.namespace,
+                    "labels": {"nubes.io/instance": inst.name},
+                    "ownerReferences": [
+                        {
+                            "apiVersion": Instance.crd.api_version,
+                            "kind": "Instance",
+                            "name": inst.name,
+                            "uid": inst.uid,
+                        }
+                    ],
+                },
+                "data": {"console.log": tail},
+            }
+            try:
+                await self.op.kube.apply_raw(CONFIGMAPS, body)
+                self._console_digest[inst.uid] = digest
+            except ApiError as e:
+                log.warning("console publish failed", instance=inst.key, error=str(e))
+
+
+def _tail(path: Path, size: int) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return None
+
+
+def _unlink_url(url: str) -> None:
+    Path(url2pathname(urlsplit(url).path)).unlink(missing_ok=True)
+
+
+def _port_facts_changed(old: Port | None, new: Port | None) -> bool:
+    def facts(p: Port | None) -> tuple[Any, ...] | None:
+        return None if p is None else (p.status.mac_address, p.status.mtu, p.status.host)
+
+    return facts(old) != facts(new)
+
+
+def _export_changed(old: Volume | None, new: Volume | None) -> bool:
+    def facts(v: Volume | None) -> tuple[Any, ...] | None:
+        if v is None:
+            return None
+        return (
+            v.status.attachment.wire() if v.status.attachment else None,
+            v.status.export.wire() if v.status.export else None,
+        )
+
+    return facts(old) != facts(new)
