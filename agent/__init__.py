@@ -10,8 +10,11 @@ async def build_agent(op: Operator, config: AgentConfig) -> None:
     from nubes.agent.compute import InstanceAgent
     from nubes.agent.hypervisor import HypervisorReporter
     from nubes.agent.network import NodeNetworking
+    from nubes.agent.storage import NodeStorage
 
-    op.register(HypervisorReporter(config))
+    storage = NodeStorage(config)
+    op.register(HypervisorReporter(config, reports=[storage.report]))
+    storage.register(op)
     networking = NodeNetworking(config)
     networking.register(op)
     op.register(InstanceAgent(config, networking))

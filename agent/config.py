@@ -41,6 +41,13 @@ class AgentConfig(BaseModel):
     for image data, written for snapshots and shelved disks."""
     virt_type: str = "auto"
     """kvm, qemu (TCG) or auto: probe whether KVM really works."""
+    volume_backends: list[str] = Field(default_factory=list)
+    """Volume pools, NAME:file:DIR or NAME:lvm:VG[/THINPOOL]; none means one
+    file backend named "file" in STATE_DIR/volumes."""
+    backup_store: str | None = None
+    """Directory of volume backups; None means STATE_DIR/backups."""
+    iscsi_portal: str = "127.0.0.1:3260"
+    """HOST[:PORT] of this node's tgtd, as compute nodes reach it."""
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +67,15 @@ class AgentConfig(BaseModel):
         p.add_argument(
             "--virt-type", choices=["auto", "kvm", "qemu"], default=_env("VIRT_TYPE", "auto")
         )
+        p.add_argument(
+            "--volume-backend",
+            action="append",
+            default=[],
+            help="NAME:file:DIR or NAME:lvm:VG[/THINPOOL] (repeatable;"
+            " default file:file:STATE_DIR/volumes)",
+        )
+        p.add_argument("--backup-store", default=os.environ.get("NUBES_BACKUP_STORE"))
+        p.add_argument("--iscsi-portal", default=_env("ISCSI_PORTAL", "127.0.0.1:3260"))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AgentConfig:
@@ -78,4 +94,7 @@ class AgentConfig(BaseModel):
             availability_zone=args.availability_zone,
             image_store=args.image_store,
             virt_type=args.virt_type,
+            volume_backends=args.volume_backend,
+            backup_store=args.backup_store,
+            iscsi_portal=args.iscsi_portal,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -25,8 +26,10 @@ class HypervisorReporter(Reconciler[Hypervisor]):
     kind = Hypervisor
     workers = 1
 
-    def __init__(self, config: AgentConfig):
+    def __init__(self, config: AgentConfig, reports: Sequence[Callable[[], dict[str, Any]]] = ()):
         self.config = config
+        self.reports = reports
+        """Other facts of this node (storage pools), each a cheap cached read."""
         self.runner = SubprocessRunner()
         self._facts: dict[str, Any] | None = None
 
@@ -96,6 +99,8 @@ class HypervisorReporter(Reconciler[Hypervisor]):
 
     async def converge(self, obj: Hypervisor) -> Outcome:
         status = dict(await self.facts())
+        for report in self.reports:
+            status.update(report())
         status.update(self.usage())
         # Beat only when the last beat is due: every status write comes back
         # as a watch event and would otherwise beat again at once.

@@ -26,6 +26,14 @@ from .meta import (
 GROUP = "storage.nubes.io"
 CATEGORIES = (CATEGORY, "cinder")
 
+# Finalizers, part of the contract between the tiers: the controller drops
+# its own once deletion is allowed; then the storage node's agent removes the
+# data (secure wipe) and drops AGENT_FINALIZER.
+VOLUME_FINALIZER = "storage.nubes.io/volume"
+SNAPSHOT_FINALIZER = "storage.nubes.io/snapshot"
+BACKUP_FINALIZER = "storage.nubes.io/backup"
+AGENT_FINALIZER = "storage.nubes.io/agent"
+
 
 class VolumeTypeSpec(ApiModel):
     """A class of volumes: which backend and which capabilities."""

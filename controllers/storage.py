@@ -18,9 +18,6 @@ from nubes.controllers.volume_scheduler import PoolState
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome
 
-VOLUME_FINALIZER = "storage.nubes.io/volume"
-SNAPSHOT_FINALIZER = "storage.nubes.io/snapshot"
-BACKUP_FINALIZER = "storage.nubes.io/backup"
 DEFAULT_VOLUME_TYPE = "default"
 """The VolumeType used when a volume names none (if it exists)."""
 

@@ -33,11 +33,10 @@ from nubes.api.compute import Hypervisor, Instance
 from nubes.api.identity import Project
 from nubes.api.image import Image
 from nubes.api.meta import ProjectRef
-from nubes.api.storage import Volume, VolumeBackup, VolumeSnapshot, VolumeType
+from nubes.api.storage import VOLUME_FINALIZER, Volume, VolumeBackup, VolumeSnapshot, VolumeType
 from nubes.controllers.image import project_of_namespace, visible
 from nubes.controllers.storage import (
     DEFAULT_VOLUME_TYPE,
-    VOLUME_FINALIZER,
     add_indexes,
     agent_problem,
     describe_source,

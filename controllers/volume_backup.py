@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nubes.api.storage import Volume, VolumeBackup
+from nubes.api.storage import BACKUP_FINALIZER, Volume, VolumeBackup
 from nubes.controllers.storage import (
-    BACKUP_FINALIZER,
     add_indexes,
     agent_problem,
     filled,

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nubes.api.storage import Volume, VolumeSnapshot
+from nubes.api.storage import SNAPSHOT_FINALIZER, Volume, VolumeSnapshot
 from nubes.controllers.storage import (
-    SNAPSHOT_FINALIZER,
     add_indexes,
     agent_problem,
     filled,

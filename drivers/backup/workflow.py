@@ -27,27 +27,26 @@ def backup_volume(
     backup_id: str,
     volume_id: str,
     incremental: bool = False,
+    parent_id: str | None = None,
 ) -> BackupInfo:
     """Back up a volume from a temporary snapshot.
 
     incremental builds on the volume's latest backup in the store (a full
-    backup when there is none yet); the result's parent_id says which.
+    backup when there is none yet); the result's parent_id says which. A
+    caller that chose the parent itself passes parent_id (implies incremental).
     """
     done = store.get_backup(backup_id)
     if done is not None:
         return done
     if backend.get_volume(volume_id) is None:
         raise NotFound("volume", volume_id, f"pool {backend.pool_name}")
-    parent = store.latest_backup(volume_id) if incremental else None
+    if parent_id is None and incremental:
+        latest = store.latest_backup(volume_id)
+        parent_id = latest.backup_id if latest else None
     snap_id = temporary_snapshot_id(backup_id)
     snap = backend.create_snapshot(snap_id, volume_id)
     try:
-        return store.create_backup(
-            backup_id,
-            volume_id,
-            snap.path,
-            parent_id=parent.backup_id if parent else None,
-        )
+        return store.create_backup(backup_id, volume_id, snap.path, parent_id=parent_id)
     finally:
         backend.delete_snapshot(snap_id)
 
