@@ -496,8 +496,21 @@ class _StorageAgent(Reconciler[Any]):
         status["agentError"] = None
         return Outcome.observed(status, **kw)
 
-    async def forget(self, key: str) -> None:
+    async def finalize(self, obj: Any) -> Outcome | None:
+        if not self.released(obj):
+            return Outcome.observed({}, requeue_after=30)
+        try:
+            await self.remove(obj)
+        except (StorageError, CommandError, OSError) as e:
+            what = f"deleting {obj.crd.kind} {obj.name}"
+            return self.failed(obj, classify(e, what), {})
+        self._failures.pop(obj.uid, None)
+        log.info("removed from node", kind=obj.crd.kind, key=obj.key, node=self.storage.node)
         return None
+
+    async def remove(self, obj: Any) -> None:
+        """Delete what this node holds of the object (idempotent)."""
+        raise NotImplementedError
 
 
 class VolumeAgent(_StorageAgent):
@@ -560,8 +573,11 @@ class VolumeAgent(_StorageAgent):
         try:
             info = await s.run(backend.get_volume, uid)
             if info is None or await s.run(s.marker(uid).exists):
+                what = f"creating volume {obj.name}"
                 try:
                     source = self.source(obj)
+                    if source is not None:
+                        what = f"filling volume {obj.name} from {source.described}"
                     info = await s.run(s.ensure_volume, backend, uid, obj.spec.size_gib, source)
                 except (Problem, StorageError, ImageCacheError, CommandError, OSError) as e:
                     # What is there (if anything) does not hold the source's data.
@@ -571,7 +587,7 @@ class VolumeAgent(_StorageAgent):
                         if left is not None
                         else None
                     )
-                    return self.failed(obj, classify(e, f"volume {obj.name}"), status)
+                    return self.failed(obj, classify(e, what), status)
             status["backing"] = {"node": s.node, "sizeGib": info.size_gib, "sourceDone": True}
             attachment = obj.status.attachment
             if attachment is None:
@@ -608,19 +624,10 @@ class VolumeAgent(_StorageAgent):
                 raise
             return self.failed(obj, classify(e, f"volume {obj.name}"), status)
 
-    async def finalize(self, obj: Volume) -> Outcome | None:
-        if not self.released(obj):
-            return Outcome.observed({}, requeue_after=30)
+    async def remove(self, obj: Volume) -> None:
         s = self.storage
-        try:
-            backend = s.backend(obj.status.backend, obj.status.pool)
-            await s.run(s.delete_volume, obj.uid, backend)
-            await s.delete_chap(obj)
-        except (StorageError, CommandError, OSError) as e:
-            return self.failed(obj, classify(e, f"deleting volume {obj.name}"), {})
-        self._failures.pop(obj.uid, None)
-        log.info("volume removed from node", volume=obj.key, node=s.node)
-        return None
+        await s.run(s.delete_volume, obj.uid, s.backend(obj.status.backend, obj.status.pool))
+        await s.delete_chap(obj)
 
 
 class SnapshotAgent(_StorageAgent):
@@ -650,16 +657,8 @@ class SnapshotAgent(_StorageAgent):
         except (Problem, StorageError, OSError) as e:
             return self.failed(obj, classify(e, f"snapshot {obj.name}"), {})
 
-    async def finalize(self, obj: VolumeSnapshot) -> Outcome | None:
-        if not self.released(obj):
-            return Outcome.observed({}, requeue_after=30)
-        s = self.storage
-        try:
-            await s.run(_delete_snapshot, s.backends, obj.uid)
-        except (StorageError, OSError) as e:
-            return self.failed(obj, classify(e, f"deleting snapshot {obj.name}"), {})
-        self._failures.pop(obj.uid, None)
-        return None
+    async def remove(self, obj: VolumeSnapshot) -> None:
+        await self.storage.run(_delete_snapshot, self.storage.backends, obj.uid)
 
 
 class BackupAgent(_StorageAgent):
@@ -711,17 +710,11 @@ class BackupAgent(_StorageAgent):
         except (Problem, StorageError, OSError) as e:
             return self.failed(obj, classify(e, f"backup {obj.name}"), {})
 
-    async def finalize(self, obj: VolumeBackup) -> Outcome | None:
-        if not self.released(obj):
-            return Outcome.observed({}, requeue_after=30)
+    async def remove(self, obj: VolumeBackup) -> None:
         s = self.storage
-        try:
-            await s.run(s.backups.delete_backup, obj.uid)
-            await s.run(_delete_snapshot, s.backends, temporary_snapshot_id(obj.uid))
-        except (StorageError, OSError) as e:
-            return self.failed(obj, classify(e, f"deleting backup {obj.name}"), {})
-        self._failures.pop(obj.uid, None)
-        return None
+        await s.run(s.backups.delete_backup, obj.uid)
+        # A temporary snapshot an interrupted backup left behind.
+        await s.run(_delete_snapshot, s.backends, temporary_snapshot_id(obj.uid))
 
 
 # --- helpers -------------------------------------------------------------------------------
