@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,12 @@ from urllib.request import url2pathname
 
 import structlog
 
+from nubes.agent.actions import ActionRunner, is_move, source_of
 from nubes.agent.config import AgentConfig
 from nubes.agent.network import NodeNetworking
-from nubes.api.compute import Instance, InstanceAction
+from nubes.api.compute import Flavor, Instance, InstanceAction
 from nubes.api.image import Image
+from nubes.api.lifecycle import effective, pending
 from nubes.api.network import Port
 from nubes.api.storage import Volume
 from nubes.drivers.compute.configdrive import (
@@ -48,7 +51,6 @@ from nubes.drivers.compute.domain import (
     IscsiDisk,
     Nic,
     Owner,
-    instance_domain_name,
 )
 from nubes.drivers.compute.libvirt import DomainState, LibvirtCompute
 from nubes.drivers.host import VirtType, detect_virt_type
@@ -102,15 +104,6 @@ class Plan:
     rescue_source: ImageSource | None = None
 
 
-def source_of(image: Image) -> ImageSource | None:
-    s = image.status
-    if not (s.store_path and s.sha256):
-        return None
-    return ImageSource(
-        url=Path(s.store_path).as_uri(), sha256=s.sha256, disk_format=s.format or "raw"
-    )
-
-
 class InstanceAgent(Reconciler[Instance]):
     """Converges this node's instances; GCs domains of instances that left."""
 
@@ -121,13 +114,17 @@ class InstanceAgent(Reconciler[Instance]):
         self.config = config
         self.node = config.node
         self.own_finalizer = f"compute.nubes.io/agent-{config.node}"
+        self.node_tag = hashlib.sha256(config.node.encode()).hexdigest()[:8]
         self.runner = SubprocessRunner()
         self.root = Path(config.state_dir) / "instances"
         self.cache = ImageCache(str(self.root), self.runner)
         self.libvirt = LibvirtCompute()
         self.vifs = VifPlugger(networking.links, networking.switch, config.node_netns)
         self.store_dir = Path(config.image_store)
-        self._local: set[str] = set()
+        self.local: set[str] = set()
+        """Uids of instances with something on this node."""
+        self._seen: dict[str, Instance] = {}
+        self.actions = ActionRunner(self)
         self._console_digest: dict[str, str] = {}
 
     def setup(self, op: Operator) -> None:
@@ -137,6 +134,7 @@ class InstanceAgent(Reconciler[Instance]):
         ports = op.store(Port)
         ports.add_index("device", lambda p: [p.spec.device_id] if p.spec.device_id else [])
         op.store(Image)
+        op.store(Flavor)
         op.store(InstanceAction).add_index(
             "instance", lambda a: [f"{a.namespace}/{a.spec.instance}"]
         )
@@ -164,45 +162,74 @@ class InstanceAgent(Reconciler[Instance]):
         op.watch(
             Image, Instance, lambda img: [i.key for i in instances if i.status.image == img.key]
         )
+        # New or advancing actions (and moves towards this node) wake the instance.
+        op.watch(InstanceAction, Instance, lambda a: [f"{a.namespace}/{a.spec.instance}"])
         op.on_start(self._adopt)
         op.every(5.0, self.publish_consoles)
 
     async def _adopt(self) -> None:
         """Domains of this node from before a restart: converge or collect them."""
         owned = await asyncio.to_thread(self.libvirt.list_owned)
-        self._local = {d.owner.uid for d in owned if d.owner is not None}
+        self.local = {
+            d.owner.uid for d in owned if d.owner is not None and d.name.endswith(self.node_tag)
+        }
         if self.root.exists():
-            self._local |= {
+            self.local |= {
                 p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("_")
             }
 
     def accepts(self, obj: Instance) -> bool:
-        return obj.status.node == self.node or obj.uid in self._local
+        return obj.status.node == self.node or obj.uid in self.local or self._moving_here(obj)
 
-    def _dir(self, inst: Instance) -> Path:
+    def _next_action(self, obj: Instance) -> InstanceAction | None:
+        return pending(self.op.store(InstanceAction).by_index("instance", obj.key))
+
+    def _moving_here(self, obj: Instance) -> bool:
+        action = self._next_action(obj)
+        return action is not None and is_move(action) and action.status.target_node == self.node
+
+    def domain_name(self, inst: Instance) -> str:
+        """Per node, so that simulated nodes sharing one libvirtd (tests) never
+        touch each other's domains; a real node has its own libvirtd anyway."""
+        return f"nubes-{inst.uid}-{self.node_tag}"
+
+    def domain_uuid(self, inst: Instance) -> str:
+        return str(uuid.uuid5(uuid.UUID(inst.uid), self.node))
+
+    def instance_dir(self, inst: Instance) -> Path:
         return self.root / inst.uid
 
     # --- converge -------------------------------------------------------------------
 
     async def converge(self, obj: Instance) -> Outcome:
+        self._seen[obj.key] = obj
+        action = self._next_action(obj)
+        if self._moving_here(obj):
+            # Target of a move: build the instance here from the transferred disk.
+            assert action is not None
+            await self.actions.step(obj, action, await self._plan(obj, flavor=action.status.flavor))
+            return Outcome.observed({})
         if obj.status.node != self.node:
             # Moved away, shelved or never ours: collect what is left here.
-            if obj.uid in self._local:
+            if obj.uid in self.local:
                 await asyncio.to_thread(self._teardown, obj)
                 await self._drop_finalizer(obj)
             return Outcome.observed({})
         await self._add_finalizer(obj)
-        self._local.add(obj.uid)
+        self.local.add(obj.uid)
         plan = await self._plan(obj)
         if plan is None:
             return Outcome.observed({}, requeue_after=5)
+        if action is not None and await self.actions.step(obj, action, plan):
+            state = await asyncio.to_thread(self.libvirt.state, self.domain_name(obj))
+            return Outcome.observed({"powerState": POWER.get(state, "Absent")}, requeue_after=2)
         if obj.spec.power_state == "Shelved":
             shelved = await asyncio.to_thread(self._shelve, plan)
             return Outcome.observed({"shelvedDisk": shelved, "powerState": "Shelved"})
-        state = await asyncio.to_thread(self._converge_domain, plan)
+        state = await asyncio.to_thread(self.converge_domain, plan)
         status: dict[str, Any] = {
             "powerState": POWER.get(state, "Absent"),
-            "domain": instance_domain_name(obj.uid),
+            "domain": self.domain_name(obj),
             "attachedVolumes": [v.name for v in plan.volumes],
             "consoleLog": f"{obj.name}-console",
         }
@@ -212,6 +239,14 @@ class InstanceAgent(Reconciler[Instance]):
             status["shelvedDisk"] = None
         settled = status["powerState"] == obj.spec.power_state
         return Outcome.observed(status, requeue_after=None if settled else 2)
+
+    async def forget(self, key: str) -> None:
+        """The Instance is gone from the API (its finalizer was not ours, or
+        it was deleted mid-move): remove whatever this node still has."""
+        last = self._seen.pop(key, None)
+        if last is not None and last.uid in self.local:
+            await asyncio.to_thread(self._teardown, last)
+            self.local.discard(last.uid)
 
     async def finalize(self, obj: Instance) -> Outcome | None:
         if self.own_finalizer in obj.metadata.finalizers:
@@ -224,7 +259,7 @@ class InstanceAgent(Reconciler[Instance]):
             await self.op.kube.set_finalizers(obj, [*obj.metadata.finalizers, self.own_finalizer])
 
     async def _drop_finalizer(self, obj: Instance) -> None:
-        self._local.discard(obj.uid)
+        self.local.discard(obj.uid)
         if self.own_finalizer in obj.metadata.finalizers:
             fresh = await self.op.kube.get(Instance, obj.name, obj.namespace)
             if fresh is not None:
@@ -234,29 +269,43 @@ class InstanceAgent(Reconciler[Instance]):
 
     # --- planning (async: reads the caches and Secrets) ------------------------------
 
-    async def _plan(self, inst: Instance) -> Plan | None:
-        if inst.status.vcpus is None or inst.status.ram_mib is None:
+    async def _plan(self, inst: Instance, *, flavor: str | None = None) -> Plan | None:
+        # The same derivation as the controller's, so a just-finished Resize
+        # or Rebuild takes effect here without waiting for its status write.
+        actions = self.op.store(InstanceAction).by_index("instance", inst.key)
+        eff = effective(inst, actions)
+        found: Flavor | None = self.op.store(Flavor).lookup(flavor or eff.flavor)
+        if found is None:
             return None
+        image: Image | None = None
+        if eff.image is not None:
+            image = self.op.store(Image).lookup(
+                eff.image.name, eff.image.namespace or inst.namespace
+            )
         root: ImageSource | None = None
         if inst.status.shelved_disk:
             root = ImageSource(
                 inst.status.shelved_disk.url, inst.status.shelved_disk.sha256, "qcow2"
             )
-        elif inst.status.image:
-            image: Image | None = self.op.store(Image).get(inst.status.image)
-            root = source_of(image) if image else None
+        elif image is not None:
+            root = source_of(image)
+        disk_gib = found.spec.disk_gib
+        if not disk_gib and image is not None:
+            disk_gib = max(1, -(-(image.status.virtual_size_bytes or 0) // GIB))
         ports = [
             p
             for p in self.op.store(Port).by_index("device", inst.uid)
             if p.namespace == inst.namespace and p.status.mac_address
         ]
+        if len(ports) < len(inst.spec.networks):
+            return None  # boot with every NIC: there is no NIC hot-plug
         order = {a.port: i for i, a in enumerate(inst.status.addresses)}
         ports.sort(key=lambda p: order.get(p.name, len(order)))
         return Plan(
             inst=inst,
-            vcpus=inst.status.vcpus,
-            ram_mib=inst.status.ram_mib,
-            disk_bytes=(inst.status.disk_gib or 0) * GIB,
+            vcpus=found.spec.vcpus,
+            ram_mib=found.spec.ram_mib,
+            disk_bytes=disk_gib * GIB,
             root_source=root,
             ports=ports,
             volumes=await self._volume_disks(inst),
@@ -292,10 +341,13 @@ class InstanceAgent(Reconciler[Instance]):
 
     # --- node work (blocking, in a worker thread) -------------------------------------
 
+    def rescue_disk(self, inst: Instance) -> Path:
+        return self.instance_dir(inst) / "rescue.qcow2"
+
     def _root_disk(self, plan: Plan) -> str:
-        disk = self._dir(plan.inst) / "disk"
+        disk = self.instance_dir(plan.inst) / "disk"
         if disk.exists():
-            if plan.disk_bytes and self.libvirt.state(instance_domain_name(plan.inst.uid)) in (
+            if plan.disk_bytes and self.libvirt.state(self.domain_name(plan.inst)) in (
                 DomainState.SHUTOFF,
                 DomainState.ABSENT,
             ):
@@ -312,7 +364,7 @@ class InstanceAgent(Reconciler[Instance]):
 
     def _config_drive(self, plan: Plan) -> str:
         inst = plan.inst
-        path = self._dir(inst) / "config.iso"
+        path = self.instance_dir(inst) / "config.iso"
         ports = tuple(
             NetworkDataPort(
                 port_id=p.uid,
@@ -337,7 +389,7 @@ class InstanceAgent(Reconciler[Instance]):
 
     def _domain_spec(self, plan: Plan) -> DomainSpec:
         inst = plan.inst
-        directory = self._dir(inst)
+        directory = self.instance_dir(inst)
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o755)  # QEMU runs as another user
         root = self._root_disk(plan)
@@ -357,7 +409,7 @@ class InstanceAgent(Reconciler[Instance]):
         (directory / "ports.json").write_text(json.dumps([p.uid for p in plan.ports]))
         data: list[DataDisk] = []
         for vol in plan.volumes:
-            usage = f"nubes-volume-{inst.uid}-{vol.name}"
+            usage = f"nubes-volume-{inst.uid}-{vol.name}-{self.node_tag}"
             self.libvirt.ensure_iscsi_secret(usage, vol.password)
             data.append(
                 IscsiDisk(
@@ -370,8 +422,8 @@ class InstanceAgent(Reconciler[Instance]):
                 )
             )
         return DomainSpec(
-            name=instance_domain_name(inst.uid),
-            uuid=inst.uid,
+            name=self.domain_name(inst),
+            uuid=self.domain_uuid(inst),
             owner=Owner(inst.uid, inst.namespace or "", inst.name),
             vcpus=plan.vcpus,
             memory_mib=plan.ram_mib,
@@ -381,6 +433,10 @@ class InstanceAgent(Reconciler[Instance]):
             config_drive=self._config_drive(plan) if inst.spec.config_drive else None,
             data_disks=tuple(data),
             nics=tuple(nics),
+            # The rescue disk's presence is the node's record of rescue mode.
+            rescue_disk=FileDisk(str(self.rescue_disk(inst)), "vdy")
+            if self.rescue_disk(inst).exists()
+            else None,
         )
 
     def _virt_type(self) -> VirtType:
@@ -390,7 +446,7 @@ class InstanceAgent(Reconciler[Instance]):
             return "qemu"
         return detect_virt_type(self.runner, self.config.state_dir)
 
-    def _converge_domain(self, plan: Plan) -> DomainState:
+    def converge_domain(self, plan: Plan) -> DomainState:
         spec = self._domain_spec(plan)
         name = spec.name
         self.libvirt.ensure_defined(spec)
@@ -430,8 +486,8 @@ class InstanceAgent(Reconciler[Instance]):
         inst = plan.inst
         if inst.status.shelved_disk:
             return inst.status.shelved_disk.wire()
-        name = instance_domain_name(inst.uid)
-        disk = self._dir(inst) / "disk"
+        name = self.domain_name(inst)
+        disk = self.instance_dir(inst) / "disk"
         if not disk.exists():
             return None
         self.libvirt.shutdown(name, timeout=SHUTDOWN_TIMEOUT)
@@ -442,15 +498,17 @@ class InstanceAgent(Reconciler[Instance]):
 
     def _teardown(self, inst: Instance) -> None:
         """Remove everything of the instance from this node."""
-        name = instance_domain_name(inst.uid)
+        name = self.domain_name(inst)
         self.libvirt.undefine(name)
-        directory = self._dir(inst)
+        directory = self.instance_dir(inst)
         ports_file = directory / "ports.json"
         if ports_file.exists():
             for port_uid in json.loads(ports_file.read_text()):
                 self.vifs.unplug(port_uid)
         for attachment in inst.spec.volumes:
-            self.libvirt.delete_iscsi_secret(f"nubes-volume-{inst.uid}-{attachment.volume}")
+            self.libvirt.delete_iscsi_secret(
+                f"nubes-volume-{inst.uid}-{attachment.volume}-{self.node_tag}"
+            )
         delete_config_drive(str(directory / "config.iso"))
         shutil.rmtree(directory, ignore_errors=True)
         self._console_digest.pop(inst.uid, None)
@@ -463,7 +521,7 @@ class InstanceAgent(Reconciler[Instance]):
         for inst in list(self.op.store(Instance)):
             if inst.status.node != self.node or inst.deleting:
                 continue
-            path = self._dir(inst) / "console.log"
+            path = self.instance_dir(inst) / "console.log"
             tail = await asyncio.to_thread(_tail, path, CONSOLE_TAIL)
             if tail is None:
                 continue

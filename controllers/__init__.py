@@ -14,6 +14,7 @@ async def build_controller(op: Operator, config: ControllerConfig) -> None:
     from nubes.controllers.hypervisor import HypervisorReconciler
     from nubes.controllers.image import ImageReconciler
     from nubes.controllers.instance import InstanceReconciler
+    from nubes.controllers.instance_action import InstanceActionReconciler
     from nubes.controllers.network import NetworkReconciler
     from nubes.controllers.pending import register_pending
     from nubes.controllers.port import PortReconciler
@@ -33,6 +34,7 @@ async def build_controller(op: Operator, config: ControllerConfig) -> None:
         FlavorReconciler(),
         ImageReconciler(config),
         InstanceReconciler(),
+        InstanceActionReconciler(),
         VolumeTypeReconciler(),
         VolumeReconciler(),
         VolumeSnapshotReconciler(),

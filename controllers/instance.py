@@ -9,14 +9,14 @@ owns the conditions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from nubes.api.compute import Flavor, Hypervisor, Instance, InstanceAction
 from nubes.api.image import Image
-from nubes.api.meta import ProjectRef, now_precise
+from nubes.api.lifecycle import Effective, effective
+from nubes.api.meta import now_precise
 from nubes.api.network import FixedIpRequest, Network, Port, PortSpec
 from nubes.api.storage import Volume
 from nubes.controllers.compute_scheduler import (
@@ -35,41 +35,6 @@ log = structlog.get_logger()
 
 GIB = 2**30
 COMPUTE_OWNER = "compute:nova"
-MOVES = ("Migrate", "Resize")
-
-
-@dataclass(frozen=True)
-class Effective:
-    """What the instance is after the actions that completed."""
-
-    flavor: str
-    image: ProjectRef | None
-    rescued: bool
-    move: InstanceAction | None
-    """The latest completed Migrate/Resize, if any."""
-
-
-def completed(actions: list[InstanceAction]) -> list[InstanceAction]:
-    done = [a for a in actions if a.status.completed_at and a.status.error is None]
-    return sorted(done, key=lambda a: a.status.completed_at or "")
-
-
-def effective(inst: Instance, actions: list[InstanceAction]) -> Effective:
-    flavor, image, rescued, move = inst.spec.flavor, inst.spec.image, False, None
-    for action in completed(actions):
-        kind = action.spec.action
-        if kind == "Resize" and action.status.flavor:
-            flavor = action.status.flavor
-        if kind in MOVES:
-            move = action
-        if kind == "Rebuild" and action.status.image:
-            namespace, _, name = action.status.image.partition("/")
-            image = ProjectRef(name=name, namespace=namespace)
-        if kind == "Rescue":
-            rescued = True
-        if kind == "Unrescue":
-            rescued = False
-    return Effective(flavor, image, rescued, move)
 
 
 def port_name(inst: Instance, index: int) -> str:

@@ -16,7 +16,6 @@ import pytest
 
 from nubes.api.compute import Hypervisor, Instance
 from nubes.api.image import Image
-from nubes.drivers.compute.domain import instance_domain_name
 from nubes.drivers.compute.libvirt import DomainState, LibvirtCompute
 from nubes.runtime.kube import CONFIGMAPS, Kube
 from tests.drivers.guest import build_guest_image
@@ -35,7 +34,7 @@ from tests.nodes import Fabric, sh
 
 @pytest.fixture(scope="module")
 def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
-    fab = Fabric.start(tmp_path_factory.mktemp("fabric"), ["c1"])
+    fab = Fabric.start(tmp_path_factory.mktemp("fabric"), ["c1", "c2"])
     yield fab
     fab.stop()
 
@@ -43,14 +42,17 @@ def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
 @pytest.fixture(scope="module")
 def agent(
     fabric: Fabric, tmp_path_factory: pytest.TempPathFactory, workdir: Path, image_store: Path
-) -> Iterator[Process]:
-    proc = start_agent(
-        fabric, fabric.nodes[0], tmp_path_factory, state_root=workdir, image_store=image_store
-    )
-    yield proc
-    proc.stop()
-    proc.assert_no_crash()
-    kubectl("delete", "hypervisor", node_name(fabric, fabric.nodes[0]), "--ignore-not-found")
+) -> Iterator[list[Process]]:
+    procs = [
+        start_agent(fabric, node, tmp_path_factory, state_root=workdir, image_store=image_store)
+        for node in fabric.nodes
+    ]
+    yield procs
+    for proc in procs:
+        proc.stop()
+        proc.assert_no_crash()
+    for node in fabric.nodes:
+        kubectl("delete", "hypervisor", node_name(fabric, node), "--ignore-not-found")
 
 
 @pytest.fixture(scope="module")
@@ -105,15 +107,23 @@ async def wait_console(kube: Kube, inst: str, ns: str, text: str, timeout: float
         log = await console(kube, inst, ns)
         return log if text in log else None
 
-    return await eventually(
-        probe, timeout=timeout, interval=1, what=f"{text!r} on {inst}'s console"
-    )
+    try:
+        return await eventually(
+            probe, timeout=timeout, interval=1, what=f"{text!r} on {inst}'s console"
+        )
+    except AssertionError as e:
+        ports = kubectl("get", "ports", "-n", ns, "-o", "yaml").stdout
+        raise AssertionError(
+            f"{e}\nconsole:\n{await console(kube, inst, ns)}\nports:\n{ports}"
+        ) from None
 
 
-def domain_state(uid: str) -> DomainState:
+def domain_state(name: str | None) -> DomainState:
+    if name is None:
+        return DomainState.ABSENT
     compute = LibvirtCompute()
     try:
-        return compute.state(instance_domain_name(uid))
+        return compute.state(name)
     finally:
         compute.close()
 
@@ -129,7 +139,7 @@ def flavor_name() -> Iterator[str]:
 async def test_boot_power_states_and_cleanup(
     kube: Kube,
     controller: Process,
-    agent: Process,
+    agent: list[Process],
     fabric: Fabric,
     namespace: str,
     guest_image: tuple[Path, str],
@@ -154,13 +164,13 @@ async def test_boot_power_states_and_cleanup(
         userData="#!/bin/sh\necho hello-from-user-data\n",
     )
     vm = await condition(kube, Instance, "vm1", ns, timeout=180)
-    assert vm.status.node == node_name(fabric, fabric.nodes[0])
+    assert vm.status.node in [node_name(fabric, n) for n in fabric.nodes]
     assert vm.status.power_state == "Running"
     ip = vm.status.addresses[0].ip_addresses[0]
     log = await wait_console(kube, "vm1", ns, f"lease eth0 ip={ip}/24")
     assert "router=10.30.0.1 mtu=1450" in log
     assert "hello-from-user-data" in log
-    assert domain_state(vm.uid) == DomainState.RUNNING
+    assert domain_state(vm.status.domain) == DomainState.RUNNING
     hv = await kube.get(Hypervisor, vm.status.node)
     assert hv is not None and hv.status.vcpus_used == 1 and hv.status.ram_mib_used == 256
 
@@ -187,13 +197,22 @@ async def test_boot_power_states_and_cleanup(
             return bool(got and got.status.power_state == want and got.status.is_true("Ready"))
 
         await eventually(settled, timeout=120, what=f"power state {desired}")
-        assert domain_state(vm.uid) == observed, desired
+        assert domain_state(vm.status.domain) == observed, desired
 
-    # A second instance from the same image reuses the node's cached base.
-    bases = _bases(workdir)
-    instance(ns, "vm2", flavor=flavor_name, image={"name": "guest"}, configDrive=False)
-    await condition(kube, Instance, "vm2", ns, timeout=180)
-    assert _bases(workdir) == bases and len(bases) == 1
+    # A second instance from the same image on the same node (the other one
+    # disabled) reuses the node's cached base.
+    other = next(
+        node_name(fabric, n) for n in fabric.nodes if node_name(fabric, n) != vm.status.node
+    )
+    kubectl("patch", "hypervisor", other, "--type=merge", "-p", '{"spec": {"disabled": true}}')
+    try:
+        bases = _bases(workdir)
+        instance(ns, "vm2", flavor=flavor_name, image={"name": "guest"}, configDrive=False)
+        vm2 = await condition(kube, Instance, "vm2", ns, timeout=180)
+        assert vm2.status.node == vm.status.node
+        assert _bases(workdir) == bases and len(bases) == 1
+    finally:
+        kubectl("patch", "hypervisor", other, "--type=merge", "-p", '{"spec": {"disabled": false}}')
 
     kubectl("delete", "instances", "--all", "-n", ns, "--wait=false")
 
@@ -201,12 +220,13 @@ async def test_boot_power_states_and_cleanup(
         return not await kube.list(Instance, ns)
 
     await eventually(gone, timeout=120, what="instances deleted")
-    assert domain_state(vm.uid) == DomainState.ABSENT
-    instances_dir = next(workdir.glob("agent-*/instances"))
-    assert [p.name for p in instances_dir.iterdir() if not p.name.startswith("_")] == []
+    assert domain_state(vm.status.domain) == DomainState.ABSENT
+    for instances_dir in workdir.glob("agent-*/instances"):
+        assert [p.name for p in instances_dir.iterdir() if not p.name.startswith("_")] == []
     taps = sh("ip", "-o", "link", "show").stdout
     assert f"tap{vm.uid.replace('-', '')[:11]}" not in taps
-    assert "qvo" not in fabric.nodes[0].vsctl("list-ports", "br-int")
+    for node in fabric.nodes:
+        assert "qvo" not in node.vsctl("list-ports", "br-int")
 
 
 def _bases(workdir: Path) -> list[str]:
@@ -220,7 +240,7 @@ def _bases(workdir: Path) -> list[str]:
 async def test_bad_input_leaves_nothing_behind(
     kube: Kube,
     controller: Process,
-    agent: Process,
+    agent: list[Process],
     namespace: str,
     guest_image: tuple[Path, str],
     flavor_name: str,
@@ -287,7 +307,7 @@ async def test_bad_input_leaves_nothing_behind(
     for name in ("too-big", "no-flavor", "no-image"):
         got = await kube.get(Instance, name, ns)
         assert got is not None and got.status.node is None
-        assert domain_state(got.uid) == DomainState.ABSENT
+        assert got.status.domain is None
     stored = {p.name for p in image_store.iterdir()}
     for name in ("wrong-sum", "evil", "liar"):
         got_img = await kube.get(Image, name, ns)

@@ -1,0 +1,221 @@
+"""InstanceAction: a one-shot operation kept as a record with its outcome.
+
+The controller validates the action against the instance (lock, state,
+flavor, image, a target node chosen by the scheduler for moves) and records
+the plan in status; the node agents carry it out and report. A Snapshot ends
+with a new Image, created here from the flattened disk the agent left in the
+image store. Actions of one instance run one at a time, oldest first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+from nubes.api.compute import Flavor, Instance, InstanceAction
+from nubes.api.image import Image
+from nubes.api.meta import ProjectRef
+from nubes.controllers.compute_scheduler import Choice, RequestSpec, schedule
+from nubes.controllers.image import resolve_image
+from nubes.controllers.instance import host_states, request_for, root_disk_gib
+from nubes.runtime.kube import path_of
+from nubes.runtime.operator import Operator
+from nubes.runtime.reconcile import Outcome, Reconciler, Stall, Wait
+
+
+def queue_of(op: Operator, action: InstanceAction) -> list[InstanceAction]:
+    """Unfinished actions of the same instance, oldest first."""
+    same = op.store(InstanceAction).by_index(
+        "instance", f"{action.namespace}/{action.spec.instance}"
+    )
+    return sorted(
+        (a for a in same if not a.status.completed_at and not a.deleting),
+        key=lambda a: (a.metadata.creation_timestamp or "", a.name),
+    )
+
+
+class InstanceActionReconciler(Reconciler[InstanceAction]):
+    kind = InstanceAction
+    workers = 4
+
+    def setup(self, op: Operator) -> None:
+        super().setup(op)
+        actions = op.store(InstanceAction)
+        actions.add_index("instance", lambda a: [f"{a.namespace}/{a.spec.instance}"])
+        op.store(Flavor)
+        op.watch(
+            Instance, InstanceAction, lambda i: [a.key for a in actions.by_index("instance", i.key)]
+        )
+        op.watch(
+            Image,
+            InstanceAction,
+            lambda img: [
+                a.key
+                for a in actions
+                if a.namespace == img.namespace and a.spec.image_name == img.name
+            ],
+        )
+        # The next action in line starts when the one before it finishes.
+        op.watch(
+            InstanceAction,
+            InstanceAction,
+            lambda a: [
+                x.key for x in actions.by_index("instance", f"{a.namespace}/{a.spec.instance}")
+            ],
+            when=lambda old, new: (
+                (old and old.status.completed_at) != (new and new.status.completed_at)
+            ),
+        )
+
+    def accepts(self, obj: InstanceAction) -> bool:
+        return self.op.owns_shard(obj.uid)
+
+    async def converge(self, obj: InstanceAction) -> Outcome:
+        if obj.status.completed_at:
+            return await self._finished(obj)
+        inst: Instance | None = self.op.store(Instance).lookup(obj.spec.instance, obj.namespace)
+        if inst is None or inst.deleting:
+            raise Stall("InstanceNotFound", f"instance {obj.spec.instance} does not exist")
+        plan = self._plan(obj, inst)
+        queue = queue_of(self.op, obj)
+        if queue and queue[0].uid != obj.uid:
+            return Outcome.progressing("Queued", f"waiting behind action {queue[0].name}", plan)
+        what = f"{obj.spec.action} of {inst.name}"
+        if obj.status.started_at:
+            return Outcome.progressing(
+                "InProgress", f"{what} is running on {plan['sourceNode']}", plan
+            )
+        return Outcome.progressing("Pending", f"{what} handed to node {plan['sourceNode']}", plan)
+
+    def _plan(self, obj: InstanceAction, inst: Instance) -> dict[str, Any]:
+        """Validate and fix the plan (sticky once recorded)."""
+        s = obj.status
+        if inst.spec.locked and not s.source_node:
+            raise Stall(
+                "InstanceLocked",
+                f"instance {inst.name} is locked"
+                + (f" ({inst.spec.lock_reason})" if inst.spec.lock_reason else "")
+                + "; unlock it to act on it",
+            )
+        source = s.source_node or inst.status.node
+        if source is None:
+            raise Wait("InstanceNotPlaced", f"instance {inst.name} is not on a node", 5)
+        if inst.spec.power_state == "Shelved":
+            raise Stall("InstanceShelved", f"instance {inst.name} is shelved; unshelve it first")
+        plan: dict[str, Any] = {
+            "sourceNode": source,
+            "targetNode": s.target_node or source,
+            "flavor": s.flavor,
+            "image": s.image,
+        }
+        action = obj.spec.action
+        if action == "Resize":
+            assert obj.spec.flavor is not None
+            flavor = self.op.store(Flavor).lookup(obj.spec.flavor)
+            if flavor is None:
+                raise Stall("FlavorNotFound", f"flavor {obj.spec.flavor} does not exist")
+            if flavor.name == inst.status.flavor:
+                raise Stall("SameFlavor", f"instance {inst.name} already has flavor {flavor.name}")
+            plan["flavor"] = flavor.name
+            if not s.target_node:
+                plan["targetNode"] = self._target(inst, flavor, allow_same=True)
+        elif action == "Migrate":
+            if not s.target_node:
+                flavor = self.op.store(Flavor).lookup(inst.status.flavor or inst.spec.flavor)
+                if flavor is None:
+                    raise Stall("FlavorNotFound", f"flavor {inst.status.flavor} does not exist")
+                plan["targetNode"] = self._target(
+                    inst, flavor, allow_same=False, only=obj.spec.target_node
+                )
+        elif action in ("Rebuild", "Rescue"):
+            ref = obj.spec.image
+            if ref is None and inst.status.image:
+                namespace, _, name = inst.status.image.partition("/")
+                ref = ProjectRef(name=name, namespace=namespace)
+            if ref is None:
+                raise Stall("ImageRequired", f"{action} needs an image")
+            image = resolve_image(self.op, ref, inst.namespace or "")
+            plan["image"] = image.key
+        elif action == "Unrescue" and not inst.status.rescued:
+            raise Stall("NotRescued", f"instance {inst.name} is not in rescue mode")
+        elif action == "Snapshot":
+            assert obj.spec.image_name is not None
+            existing = self.op.store(Image).lookup(obj.spec.image_name, obj.namespace)
+            if existing is not None and existing.spec.source.url != self._snapshot_url(obj):
+                raise Stall(
+                    "ImageNameTaken", f"an image named {obj.spec.image_name} already exists"
+                )
+        return plan
+
+    def _target(
+        self, inst: Instance, flavor: Flavor, *, allow_same: bool, only: str | None = None
+    ) -> str:
+        image = None
+        if inst.status.image:
+            image = self.op.store(Image).get(inst.status.image)
+        request = request_for(
+            flavor, image, root_disk_gib(flavor, image), inst.spec.availability_zone
+        )
+        hosts = host_states(self.op, inst.uid)
+        exclude = frozenset() if allow_same else frozenset({inst.status.node or ""})
+        # Resize prefers to stay; the scheduler moves it only when it must.
+        if allow_same and inst.status.node:
+            here = schedule(hosts, RequestSpec(**{**request.__dict__, "only": inst.status.node}))
+            if isinstance(here, Choice):
+                return here.host
+        result = schedule(
+            hosts, RequestSpec(**{**request.__dict__, "exclude": exclude, "only": only})
+        )
+        if not isinstance(result, Choice):
+            raise Stall("NoValidHost", result.explanation)
+        return result.host
+
+    @staticmethod
+    def _snapshot_url(obj: InstanceAction) -> str | None:
+        return obj.status.transfer.url if obj.status.transfer else None
+
+    async def _finished(self, obj: InstanceAction) -> Outcome:
+        if obj.status.error is not None:
+            raise Stall(obj.status.error.reason, obj.status.error.message)
+        if obj.spec.action != "Snapshot":
+            return Outcome.ready(
+                message=obj.status.result or f"{obj.spec.action} done", reason="Succeeded"
+            )
+        transfer = obj.status.transfer
+        assert obj.spec.image_name is not None
+        if transfer is None:
+            raise Stall("SnapshotMissing", "the agent finished without a snapshot file")
+        image: Image | None = self.op.store(Image).lookup(obj.spec.image_name, obj.namespace)
+        if image is None:
+            await self.op.kube.apply_raw(
+                path_of(Image),
+                {
+                    "apiVersion": Image.crd.api_version,
+                    "kind": "Image",
+                    "metadata": {
+                        "name": obj.spec.image_name,
+                        "namespace": obj.namespace,
+                        "labels": {"nubes.io/snapshot-of": obj.spec.instance},
+                    },
+                    "spec": {
+                        "source": {"url": transfer.url},
+                        "diskFormat": "qcow2",
+                        "sha256": transfer.sha256,
+                    },
+                },
+            )
+            return Outcome.progressing("ImportingSnapshot", f"image {obj.spec.image_name} created")
+        if image.status.is_true("Ready"):
+            # Imported into the store under its own id: the transfer copy can go.
+            await asyncio.to_thread(_unlink_url, transfer.url)
+            return Outcome.ready(message=f"image {image.name} is ready", reason="Succeeded")
+        if image.status.is_true("Stalled"):
+            raise Stall("SnapshotImportFailed", f"image {image.name} could not be imported")
+        return Outcome.progressing("ImportingSnapshot", f"image {obj.spec.image_name} is importing")
+
+
+def _unlink_url(url: str) -> None:
+    Path(url2pathname(urlsplit(url).path)).unlink(missing_ok=True)
