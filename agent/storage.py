@@ -35,6 +35,7 @@ import hashlib
 import ipaddress
 import math
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -465,6 +466,10 @@ class _StorageAgent(Reconciler[Any]):
     def __init__(self, storage: NodeStorage) -> None:
         self.storage = storage
         self._failures: dict[str, int] = {}
+        self._stuck: dict[str, tuple[tuple[Any, ...], float]] = {}
+        """uid -> (facts, when) of failures the agent does not retry by
+        itself: not repeated on every event, only when the facts change (or
+        after STUCK_RETRY_SECONDS, or after a restart)."""
 
     def accepts(self, obj: Any) -> bool:
         node: str | None = obj.status.node
@@ -474,11 +479,29 @@ class _StorageAgent(Reconciler[Any]):
         """The controller has allowed the deletion (its finalizer is gone)."""
         return self.controller_finalizer not in obj.metadata.finalizers
 
+    def facts(self, obj: Any) -> tuple[Any, ...]:
+        """What must change for a failure that waits for a change to be retried."""
+        return (obj.generation,)
+
+    def holding_off(self, obj: Any) -> Outcome | None:
+        """While a failure waits for a change, leave the object alone."""
+        stuck = self._stuck.get(obj.uid)
+        if stuck is None:
+            return None
+        facts, since = stuck
+        waited = time.monotonic() - since
+        if facts != self.facts(obj) or waited >= STUCK_RETRY_SECONDS:
+            del self._stuck[obj.uid]
+            return None
+        return Outcome.observed({}, requeue_after=STUCK_RETRY_SECONDS - waited)
+
     def failed(self, obj: Any, problem: Problem, status: dict[str, Any]) -> Outcome:
         """Report a failure; retry with backoff (or much later when the agent
-        waits for a change, which queues the object anyway)."""
+        waits for a change)."""
         failures = self._failures.get(obj.uid, 0) + 1
         self._failures[obj.uid] = failures
+        if not problem.retrying:
+            self._stuck[obj.uid] = (self.facts(obj), time.monotonic())
         delay = min(60.0, 2.0 * 2 ** min(failures, 5)) if problem.retrying else STUCK_RETRY_SECONDS
         log.warning(
             "storage operation failed",
@@ -493,6 +516,7 @@ class _StorageAgent(Reconciler[Any]):
 
     def succeeded(self, obj: Any, status: dict[str, Any], **kw: Any) -> Outcome:
         self._failures.pop(obj.uid, None)
+        self._stuck.pop(obj.uid, None)
         status["agentError"] = None
         return Outcome.observed(status, **kw)
 
@@ -505,6 +529,7 @@ class _StorageAgent(Reconciler[Any]):
             what = f"deleting {obj.crd.kind} {obj.name}"
             return self.failed(obj, classify(e, what), {})
         self._failures.pop(obj.uid, None)
+        self._stuck.pop(obj.uid, None)
         log.info("removed from node", kind=obj.crd.kind, key=obj.key, node=self.storage.node)
         return None
 
@@ -517,6 +542,10 @@ class VolumeAgent(_StorageAgent):
     kind = Volume
     workers = 8
     controller_finalizer = VOLUME_FINALIZER
+
+    def facts(self, obj: Volume) -> tuple[Any, ...]:
+        attachment = obj.status.attachment
+        return (obj.generation, attachment.wire() if attachment else None)
 
     def source(self, vol: Volume) -> Source | None:
         """Resolve the source to backend ids (from the watch caches)."""
@@ -559,6 +588,8 @@ class VolumeAgent(_StorageAgent):
         )
 
     async def converge(self, obj: Volume) -> Outcome:
+        if (later := self.holding_off(obj)) is not None:
+            return later
         s = self.storage
         backend = s.backend(obj.status.backend, obj.status.pool)
         if backend is None:
@@ -636,6 +667,8 @@ class SnapshotAgent(_StorageAgent):
     controller_finalizer = SNAPSHOT_FINALIZER
 
     async def converge(self, obj: VolumeSnapshot) -> Outcome:
+        if (later := self.holding_off(obj)) is not None:
+            return later
         s = self.storage
         try:
             found = await s.run(_find_snapshot, s.backends, obj.uid)
@@ -667,6 +700,8 @@ class BackupAgent(_StorageAgent):
     controller_finalizer = BACKUP_FINALIZER
 
     async def converge(self, obj: VolumeBackup) -> Outcome:
+        if (later := self.holding_off(obj)) is not None:
+            return later
         s = self.storage
         volume_uid = obj.status.volume_uid
         if volume_uid is None:
