@@ -563,6 +563,54 @@ async def test_backup_incremental_restore_byte_identical_and_corruption(
         delete("volumebackups", "--all", ns=ns)
 
 
+async def test_volume_from_an_image_holds_it_and_boots(
+    kube: Kube, ready_node: StorageNode, namespace: str, workdir: Path
+) -> None:
+    node, ns = ready_node, namespace
+    raw = workdir / f"{ns}-image.raw"
+    qcow2 = workdir / f"{ns}-image.qcow2"
+    data = os.urandom(3 * MIB)
+    raw.write_bytes(data)
+    run = ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)]
+    subprocess.run(run, check=True, capture_output=True)
+    grow = ["qemu-img", "resize", "-f", "qcow2", str(qcow2), "1536M"]
+    subprocess.run(grow, check=True, capture_output=True)
+    qcow2.chmod(0o644)
+    try:
+        apply(
+            {
+                "apiVersion": "image.nubes.io/v1alpha1",
+                "kind": "Image",
+                "metadata": {"name": "tiny", "namespace": ns},
+                "spec": {
+                    "source": {"url": f"file://{qcow2}"},
+                    "diskFormat": "qcow2",
+                    "sha256": sha256_of(qcow2),
+                },
+            }
+        )
+        volume(ns, "too-small", 1, node.zone, source={"image": {"name": "tiny"}})
+        small = await state(kube, Volume, "too-small", ns, "VolumeTooSmall", timeout=90)
+        assert "needs 2 GiB" in message(small)
+
+        volume(ns, "root", 2, node.zone, source={"image": {"name": "tiny"}})
+        vol = await state(kube, Volume, "root", ns, timeout=90)
+        assert vol.status.bootable is True, "a volume made from an image is bootable"
+        path = node.volume_file(vol)
+        assert read_at(path, 0, 3 * MIB) == data
+        assert read_at(path, 3 * MIB, MIB) == bytes(MIB)
+        assert path.stat().st_blocks * 512 < 64 * MIB, "the copy keeps the volume thin"
+        delete("volume", "root", "too-small", ns=ns)
+        await gone(kube, Volume, "root", ns)
+        await gone(kube, Volume, "too-small", ns)
+        await no_leaks(kube, node, ns, [vol.uid])
+    finally:
+        delete("volumes", "--all", ns=ns)
+        delete("images", "--all", ns=ns)
+        raw.unlink(missing_ok=True)
+        qcow2.unlink(missing_ok=True)
+
+
 async def test_bad_requests_stall_with_reasons_and_lose_nothing(
     kube: Kube, ready_node: StorageNode, namespace: str
 ) -> None:
