@@ -124,10 +124,19 @@ def instance_volume_names(inst: Instance) -> set[str]:
     return wanted
 
 
+def _unbacked_pool(v: Volume) -> list[str]:
+    """Index: node/backend/pool of a volume placed but not yet created there."""
+    s = v.status
+    if s.node and s.backend and s.pool and s.backing is None and not v.deleting:
+        return [f"{s.node}/{s.backend}/{s.pool}"]
+    return []
+
+
 def add_indexes(op: Operator) -> None:
     """The indexes the storage reconcilers read (each adds them all, so any
     one of them works alone)."""
     op.store(Volume).add_index("storage-source", needs_source)
+    op.store(Volume).add_index("storage-unbacked", _unbacked_pool)
     op.store(Volume).add_index(
         "storage-type",
         lambda v: [v.spec.volume_type or DEFAULT_VOLUME_TYPE] if not v.status.node else [],

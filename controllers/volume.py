@@ -259,23 +259,22 @@ class VolumeReconciler(Reconciler[Volume]):
         return {"node": result.node, "backend": result.backend, "pool": result.pool}
 
     def _pending(self) -> dict[tuple[str, str, str], float]:
-        """GiB placed per pool that the nodes' reports may not count yet."""
+        """GiB placed per pool that the nodes' reports may not count yet: volumes
+        placed there without a backing yet, and this worker's placements the
+        watch cache does not show yet."""
         pending: dict[tuple[str, str, str], float] = defaultdict(float)
         volumes = self.op.store(Volume)
-        for v in volumes:
-            s = v.status
-            if s.node and s.backend and s.pool and s.backing is None and not v.deleting:
-                pending[(s.node, s.backend, s.pool)] += v.spec.size_gib
+        for hv in self.op.store(Hypervisor):
+            for p in hv.status.storage_pools:
+                key = (hv.name, p.backend, p.pool)
+                unbacked = volumes.by_index("storage-unbacked", "/".join(key))
+                pending[key] += sum(v.spec.size_gib for v in unbacked)
         now = time.monotonic()
-        for key, (uid, pool, size, when) in list(self._placed.items()):
-            seen = volumes.get(key)
-            if (
-                seen is None
-                or seen.uid != uid
-                or seen.status.node
-                or now - when > PLACED_GRACE_SECONDS
-            ):
-                del self._placed[key]
+        for name, (uid, pool, size, when) in list(self._placed.items()):
+            seen = volumes.get(name)
+            stale = now - when > PLACED_GRACE_SECONDS
+            if seen is None or seen.uid != uid or seen.status.node or stale:
+                del self._placed[name]
             else:
                 pending[pool] += size
         return pending

@@ -1,0 +1,82 @@
+"""The storage agent's and controller's pure helpers: settings, names, how
+driver errors are reported, pool reports, merge-patch values."""
+
+from __future__ import annotations
+
+import pytest
+
+from nubes.agent.storage import (
+    BackendSpec,
+    Problem,
+    chap_secret_name,
+    classify,
+    parse_portal,
+    pool_report,
+)
+from nubes.api.storage import VolumeExport
+from nubes.controllers.storage import merged
+from nubes.drivers.backup.posix import BackupInUse, CorruptBackup
+from nubes.drivers.images.cache import ChecksumMismatch, ImageFetchError
+from nubes.drivers.volumes.base import NoSpace, PoolStats, VolumeBusy
+
+
+def test_backend_specs() -> None:
+    assert BackendSpec.parse("fast:file:/srv/vols") == BackendSpec("fast", "file", "/srv/vols")
+    assert BackendSpec.parse("lvm:lvm:vg0/thin") == BackendSpec("lvm", "lvm", "vg0/thin")
+    for bad in ("fast", "fast:nfs:/x", ":file:/x", "fast:file:"):
+        with pytest.raises(ValueError, match="NAME:file:DIR"):
+            BackendSpec.parse(bad)
+
+
+def test_portals() -> None:
+    assert parse_portal("127.0.0.1") == ("127.0.0.1", 3260)
+    assert parse_portal("10.0.0.5:3261") == ("10.0.0.5", 3261)
+    assert parse_portal("[fd00::1]:3260") == ("fd00::1", 3260)
+    assert parse_portal("[fd00::1]") == ("fd00::1", 3260)
+
+
+def test_chap_secret_names_are_valid_and_stable() -> None:
+    assert chap_secret_name("db") == "db-iscsi-chap"
+    long = "v" * 253
+    name = chap_secret_name(long)
+    assert len(name) <= 253 and name == chap_secret_name(long)
+    assert name != chap_secret_name("w" + long[1:])
+
+
+def test_driver_errors_become_reasons_people_can_act_on() -> None:
+    corrupt = classify(CorruptBackup("b1", 12, "/s/chunk-00000012.zlib", "bad"), "restoring")
+    assert (corrupt.reason, corrupt.retrying) == ("BackupCorrupt", False)
+    assert corrupt.message.startswith("restoring: backup b1 chunk 12")
+    assert classify(NoSpace("volume v", 5, 1, "p"), "x").reason == "InsufficientSpace"
+    assert classify(VolumeBusy("v", "open"), "x").retrying
+    assert classify(BackupInUse("b", ["c"]), "x").retrying
+    assert classify(ImageFetchError("down"), "x").reason == "ImageFetchFailed"
+    mismatch = classify(ChecksumMismatch("file:///i", "a" * 64, "b" * 64), "x")
+    assert (mismatch.reason, mismatch.retrying) == ("ChecksumMismatch", False)
+    assert classify(RuntimeError("boom"), "x").reason == "NodeError"
+    problem = Problem("PoolNotServed", "no pool", retrying=False)
+    assert classify(problem, "ignored") is problem
+
+
+def test_pool_report_rounds_conservatively_and_stringifies_capabilities() -> None:
+    stats = PoolStats(
+        backend_name="file",
+        pool_name="default",
+        total_gib=99.9,
+        free_gib=10.7,
+        provisioned_gib=20.1,
+        total_volumes=3,
+        capabilities={"thin_provisioning_support": True, "max_over_subscription_ratio": 20.0},
+    )
+    report = pool_report(stats)
+    assert (report["totalGib"], report["freeGib"], report["provisionedGib"]) == (99, 10, 21)
+    assert report["maxOverSubscriptionRatio"] == 20.0
+    assert report["capabilities"]["thin_provisioning_support"] == "True"
+
+
+def test_merge_patch_values_null_what_went_away() -> None:
+    current = VolumeExport(portal="p:3260", iqn="iqn", chap_secret="s", initiator_node="n1", lun=1)
+    wanted = {"portal": "p:3260", "iqn": "iqn", "lun": 1, "chapSecret": "s", "initiatorNode": None}
+    assert merged(current, wanted) == {**wanted, "initiatorNode": None}
+    assert merged(None, wanted) == {k: v for k, v in wanted.items() if v is not None}
+    assert merged(current, None) is None
