@@ -464,6 +464,19 @@ async def test_detach_hands_over_to_the_next_instance_and_extends_between(
         assert vol.status.attachment is not None and vol.status.attachment.instance == "a"
         old_iqn = vol.status.export.iqn
 
+        # Snapshots and backups of an attached volume only when forced.
+        snapshot(ns, "hot", "boot")
+        backup(ns, "hot-backup", "boot")
+        snapshot(ns, "hot-forced", "boot", force=True)
+        hot = await state(kube, VolumeSnapshot, "hot", ns, "VolumeAttached")
+        assert "attached to instance a" in message(hot) and "force" in message(hot)
+        await state(kube, VolumeBackup, "hot-backup", ns, "VolumeAttached")
+        forced = await state(kube, VolumeSnapshot, "hot-forced", ns)
+        assert forced.status.size_gib == 1
+        delete("volumesnapshot", "hot", "hot-forced", ns=ns)
+        delete("volumebackup", "hot-backup", ns=ns)
+        await gone(kube, VolumeSnapshot, "hot-forced", ns)
+
         # The agent restarts: the export is re-adopted, nothing is re-created.
         path = node.volume_file(vol)
         inode = path.stat().st_ino
