@@ -485,6 +485,22 @@ async def test_detach_hands_over_to_the_next_instance_and_extends_between(
         vol = await state(kube, Volume, "boot", ns)
         assert path.stat().st_ino == inode and old_iqn in tgt_show()
 
+        # tgtd forgets the target (as after its restart): any pass rebuilds it.
+        tid = next(
+            line.split()[1].rstrip(":")
+            for line in tgt_show().splitlines()
+            if line.startswith("Target ") and line.endswith(old_iqn)
+        )
+        tgtadm = ["tgtadm", "--lld", "iscsi", "--op", "delete", "--mode", "target"]
+        subprocess.run([*tgtadm, "--force", "--tid", tid], check=True, capture_output=True)
+        assert old_iqn not in tgt_show()
+        kubectl("annotate", "volume", "boot", "-n", ns, "test/poke=1")
+        await eventually(lambda: old_iqn in tgt_show(), timeout=30, what="export rebuilt")
+        secret = await kube.get_raw(SECRETS, vol.status.export.chap_secret, ns)
+        assert secret is not None
+        data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+        assert qemu_sees(old_iqn, data["username"], data["password"]) == GIB
+
         instance(ns, "a", volumes=[])
         volume(ns, "boot", 2, node.zone, bootable=True)
         vol = await until(kube, "boot", ns, lambda v: v.status.attachment is None, "detached")
