@@ -303,10 +303,12 @@ class NodeStorage:
             return
         if removed:
             log.info("removed stale exports", volumes=removed)
-        await self.run(self.images.prune, [], 3600.0)
+        await self.run(functools.partial(self.images.prune, [], min_unused_seconds=3600.0))
 
     def _prune_exports(self, wanted: set[str]) -> list[str]:
         mine = {v.id for b in self.backends for v in b.list_volumes()}
+        if not mine - wanted:
+            return []  # nothing here could be exported by mistake: leave tgtd alone
         stale = [e.volume_id for e in self.exporter.list_exports() if e.volume_id in mine - wanted]
         for volume_id in stale:
             self.exporter.remove_export(volume_id)
