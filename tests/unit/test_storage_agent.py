@@ -3,10 +3,15 @@ driver errors are reported, pool reports, merge-patch values."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import pytest
 
+from nubes.agent.config import AgentConfig
 from nubes.agent.storage import (
     BackendSpec,
+    NodeStorage,
     Problem,
     chap_secret_name,
     classify,
@@ -17,7 +22,9 @@ from nubes.api.storage import VolumeExport
 from nubes.controllers.storage import merged
 from nubes.drivers.backup.posix import BackupInUse, CorruptBackup
 from nubes.drivers.images.cache import ChecksumMismatch, ImageFetchError
+from nubes.drivers.runner import Result
 from nubes.drivers.volumes.base import NoSpace, PoolStats, VolumeBusy
+from nubes.runtime.operator import Operator
 
 
 def test_backend_specs() -> None:
@@ -80,3 +87,35 @@ def test_merge_patch_values_null_what_went_away() -> None:
     assert merged(current, wanted) == {**wanted, "initiatorNode": None}
     assert merged(None, wanted) == {k: v for k, v in wanted.items() if v is not None}
     assert merged(current, None) is None
+
+
+class FakeTgt:
+    """Answers tgtadm like a tgtd holding one target per listed volume id."""
+
+    def __init__(self, volume_ids: list[str]) -> None:
+        self.targets = {i + 1: v for i, v in enumerate(volume_ids)}
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv: Sequence[str], **_: object) -> Result:
+        self.calls.append(list(argv))
+        out = ""
+        if "show" in argv:
+            out = "".join(
+                f"Target {tid}: iqn.2010-10.io.nubes:volume-{v}\n"
+                for tid, v in self.targets.items()
+            )
+        elif "delete" in argv and "target" in argv:
+            self.targets.pop(int(argv[argv.index("--tid") + 1]))
+        return Result(tuple(argv), 0, out, "")
+
+
+async def test_periodic_clean_up_removes_only_unwanted_exports_of_this_nodes_volumes(
+    tmp_path: Path,
+) -> None:
+    tgt = FakeTgt(["mine", "someone-elses"])
+    storage = NodeStorage(AgentConfig(node="n1", state_dir=str(tmp_path)), runner=tgt)
+    storage.register(Operator("unit", kube=None))  # type: ignore[arg-type]
+    storage.backends[0].create_volume("mine", 1)
+    await storage.prune()
+    assert list(tgt.targets.values()) == ["someone-elses"]
+    storage.backends[0].delete_volume("mine")
