@@ -16,7 +16,7 @@ from nubes.api.meta import ApiModel
 from nubes.api.storage import AgentError, Volume, VolumeBackup, VolumeSnapshot
 from nubes.controllers.volume_scheduler import PoolState
 from nubes.runtime.operator import Operator
-from nubes.runtime.reconcile import Outcome
+from nubes.runtime.reconcile import Outcome, Stall, Wait
 
 DEFAULT_VOLUME_TYPE = "default"
 """The VolumeType used when a volume names none (if it exists)."""
@@ -155,6 +155,29 @@ def add_indexes(op: Operator) -> None:
         "storage-parent",
         lambda b: [f"{b.namespace}/{b.status.parent}"] if b.status.parent else [],
     )
+
+
+def copyable_volume(
+    op: Operator, name: str, namespace: str | None, *, force: bool, what: str
+) -> Volume:
+    """The volume a snapshot or backup reads, or Wait/Stall saying why not:
+    it must exist and be created, and not be attached unless forced (the
+    guest may be writing: the copy would be inconsistent)."""
+    vol: Volume | None = op.store(Volume).lookup(name, namespace)
+    if vol is None:
+        raise Wait("VolumeNotFound", f"volume {name} does not exist", 10)
+    if vol.deleting:
+        raise Stall("VolumeDeleting", f"volume {name} is being deleted")
+    if not filled(vol) or vol.status.node is None:
+        raise Wait("VolumeNotReady", f"volume {name} is not created yet", 5)
+    attachment = vol.status.attachment
+    if attachment is not None and not force:
+        raise Stall(
+            "VolumeAttached",
+            f"volume {name} is attached to instance {attachment.instance}: detach it, or set"
+            f" force: true and accept a possibly inconsistent {what}",
+        )
+    return vol
 
 
 def names(items: list[Any], limit: int = 5) -> str:

@@ -15,11 +15,11 @@ from nubes.api.storage import BACKUP_FINALIZER, Volume, VolumeBackup
 from nubes.controllers.storage import (
     add_indexes,
     agent_problem,
-    filled,
+    copyable_volume,
     names,
 )
 from nubes.runtime.operator import Operator
-from nubes.runtime.reconcile import Outcome, Reconciler, Stall, Wait
+from nubes.runtime.reconcile import Outcome, Reconciler, Stall
 
 
 def _created(b: VolumeBackup) -> tuple[str, str]:
@@ -89,18 +89,7 @@ class VolumeBackupReconciler(Reconciler[VolumeBackup]):
 
     def _decide(self, obj: VolumeBackup) -> dict[str, Any]:
         name = obj.spec.volume
-        vol: Volume | None = self.volumes.lookup(name, obj.namespace)
-        if vol is None or vol.deleting:
-            raise Wait("VolumeNotFound", f"volume {name} does not exist", 10)
-        if not filled(vol) or vol.status.node is None:
-            raise Wait("VolumeNotReady", f"volume {name} is not created yet", 5)
-        attachment = vol.status.attachment
-        if attachment is not None and not obj.spec.force:
-            raise Stall(
-                "VolumeAttached",
-                f"volume {name} is attached to instance {attachment.instance}: detach it, or"
-                " set force: true to back up a possibly inconsistent copy",
-            )
+        vol = copyable_volume(self.op, name, obj.namespace, force=obj.spec.force, what="backup")
         parent = None
         if obj.spec.incremental:
             earlier = [

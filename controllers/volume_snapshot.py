@@ -14,11 +14,11 @@ from nubes.api.storage import SNAPSHOT_FINALIZER, Volume, VolumeSnapshot
 from nubes.controllers.storage import (
     add_indexes,
     agent_problem,
-    filled,
+    copyable_volume,
     names,
 )
 from nubes.runtime.operator import Operator
-from nubes.runtime.reconcile import Outcome, Reconciler, Stall, Wait
+from nubes.runtime.reconcile import Outcome, Reconciler
 
 
 class VolumeSnapshotReconciler(Reconciler[VolumeSnapshot]):
@@ -52,20 +52,9 @@ class VolumeSnapshotReconciler(Reconciler[VolumeSnapshot]):
         volume_name = obj.spec.volume
         node = obj.status.node
         if node is None:
-            vol: Volume | None = self.volumes.lookup(volume_name, obj.namespace)
-            if vol is None:
-                raise Wait("VolumeNotFound", f"volume {volume_name} does not exist", 10)
-            if vol.deleting:
-                raise Stall("VolumeDeleting", f"volume {volume_name} is being deleted")
-            if not filled(vol) or vol.status.node is None:
-                raise Wait("VolumeNotReady", f"volume {volume_name} is not created yet", 5)
-            attachment = vol.status.attachment
-            if attachment is not None and not obj.spec.force:
-                raise Stall(
-                    "VolumeAttached",
-                    f"volume {volume_name} is attached to instance {attachment.instance}:"
-                    " detach it, or set force: true and accept a possibly inconsistent snapshot",
-                )
+            vol = copyable_volume(
+                self.op, volume_name, obj.namespace, force=obj.spec.force, what="snapshot"
+            )
             node = vol.status.node
         status: dict[str, Any] = {"node": node}
         where = f"snapshot of volume {volume_name} on node {node}"
