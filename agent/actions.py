@@ -13,6 +13,7 @@ what is left. Each agent writes only its own fields of the action's status.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -184,7 +185,7 @@ class ActionRunner:
         transfer = action.status.transfer
         assert transfer is not None
         source = ImageSource(transfer.url, transfer.sha256, "qcow2")
-        moved = Plan(**{**plan.__dict__, "root_source": source})
+        moved = dataclasses.replace(plan, root_source=source)
         self.agent.local.add(inst.uid)
         self.agent.converge_domain(moved)
         # The node's cache holds the base now; the store copy can go.

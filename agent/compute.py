@@ -72,7 +72,7 @@ POWER = {
 }
 CONSOLE_TAIL = 64 * 1024
 SHUTDOWN_TIMEOUT = 30.0
-DATA_TARGETS = [f"vd{c}" for c in "bcdefghijklmnopqrstuvwxy"]
+DATA_TARGETS = [f"vd{c}" for c in "bcdefghijklmnopqrstuvwx"]  # vdy: rescue, vdz: config
 
 
 @dataclass
@@ -119,7 +119,9 @@ class InstanceAgent(Reconciler[Instance]):
         self.root = Path(config.state_dir) / "instances"
         self.cache = ImageCache(str(self.root), self.runner)
         self.libvirt = LibvirtCompute()
-        self.vifs = VifPlugger(networking.links, networking.switch, config.node_netns)
+        self.vifs = VifPlugger(
+            networking.links, networking.switch, config.node_netns, self.node_tag
+        )
         self.store_dir = Path(config.image_store)
         self.local: set[str] = set()
         """Uids of instances with something on this node."""
@@ -451,20 +453,26 @@ class InstanceAgent(Reconciler[Instance]):
         name = spec.name
         self.libvirt.ensure_defined(spec)
         state = self.libvirt.state(name)
-        if state in (DomainState.RUNNING, DomainState.PAUSED):
-            self._sync_volumes(name, spec)
-        want = plan.inst.spec.power_state
-        if want == "Running":
-            if state == DomainState.PAUSED:
-                self.libvirt.unpause(name)
-            elif state in (DomainState.SHUTOFF, DomainState.SAVED):
-                self.libvirt.start(name)  # restores a managed save
-        elif want == "Stopped":
-            if state in (DomainState.RUNNING, DomainState.PAUSED, DomainState.SAVED):
+        boot = self.instance_dir(plan.inst) / "boot-config"
+        wanted_boot = _boot_digest(spec, plan.disk_bytes)
+        if state in (DomainState.RUNNING, DomainState.PAUSED, DomainState.SAVED):
+            if boot.exists() and boot.read_text() != wanted_boot:
+                # Running with a definition that has changed since it booted
+                # (resize, rescue...): only a cold restart applies it.
                 self.libvirt.shutdown(name, timeout=SHUTDOWN_TIMEOUT)
+                self._root_disk(plan)  # off now: a bigger flavor grows the disk
+                state = self.libvirt.state(name)
+            else:
+                self._sync_volumes(name, spec)
+        want = plan.inst.spec.power_state
+        if want in ("Running", "Paused") and state in (DomainState.SHUTOFF, DomainState.SAVED):
+            boot.write_text(wanted_boot)
+            self.libvirt.start(name)  # restores a managed save
+        if want == "Running" and state == DomainState.PAUSED:
+            self.libvirt.unpause(name)
+        elif want == "Stopped" and state != DomainState.SHUTOFF:
+            self.libvirt.shutdown(name, timeout=SHUTDOWN_TIMEOUT)
         elif want == "Paused":
-            if state in (DomainState.SHUTOFF, DomainState.SAVED):
-                self.libvirt.start(name)
             self.libvirt.pause(name)
         elif want == "Suspended" and state in (DomainState.RUNNING, DomainState.PAUSED):
             self.libvirt.suspend(name)
@@ -477,7 +485,8 @@ class InstanceAgent(Reconciler[Instance]):
         for target, disk in wanted.items():
             if target not in observed:
                 self.libvirt.attach_disk(name, disk)
-        for target in observed - set(wanted) - {"vda", "vdz"}:
+        # Only data-volume slots: root (vda), rescue (vdy), config drive (vdz) stay.
+        for target in (observed & set(DATA_TARGETS)) - set(wanted):
             self.libvirt.detach_disk(name, target)
 
     def _shelve(self, plan: Plan) -> dict[str, str] | None:
@@ -551,6 +560,19 @@ class InstanceAgent(Reconciler[Instance]):
                 self._console_digest[inst.uid] = digest
             except ApiError as e:
                 log.warning("console publish failed", instance=inst.key, error=str(e))
+
+
+def _boot_digest(spec: DomainSpec, disk_bytes: int) -> str:
+    """What a running domain cannot change without a restart."""
+    parts = [
+        spec.vcpus,
+        spec.memory_mib,
+        spec.root_disk.path,
+        disk_bytes,
+        spec.rescue_disk.path if spec.rescue_disk else None,
+        [(n.mac, n.bridge) for n in spec.nics],
+    ]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 def _tail(path: Path, size: int) -> str | None:

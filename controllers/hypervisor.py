@@ -10,6 +10,18 @@ from nubes.runtime.reconcile import Outcome, Reconciler
 HEARTBEAT_TIMEOUT = 60.0
 
 
+def alive(hv: Hypervisor) -> bool:
+    """Heartbeating now: judged from the heartbeat itself, not from a Ready
+    condition that a previous controller may have written long ago."""
+    age = seconds_since(hv.status.heartbeat_time)
+    return age is not None and age <= HEARTBEAT_TIMEOUT and not hv.deleting
+
+
+def usable(hv: Hypervisor) -> bool:
+    """Takes new work: alive and not disabled by an operator."""
+    return alive(hv) and not hv.spec.disabled
+
+
 class HypervisorReconciler(Reconciler[Hypervisor]):
     kind = Hypervisor
     workers = 1

@@ -26,6 +26,7 @@ from nubes.controllers.compute_scheduler import (
     schedule,
     traits_from_extra_specs,
 )
+from nubes.controllers.hypervisor import usable
 from nubes.controllers.image import resolve_image
 from nubes.runtime.kube import path_of
 from nubes.runtime.operator import Operator
@@ -58,7 +59,7 @@ def host_states(op: Operator, exclude_uid: str) -> list[HostState]:
             HostState(
                 name=hv.name,
                 zone=hv.spec.availability_zone,
-                usable=hv.status.is_true("Ready") and not hv.spec.disabled and not hv.deleting,
+                usable=usable(hv),
                 vcpus=hv.status.vcpus or 0,
                 ram_mib=hv.status.ram_mib or 0,
                 disk_gib=hv.status.disk_gib or 0,

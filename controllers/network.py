@@ -12,6 +12,7 @@ from nubes.api.meta import ProjectRef
 from nubes.api.network import FixedIpRequest, Network, Port, PortBinding, PortSpec, Subnet
 from nubes.controllers.allocations import Ledger
 from nubes.controllers.config import ControllerConfig
+from nubes.controllers.hypervisor import usable
 from nubes.controllers.segments import candidates, derived_mtu, segment_pool, valid_segment
 from nubes.runtime.kube import path_of
 from nubes.runtime.operator import Operator
@@ -37,10 +38,7 @@ def ready_nodes(op: Operator, zones: list[str] | None = None) -> list[str]:
     return sorted(
         hv.name
         for hv in op.store(Hypervisor)
-        if hv.status.is_true("Ready")
-        and not hv.spec.disabled
-        and not hv.deleting
-        and (not zones or hv.spec.availability_zone in zones)
+        if usable(hv) and (not zones or hv.spec.availability_zone in zones)
     )
 
 

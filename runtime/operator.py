@@ -331,6 +331,10 @@ class Operator:
             except asyncio.CancelledError:
                 raise
             except ApiError as e:
+                if e.not_found:
+                    # Deleted meanwhile; the watch removes it from the cache.
+                    queue.forget(key)
+                    continue
                 if e.conflict:
                     # Acted on an outdated cached object; the watch brings the
                     # new version, and a retry picks it up.

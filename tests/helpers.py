@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -83,6 +85,13 @@ def apply(
     return kubectl("apply", "-f", "-", input=text, check=check, user=user, groups=groups)
 
 
+def _die_with_parent() -> None:
+    """A test's controller or agent must not outlive the test run, even when
+    pytest itself is killed before its fixtures clean up."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @dataclass
 class Process:
     """A nubes process (controller or agent) started for a test."""
@@ -110,6 +119,7 @@ class Process:
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         self.wait_healthy()

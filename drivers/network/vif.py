@@ -25,21 +25,27 @@ class VifNames:
     guest_peer: str
 
 
-def vif_names(port_uid: str) -> VifNames:
-    short = port_uid.replace("-", "")[:11]
+def vif_names(port_uid: str, node_tag: str = "") -> VifNames:
+    """Device names of a port's VIF (at most 15 characters). A node tag in
+    the name keeps nodes that share one host namespace (simulated nodes)
+    apart; it does no harm on a real node."""
+    short = (port_uid.replace("-", "")[: 11 - len(node_tag[:4])] + node_tag[:4])[:11]
     return VifNames(f"tap{short}", f"qbr{short}", f"qvb{short}", f"qvo{short}", f"vg{short}")
 
 
 class VifPlugger:
-    def __init__(self, links: Links, switch: NodeSwitch, node_netns: str | None):
+    def __init__(
+        self, links: Links, switch: NodeSwitch, node_netns: str | None, node_tag: str = ""
+    ):
         self.links = links
         self.switch = switch
         self.node_netns = node_netns
+        self.node_tag = node_tag
 
     def plug_hybrid(self, port_uid: str, mac: str, mtu: int) -> VifNames:
         """qbr + qvb/qvo for an instance NIC; returns the names (libvirt
         plugs `tap` into `qbr`)."""
-        names = vif_names(port_uid)
+        names = vif_names(port_uid, self.node_tag)
         self.links.ensure_bridge(names.qbr, mtu=mtu)
         self.links.ensure_veth(names.qvb, None, names.qvo, self.node_netns, mtu=mtu)
         self.links.set_master(names.qvb, names.qbr)
@@ -50,7 +56,7 @@ class VifPlugger:
         self, port_uid: str, mac: str, mtu: int, guest_netns: str, ifname: str = "eth0"
     ) -> VifNames:
         """A namespace guest: `ifname` in `guest_netns` with the port's MAC."""
-        names = vif_names(port_uid)
+        names = vif_names(port_uid, self.node_tag)
         self.links.ensure_veth(
             ifname, guest_netns, names.guest_peer, self.node_netns, mtu=mtu, mac=mac
         )
@@ -58,7 +64,7 @@ class VifPlugger:
         return names
 
     def unplug(self, port_uid: str) -> None:
-        names = vif_names(port_uid)
+        names = vif_names(port_uid, self.node_tag)
         self.switch.remove_vif(names.qvo)
         self.switch.remove_vif(names.guest_peer)
         self.links.delete(names.qvb)  # takes qvo with it

@@ -8,13 +8,13 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nubes.api.compute import Hypervisor, Instance
+from nubes.api.compute import Hypervisor, Instance, InstanceAction
 from nubes.api.image import Image
 from nubes.drivers.compute.libvirt import DomainState, LibvirtCompute
 from nubes.runtime.kube import CONFIGMAPS, Kube
@@ -35,6 +35,7 @@ from tests.nodes import Fabric, sh
 @pytest.fixture(scope="module")
 def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
     fab = Fabric.start(tmp_path_factory.mktemp("fabric"), ["c1", "c2"])
+    ZONE["name"] = fab.prefix
     yield fab
     fab.stop()
 
@@ -47,12 +48,32 @@ def agent(
         start_agent(fabric, node, tmp_path_factory, state_root=workdir, image_store=image_store)
         for node in fabric.nodes
     ]
-    yield procs
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stop()
+        for node in fabric.nodes:
+            kubectl("delete", "hypervisor", node_name(fabric, node), "--ignore-not-found")
     for proc in procs:
-        proc.stop()
         proc.assert_no_crash()
-    for node in fabric.nodes:
-        kubectl("delete", "hypervisor", node_name(fabric, node), "--ignore-not-found")
+
+
+@pytest.fixture(autouse=True)
+async def instances_removed(
+    kube: Kube, namespace: str, agent: list[Process]
+) -> AsyncIterator[None]:
+    """Delete a test's instances while the agents still run (their finalizers
+    need them), and make sure nothing of them is left on the node."""
+    yield
+    kubectl("delete", "instances", "--all", "-n", namespace, "--wait=false", check=False)
+
+    async def gone() -> bool:
+        return not await kube.list(Instance, namespace)
+
+    await eventually(gone, timeout=180, what="instances deleted")
+    leftover = [n for n in virsh("list", "--all", "--name").split() if n.startswith("nubes-")]
+    assert not leftover, f"domains left behind: {leftover}"
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +107,17 @@ def image(ns: str, name: str, path: Path, sha256: str | None, fmt: str = "qcow2"
     )
 
 
+ZONE: dict[str, str] = {}
+
+
 def instance(ns: str, name: str, **spec: Any) -> None:
+    """An instance confined to this module's nodes (their availability zone)."""
     apply(
         {
             "apiVersion": COMPUTE,
             "kind": "Instance",
             "metadata": {"name": name, "namespace": ns},
-            "spec": spec,
+            "spec": {"availabilityZone": ZONE["name"], **spec},
         }
     )
 
@@ -102,10 +127,28 @@ async def console(kube: Kube, inst: str, ns: str) -> str:
     return str((cm or {}).get("data", {}).get("console.log", ""))
 
 
-async def wait_console(kube: Kube, inst: str, ns: str, text: str, timeout: float = 120) -> str:
+def said(log: str, line: str) -> int:
+    """How many console lines are exactly `line` (user data echoes its own
+    script, so a substring test would find the script's text)."""
+    return sum(1 for entry in log.replace("\r", "").splitlines() if entry.strip() == line)
+
+
+async def wait_console(
+    kube: Kube,
+    inst: str,
+    ns: str,
+    text: str,
+    timeout: float = 120,
+    *,
+    line: bool = False,
+    times: int = 1,
+) -> str:
+    """Wait for `text` on the console; with `line`, for whole lines equal to it."""
+
     async def probe() -> str | None:
         log = await console(kube, inst, ns)
-        return log if text in log else None
+        found = said(log, text) if line else log.count(text)
+        return log if found >= times else None
 
     try:
         return await eventually(
@@ -224,7 +267,8 @@ async def test_boot_power_states_and_cleanup(
     for instances_dir in workdir.glob("agent-*/instances"):
         assert [p.name for p in instances_dir.iterdir() if not p.name.startswith("_")] == []
     taps = sh("ip", "-o", "link", "show").stdout
-    assert f"tap{vm.uid.replace('-', '')[:11]}" not in taps
+    assert f"tap{vm.uid.replace('-', '')[:7]}" not in taps
+    assert f"qbr{vm.uid.replace('-', '')[:7]}" not in taps
     for node in fabric.nodes:
         assert "qvo" not in node.vsctl("list-ports", "br-int")
 
@@ -312,3 +356,241 @@ async def test_bad_input_leaves_nothing_behind(
     for name in ("wrong-sum", "evil", "liar"):
         got_img = await kube.get(Image, name, ns)
         assert got_img is not None and got_img.uid not in stored
+
+
+MARKER_SCRIPT = """#!/bin/sh
+# A marker on the root disk, past the boot partition: written on the first
+# boot, found on every boot after (and in snapshots, moves and unshelves).
+m=$(dd if=/dev/vda bs=1M skip=900 count=1 2>/dev/null | head -c 10)
+if [ "$m" = MARKER-ONE ]; then echo marker-found; else
+  echo MARKER-ONE > /tmp/m; dd if=/tmp/m of=/dev/vda bs=1M seek=900 conv=notrunc 2>/dev/null
+  sync; echo marker-written; fi
+"""
+
+
+def action(ns: str, name: str, inst: str, kind: str, **spec: Any) -> None:
+    apply(
+        {
+            "apiVersion": COMPUTE,
+            "kind": "InstanceAction",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"instance": inst, "action": kind, **spec},
+        }
+    )
+
+
+def virsh(*args: str) -> str:
+    return sh("virsh", "-c", "qemu:///system", *args).stdout
+
+
+async def test_instance_actions(
+    kube: Kube,
+    controller: Process,
+    agent: list[Process],
+    fabric: Fabric,
+    namespace: str,
+    guest_image: tuple[Path, str],
+    flavor_name: str,
+    image_store: Path,
+) -> None:
+    ns = namespace
+    path, sha = guest_image
+    image(ns, "guest", path, sha)
+    big = f"big-{uuid.uuid4().hex[:6]}"
+    flavor(big, vcpus=2, ramMib=320, diskGib=2)
+    network(ns, "net", fabric, type="vxlan")
+    subnet(ns, "net-v4", "net", "10.31.0.0/24")
+    instance(
+        ns,
+        "vm",
+        flavor=flavor_name,
+        image={"name": "guest"},
+        networks=[{"network": {"name": "net"}}],
+        userData=MARKER_SCRIPT,
+    )
+    await condition(kube, Instance, "vm", ns, timeout=180)
+    await wait_console(kube, "vm", ns, "marker-written", line=True)
+
+    async def done(name: str) -> Any:
+        return await condition(kube, InstanceAction, name, ns, timeout=180)
+
+    async def boots() -> int:
+        return (await console(kube, "vm", ns)).count("nubes-guest: boot ")
+
+    try:
+        for kind in ("SoftReboot", "HardReboot"):
+            before = await boots()
+            action(ns, kind.lower(), "vm", kind)
+            await done(kind.lower())
+            await eventually(
+                lambda b=before: _more(boots, b), timeout=120, what=f"boot after {kind}"
+            )
+        # Each reboot runs the user data again, which finds its marker.
+        await wait_console(kube, "vm", ns, "marker-found", line=True, times=2)
+
+        action(ns, "snap", "vm", "Snapshot", imageName="vm-snap")
+        await done("snap")
+        snap = await condition(kube, Image, "vm-snap", ns, timeout=120)
+        assert snap.status.format == "qcow2"
+        instance(
+            ns, "from-snap", flavor=flavor_name, image={"name": "vm-snap"}, userData=MARKER_SCRIPT
+        )
+        await condition(kube, Instance, "from-snap", ns, timeout=180)
+        await wait_console(kube, "from-snap", ns, "marker-found", line=True)
+        kubectl("delete", "instance", "from-snap", "-n", ns, "--wait=false")
+        assert not list((image_store / "snapshots").glob("*.qcow2")), (
+            "snapshot transfer left behind"
+        )
+
+        before = await boots()
+        action(ns, "rebuild", "vm", "Rebuild", image={"name": "guest"})
+        await done("rebuild")
+        # A rebuilt root disk starts afresh: the marker is written a second time.
+        await wait_console(kube, "vm", ns, "marker-written", timeout=120, line=True, times=2)
+
+        action(ns, "resize", "vm", "Resize", flavor=big)
+        await done("resize")
+        vm = await condition(kube, Instance, "vm", ns, timeout=120)
+        assert vm.status.flavor == big and vm.status.vcpus == 2
+        await eventually(
+            lambda: "CPU(s):         2" in virsh("dominfo", vm.status.domain or ""),
+            timeout=60,
+            what="the domain restarted with 2 vCPUs",
+        )
+        await wait_console(kube, "vm", ns, "disk vda 2147483648")
+
+        action(ns, "rescue", "vm", "Rescue")
+        await done("rescue")
+        vm = await condition(kube, Instance, "vm", ns, timeout=120)
+        assert vm.status.rescued is True
+        domain = vm.status.domain or ""
+        await eventually(
+            lambda: (
+                "vdy" in virsh("domblklist", domain) and domain_state(domain) == DomainState.RUNNING
+            ),
+            timeout=60,
+            what="running from the rescue disk",
+        )
+        action(ns, "unrescue", "vm", "Unrescue")
+        await done("unrescue")
+        vm = await condition(kube, Instance, "vm", ns, timeout=120)
+        assert vm.status.rescued is False
+        await eventually(
+            lambda: (
+                "vdy" not in virsh("domblklist", domain)
+                and domain_state(domain) == DomainState.RUNNING
+            ),
+            timeout=60,
+            what="running without the rescue disk",
+        )
+
+        source = vm.status.node
+        action(ns, "migrate", "vm", "Migrate")
+        await done("migrate")
+
+        async def moved() -> Instance | None:
+            got = await kube.get(Instance, "vm", ns)
+            return (
+                got if got and got.status.node != source and got.status.is_true("Ready") else None
+            )
+
+        vm = await eventually(moved, timeout=180, what="instance on the other node")
+        assert domain_state(vm.status.domain) == DomainState.RUNNING
+        source_domain = f"nubes-{vm.uid}-{hashlib.sha256((source or '').encode()).hexdigest()[:8]}"
+        await eventually(
+            lambda: source_domain not in virsh("list", "--all", "--name"),
+            timeout=60,
+            what="the source node's domain removed",
+        )
+        await _fresh_boot_found_marker(kube, ns)
+
+        kubectl(
+            "patch",
+            "instance",
+            "vm",
+            "-n",
+            ns,
+            "--type=merge",
+            "-p",
+            '{"spec": {"powerState": "Shelved"}}',
+        )
+
+        async def shelved() -> Instance | None:
+            got = await kube.get(Instance, "vm", ns)
+            return got if got and got.status.node is None and got.status.is_true("Ready") else None
+
+        vm = await eventually(shelved, timeout=180, what="instance shelved")
+        assert vm.status.shelved_disk is not None
+        assert domain_state(vm.status.domain) == DomainState.ABSENT
+        kubectl(
+            "patch",
+            "instance",
+            "vm",
+            "-n",
+            ns,
+            "--type=merge",
+            "-p",
+            '{"spec": {"powerState": "Running"}}',
+        )
+
+        async def unshelved() -> Instance | None:
+            got = await kube.get(Instance, "vm", ns)
+            ok = got and got.status.node and got.status.power_state == "Running"
+            return (
+                got if ok and got.status.is_true("Ready") and not got.status.shelved_disk else None
+            )
+
+        vm = await eventually(unshelved, timeout=180, what="instance unshelved")
+        await _fresh_boot_found_marker(kube, ns)
+        assert vm.status.node is not None
+
+        kubectl(
+            "patch", "instance", "vm", "-n", ns, "--type=merge", "-p", '{"spec": {"locked": true}}'
+        )
+        action(ns, "locked", "vm", "HardReboot")
+        cond = (
+            await condition(kube, InstanceAction, "locked", ns, type_="Stalled")
+        ).status.condition("Stalled")
+        assert cond.reason == "InstanceLocked"
+    finally:
+        kubectl(
+            "patch",
+            "instance",
+            "vm",
+            "-n",
+            ns,
+            "--type=merge",
+            "-p",
+            '{"spec": {"locked": false}}',
+            check=False,
+        )
+        kubectl("delete", "instances", "--all", "-n", ns, "--wait=false")
+        kubectl("delete", "flavor", big, "--wait=false")
+
+    async def gone() -> bool:
+        return not await kube.list(Instance, ns)
+
+    await eventually(gone, timeout=120, what="instances deleted")
+    assert "nubes-" not in virsh("list", "--all", "--name")
+    for leftover in ("transfers", "shelved", "snapshots"):
+        assert not list(image_store.glob(f"{leftover}/*")), f"{leftover} left in the image store"
+
+
+async def _fresh_boot_found_marker(kube: Kube, ns: str) -> None:
+    """After a move or unshelve the console is the new domain's: one boot,
+    and the root disk it came with still has the marker."""
+
+    async def probe() -> bool:
+        log = await console(kube, "vm", ns)
+        return log.count("nubes-guest: boot ") == 1 and said(log, "marker-found") == 1
+
+    await eventually(probe, timeout=120, interval=1, what="marker found on the moved disk")
+
+
+async def _more(counter: Any, before: int) -> bool:
+    return bool(await counter() > before)
+
+
+async def _not_none(kube: Kube, ns: str) -> bool:
+    got = await kube.get(Instance, "vm", ns)
+    return got is not None and got.status.shelved_disk is None

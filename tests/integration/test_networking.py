@@ -42,12 +42,15 @@ def agents(
     fabric: Fabric, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Process]]:
     procs = {n.name: start_agent(fabric, n, tmp_path_factory) for n in fabric.nodes}
-    yield procs
+    try:
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
+        for node in fabric.nodes:
+            kubectl("delete", "hypervisor", node_name(fabric, node), "--ignore-not-found")
     for proc in procs.values():
-        proc.stop()
         proc.assert_no_crash()
-    for node in fabric.nodes:
-        kubectl("delete", "hypervisor", node_name(fabric, node), "--ignore-not-found")
 
 
 async def test_guests_get_their_port_by_dhcp_and_networks_are_isolated(
