@@ -101,7 +101,8 @@ class Plan:
     """Where a missing root disk comes from (image, shelved disk, transfer)."""
     ports: list[Port] = field(default_factory=list)
     volumes: list[VolumeDisk] = field(default_factory=list)
-    rescue_source: ImageSource | None = None
+    boot_volume: VolumeDisk | None = None
+    """Root disk on a volume (boot from volume) instead of a local overlay."""
 
 
 class InstanceAgent(Reconciler[Instance]):
@@ -232,7 +233,8 @@ class InstanceAgent(Reconciler[Instance]):
         status: dict[str, Any] = {
             "powerState": POWER.get(state, "Absent"),
             "domain": self.domain_name(obj),
-            "attachedVolumes": [v.name for v in plan.volumes],
+            "attachedVolumes": [v.name for v in plan.volumes]
+            + ([plan.boot_volume.name] if plan.boot_volume else []),
             "consoleLog": f"{obj.name}-console",
         }
         if obj.status.shelved_disk and state == DomainState.RUNNING:
@@ -285,10 +287,9 @@ class InstanceAgent(Reconciler[Instance]):
                 eff.image.name, eff.image.namespace or inst.namespace
             )
         root: ImageSource | None = None
-        if inst.status.shelved_disk:
-            root = ImageSource(
-                inst.status.shelved_disk.url, inst.status.shelved_disk.sha256, "qcow2"
-            )
+        shelved = inst.status.shelved_disk
+        if shelved is not None and shelved.url.startswith("file:"):
+            root = ImageSource(shelved.url, shelved.sha256, "qcow2")
         elif image is not None:
             root = source_of(image)
         disk_gib = found.spec.disk_gib
@@ -303,8 +304,14 @@ class InstanceAgent(Reconciler[Instance]):
             return None  # boot with every NIC: there is no NIC hot-plug
         order = {a.port: i for i, a in enumerate(inst.status.addresses)}
         ports.sort(key=lambda p: order.get(p.name, len(order)))
+        boot_volume = None
+        if inst.spec.boot_volume is not None:
+            boot_volume = await self._volume_disk(inst, inst.spec.boot_volume.name, "vda")
+            if boot_volume is None:
+                return None  # not exported for us yet
         return Plan(
             inst=inst,
+            boot_volume=boot_volume,
             vcpus=found.spec.vcpus,
             ram_mib=found.spec.ram_mib,
             disk_bytes=disk_gib * GIB,
@@ -316,30 +323,37 @@ class InstanceAgent(Reconciler[Instance]):
     async def _volume_disks(self, inst: Instance) -> list[VolumeDisk]:
         disks = []
         for index, attachment in enumerate(inst.spec.volumes[: len(DATA_TARGETS)]):
-            volume: Volume | None = self.op.store(Volume).lookup(attachment.volume, inst.namespace)
-            if volume is None or volume.status.export is None or volume.status.attachment is None:
-                continue
-            if volume.status.attachment.instance_uid != inst.uid:
-                continue
-            export = volume.status.export
-            secret = await self.op.kube.get_raw(SECRETS, export.chap_secret, inst.namespace)
-            if secret is None:
-                continue
-            data = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
-            host, _, port = export.portal.rpartition(":")
-            disks.append(
-                VolumeDisk(
-                    volume.name,
-                    DATA_TARGETS[index],
-                    host,
-                    int(port or 3260),
-                    export.iqn,
-                    export.lun,
-                    data.get("username", ""),
-                    data.get("password", ""),
-                )
-            )
+            disk = await self._volume_disk(inst, attachment.volume, DATA_TARGETS[index])
+            if disk is not None:
+                disks.append(disk)
         return disks
+
+    async def _volume_disk(self, inst: Instance, name: str, target: str) -> VolumeDisk | None:
+        """The volume's iSCSI export, if it is attached to this instance and
+        exported for this node; CHAP credentials from the Volume's Secret."""
+        volume: Volume | None = self.op.store(Volume).lookup(name, inst.namespace)
+        if volume is None or volume.status.export is None or volume.status.attachment is None:
+            return None
+        export = volume.status.export
+        if volume.status.attachment.instance_uid != inst.uid:
+            return None
+        if export.initiator_node not in (None, self.node):
+            return None  # still exported for the node the instance left
+        secret = await self.op.kube.get_raw(SECRETS, export.chap_secret, inst.namespace)
+        if secret is None:
+            return None
+        data = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
+        host, _, port = export.portal.rpartition(":")
+        return VolumeDisk(
+            volume.name,
+            target,
+            host,
+            int(port or 3260),
+            export.iqn,
+            export.lun,
+            data.get("username", ""),
+            data.get("password", ""),
+        )
 
     # --- node work (blocking, in a worker thread) -------------------------------------
 
@@ -394,7 +408,11 @@ class InstanceAgent(Reconciler[Instance]):
         directory = self.instance_dir(inst)
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o755)  # QEMU runs as another user
-        root = self._root_disk(plan)
+        root: DataDisk = (
+            self._iscsi_disk(inst, plan.boot_volume)
+            if plan.boot_volume
+            else FileDisk(self._root_disk(plan), "vda")
+        )
         nics = []
         for port in plan.ports:
             names = self.vifs.plug_hybrid(
@@ -411,18 +429,7 @@ class InstanceAgent(Reconciler[Instance]):
         (directory / "ports.json").write_text(json.dumps([p.uid for p in plan.ports]))
         data: list[DataDisk] = []
         for vol in plan.volumes:
-            usage = f"nubes-volume-{inst.uid}-{vol.name}-{self.node_tag}"
-            self.libvirt.ensure_iscsi_secret(usage, vol.password)
-            data.append(
-                IscsiDisk(
-                    host=vol.host,
-                    port=vol.port,
-                    iqn=vol.iqn,
-                    lun=vol.lun,
-                    target=vol.target,
-                    chap=ChapAuth(vol.username, usage),
-                )
-            )
+            data.append(self._iscsi_disk(inst, vol))
         return DomainSpec(
             name=self.domain_name(inst),
             uuid=self.domain_uuid(inst),
@@ -430,7 +437,7 @@ class InstanceAgent(Reconciler[Instance]):
             vcpus=plan.vcpus,
             memory_mib=plan.ram_mib,
             virt_type=self._virt_type(),
-            root_disk=FileDisk(root, "vda"),
+            root_disk=root,
             console_log=str(directory / "console.log"),
             config_drive=self._config_drive(plan) if inst.spec.config_drive else None,
             data_disks=tuple(data),
@@ -439,6 +446,20 @@ class InstanceAgent(Reconciler[Instance]):
             rescue_disk=FileDisk(str(self.rescue_disk(inst)), "vdy")
             if self.rescue_disk(inst).exists()
             else None,
+        )
+
+    def _iscsi_disk(self, inst: Instance, vol: VolumeDisk) -> IscsiDisk:
+        """An exported volume as a disk QEMU's own initiator opens, its CHAP
+        password in a libvirt secret."""
+        usage = f"nubes-volume-{inst.uid}-{vol.name}-{self.node_tag}"
+        self.libvirt.ensure_iscsi_secret(usage, vol.password)
+        return IscsiDisk(
+            host=vol.host,
+            port=vol.port,
+            iqn=vol.iqn,
+            lun=vol.lun,
+            target=vol.target,
+            chap=ChapAuth(vol.username, usage),
         )
 
     def _virt_type(self) -> VirtType:
@@ -460,7 +481,8 @@ class InstanceAgent(Reconciler[Instance]):
                 # Running with a definition that has changed since it booted
                 # (resize, rescue...): only a cold restart applies it.
                 self.libvirt.shutdown(name, timeout=SHUTDOWN_TIMEOUT)
-                self._root_disk(plan)  # off now: a bigger flavor grows the disk
+                if plan.boot_volume is None:
+                    self._root_disk(plan)  # off now: a bigger flavor grows the disk
                 state = self.libvirt.state(name)
             else:
                 self._sync_volumes(name, spec)
@@ -496,6 +518,10 @@ class InstanceAgent(Reconciler[Instance]):
         if inst.status.shelved_disk:
             return inst.status.shelved_disk.wire()
         name = self.domain_name(inst)
+        if plan.boot_volume is not None:
+            # The root disk is the volume: stopping is all it takes to offload.
+            self.libvirt.shutdown(name, timeout=SHUTDOWN_TIMEOUT)
+            return {"url": f"volume:{plan.boot_volume.name}", "sha256": ""}
         disk = self.instance_dir(inst) / "disk"
         if not disk.exists():
             return None
@@ -514,9 +540,12 @@ class InstanceAgent(Reconciler[Instance]):
         if ports_file.exists():
             for port_uid in json.loads(ports_file.read_text()):
                 self.vifs.unplug(port_uid)
-        for attachment in inst.spec.volumes:
+        names = [a.volume for a in inst.spec.volumes]
+        if inst.spec.boot_volume is not None:
+            names.append(inst.spec.boot_volume.name)
+        for volume_name in names:
             self.libvirt.delete_iscsi_secret(
-                f"nubes-volume-{inst.uid}-{attachment.volume}-{self.node_tag}"
+                f"nubes-volume-{inst.uid}-{volume_name}-{self.node_tag}"
             )
         delete_config_drive(str(directory / "config.iso"))
         shutil.rmtree(directory, ignore_errors=True)
@@ -562,12 +591,18 @@ class InstanceAgent(Reconciler[Instance]):
                 log.warning("console publish failed", instance=inst.key, error=str(e))
 
 
+def _identity(disk: DataDisk) -> str:
+    if isinstance(disk, IscsiDisk):
+        return f"{disk.iqn}/{disk.lun}"
+    return disk.path if isinstance(disk, FileDisk) else disk.device
+
+
 def _boot_digest(spec: DomainSpec, disk_bytes: int) -> str:
     """What a running domain cannot change without a restart."""
     parts = [
         spec.vcpus,
         spec.memory_mib,
-        spec.root_disk.path,
+        _identity(spec.root_disk),
         disk_bytes,
         spec.rescue_disk.path if spec.rescue_disk else None,
         [(n.mac, n.bridge) for n in spec.nics],
@@ -585,7 +620,10 @@ def _tail(path: Path, size: int) -> str | None:
 
 
 def _unlink_url(url: str) -> None:
-    Path(url2pathname(urlsplit(url).path)).unlink(missing_ok=True)
+    """Remove a file:// URL's file (other URLs name nothing to remove)."""
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        Path(url2pathname(parts.path)).unlink(missing_ok=True)
 
 
 def _port_facts_changed(old: Port | None, new: Port | None) -> bool:

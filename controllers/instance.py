@@ -260,7 +260,10 @@ class InstanceReconciler(Reconciler[Instance]):
         volume: Volume | None = self.op.store(Volume).lookup(name, obj.namespace)
         if volume is None:
             raise Wait("BootVolumeNotFound", f"volume {name} does not exist", 5)
-        if not volume.spec.bootable:
+        backing = volume.status.backing
+        if backing is None or not backing.source_done:
+            raise Wait("WaitingForBootVolume", f"volume {name} is still being created", 5)
+        if not volume.status.bootable:
             raise Stall("VolumeNotBootable", f"volume {name} is not bootable")
 
     def _placement(

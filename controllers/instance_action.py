@@ -25,6 +25,9 @@ from nubes.runtime.kube import path_of
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Reconciler, Stall, Wait
 
+# These move or replace the local root disk, which a volume-backed instance has not.
+VOLUME_BACKED_UNSUPPORTED = ("Snapshot", "Rebuild", "Rescue", "Migrate", "Resize")
+
 
 def queue_of(op: Operator, action: InstanceAction) -> list[InstanceAction]:
     """Unfinished actions of the same instance, oldest first."""
@@ -105,6 +108,12 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
             raise Wait("InstanceNotPlaced", f"instance {inst.name} is not on a node", 5)
         if inst.spec.power_state == "Shelved":
             raise Stall("InstanceShelved", f"instance {inst.name} is shelved; unshelve it first")
+        if inst.spec.boot_volume is not None and obj.spec.action in VOLUME_BACKED_UNSUPPORTED:
+            raise Stall(
+                "NotSupportedForVolumeBackedInstances",
+                f"{obj.spec.action} is not supported for instances booted from a volume yet;"
+                " snapshot or back up the volume instead",
+            )
         plan: dict[str, Any] = {
             "sourceNode": source,
             "targetNode": s.target_node or source,

@@ -119,7 +119,8 @@ class DomainSpec:
     vcpus: int
     memory_mib: int
     virt_type: VirtType
-    root_disk: FileDisk
+    root_disk: DataDisk
+    """A file overlay, or a volume (boot from volume)."""
     """Normally target vda, qcow2 overlay on the cached image."""
     console_log: str
     """File the serial console is appended to."""

@@ -8,15 +8,16 @@ from typing import Any
 
 import pytest
 
+from nubes.drivers.compute.libvirt import DomainState, LibvirtCompute
 from nubes.drivers.network.netns import Links
 from nubes.drivers.network.ovs import Ovs
 from nubes.drivers.network.switch import NodeSwitch
 from nubes.drivers.network.vif import VifPlugger
 from nubes.drivers.runner import SubprocessRunner
-from nubes.runtime.kube import Kube
-from tests.helpers import Process, apply, eventually
+from nubes.runtime.kube import CONFIGMAPS, Kube
+from tests.helpers import Process, apply, eventually, kubectl
 from tests.integration.conftest import start_process
-from tests.nodes import Fabric, SimNode
+from tests.nodes import Fabric, SimNode, sh
 
 NET = "network.nubes.io/v1alpha1"
 COMPUTE = "compute.nubes.io/v1alpha1"
@@ -130,3 +131,91 @@ async def condition(
     return await eventually(
         probe, timeout=timeout, what=f"{kind.crd.kind} {ns}/{name} {type_}={status}"
     )
+
+
+def flavor(name: str, **spec: Any) -> None:
+    apply(
+        {
+            "apiVersion": COMPUTE,
+            "kind": "Flavor",
+            "metadata": {"name": name},
+            "spec": {"vcpus": 1, "ramMib": 256, "diskGib": 1, **spec},
+        }
+    )
+
+
+def image(ns: str, name: str, path: Path, sha256: str | None, fmt: str = "qcow2") -> None:
+    spec: dict[str, Any] = {"source": {"url": path.as_uri()}, "diskFormat": fmt}
+    if sha256:
+        spec["sha256"] = sha256
+    apply(
+        {
+            "apiVersion": IMAGE,
+            "kind": "Image",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": spec,
+        }
+    )
+
+
+async def console(kube: Kube, inst: str, ns: str) -> str:
+    cm = await kube.get_raw(CONFIGMAPS, f"{inst}-console", ns)
+    return str((cm or {}).get("data", {}).get("console.log", ""))
+
+
+def said(log: str, line: str) -> int:
+    """How many console lines are exactly `line` (user data echoes its own
+    script, so a substring test would find the script's text)."""
+    return sum(1 for entry in log.replace("\r", "").splitlines() if entry.strip() == line)
+
+
+async def wait_console(
+    kube: Kube,
+    inst: str,
+    ns: str,
+    text: str,
+    timeout: float = 120,
+    *,
+    line: bool = False,
+    times: int = 1,
+) -> str:
+    """Wait for `text` on the console; with `line`, for whole lines equal to it."""
+
+    async def probe() -> str | None:
+        log = await console(kube, inst, ns)
+        found = said(log, text) if line else log.count(text)
+        return log if found >= times else None
+
+    try:
+        return await eventually(
+            probe, timeout=timeout, interval=1, what=f"{text!r} on {inst}'s console"
+        )
+    except AssertionError as e:
+        ports = kubectl("get", "ports", "-n", ns, "-o", "yaml").stdout
+        raise AssertionError(
+            f"{e}\nconsole:\n{await console(kube, inst, ns)}\nports:\n{ports}"
+        ) from None
+
+
+def domain_state(name: str | None) -> DomainState:
+    if name is None:
+        return DomainState.ABSENT
+    compute = LibvirtCompute()
+    try:
+        return compute.state(name)
+    finally:
+        compute.close()
+
+
+MARKER_SCRIPT = """#!/bin/sh
+# A marker on the root disk, past the boot partition: written on the first
+# boot, found on every boot after (and in snapshots, moves and unshelves).
+m=$(dd if=/dev/vda bs=1M skip=900 count=1 2>/dev/null | head -c 10)
+if [ "$m" = MARKER-ONE ]; then echo marker-found; else
+  echo MARKER-ONE > /tmp/m; dd if=/tmp/m of=/dev/vda bs=1M seek=900 conv=notrunc 2>/dev/null
+  sync; echo marker-written; fi
+"""
+
+
+def virsh(*args: str) -> str:
+    return sh("virsh", "-c", "qemu:///system", *args).stdout

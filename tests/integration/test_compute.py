@@ -16,18 +16,25 @@ import pytest
 
 from nubes.api.compute import Hypervisor, Instance, InstanceAction
 from nubes.api.image import Image
-from nubes.drivers.compute.libvirt import DomainState, LibvirtCompute
-from nubes.runtime.kube import CONFIGMAPS, Kube
+from nubes.drivers.compute.libvirt import DomainState
+from nubes.runtime.kube import Kube
 from tests.drivers.guest import build_guest_image
 from tests.helpers import Process, apply, eventually, kubectl
 from tests.integration.cloud import (
     COMPUTE,
-    IMAGE,
+    MARKER_SCRIPT,
     condition,
+    console,
+    domain_state,
+    flavor,
+    image,
     network,
     node_name,
+    said,
     start_agent,
     subnet,
+    virsh,
+    wait_console,
 )
 from tests.nodes import Fabric, sh
 
@@ -82,31 +89,6 @@ def guest_image() -> tuple[Path, str]:
     return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def flavor(name: str, **spec: Any) -> None:
-    apply(
-        {
-            "apiVersion": COMPUTE,
-            "kind": "Flavor",
-            "metadata": {"name": name},
-            "spec": {"vcpus": 1, "ramMib": 256, "diskGib": 1, **spec},
-        }
-    )
-
-
-def image(ns: str, name: str, path: Path, sha256: str | None, fmt: str = "qcow2") -> None:
-    spec: dict[str, Any] = {"source": {"url": path.as_uri()}, "diskFormat": fmt}
-    if sha256:
-        spec["sha256"] = sha256
-    apply(
-        {
-            "apiVersion": IMAGE,
-            "kind": "Image",
-            "metadata": {"name": name, "namespace": ns},
-            "spec": spec,
-        }
-    )
-
-
 ZONE: dict[str, str] = {}
 
 
@@ -120,55 +102,6 @@ def instance(ns: str, name: str, **spec: Any) -> None:
             "spec": {"availabilityZone": ZONE["name"], **spec},
         }
     )
-
-
-async def console(kube: Kube, inst: str, ns: str) -> str:
-    cm = await kube.get_raw(CONFIGMAPS, f"{inst}-console", ns)
-    return str((cm or {}).get("data", {}).get("console.log", ""))
-
-
-def said(log: str, line: str) -> int:
-    """How many console lines are exactly `line` (user data echoes its own
-    script, so a substring test would find the script's text)."""
-    return sum(1 for entry in log.replace("\r", "").splitlines() if entry.strip() == line)
-
-
-async def wait_console(
-    kube: Kube,
-    inst: str,
-    ns: str,
-    text: str,
-    timeout: float = 120,
-    *,
-    line: bool = False,
-    times: int = 1,
-) -> str:
-    """Wait for `text` on the console; with `line`, for whole lines equal to it."""
-
-    async def probe() -> str | None:
-        log = await console(kube, inst, ns)
-        found = said(log, text) if line else log.count(text)
-        return log if found >= times else None
-
-    try:
-        return await eventually(
-            probe, timeout=timeout, interval=1, what=f"{text!r} on {inst}'s console"
-        )
-    except AssertionError as e:
-        ports = kubectl("get", "ports", "-n", ns, "-o", "yaml").stdout
-        raise AssertionError(
-            f"{e}\nconsole:\n{await console(kube, inst, ns)}\nports:\n{ports}"
-        ) from None
-
-
-def domain_state(name: str | None) -> DomainState:
-    if name is None:
-        return DomainState.ABSENT
-    compute = LibvirtCompute()
-    try:
-        return compute.state(name)
-    finally:
-        compute.close()
 
 
 @pytest.fixture
@@ -358,16 +291,6 @@ async def test_bad_input_leaves_nothing_behind(
         assert got_img is not None and got_img.uid not in stored
 
 
-MARKER_SCRIPT = """#!/bin/sh
-# A marker on the root disk, past the boot partition: written on the first
-# boot, found on every boot after (and in snapshots, moves and unshelves).
-m=$(dd if=/dev/vda bs=1M skip=900 count=1 2>/dev/null | head -c 10)
-if [ "$m" = MARKER-ONE ]; then echo marker-found; else
-  echo MARKER-ONE > /tmp/m; dd if=/tmp/m of=/dev/vda bs=1M seek=900 conv=notrunc 2>/dev/null
-  sync; echo marker-written; fi
-"""
-
-
 def action(ns: str, name: str, inst: str, kind: str, **spec: Any) -> None:
     apply(
         {
@@ -377,10 +300,6 @@ def action(ns: str, name: str, inst: str, kind: str, **spec: Any) -> None:
             "spec": {"instance": inst, "action": kind, **spec},
         }
     )
-
-
-def virsh(*args: str) -> str:
-    return sh("virsh", "-c", "qemu:///system", *args).stdout
 
 
 async def test_instance_actions(
@@ -589,8 +508,3 @@ async def _fresh_boot_found_marker(kube: Kube, ns: str) -> None:
 
 async def _more(counter: Any, before: int) -> bool:
     return bool(await counter() > before)
-
-
-async def _not_none(kube: Kube, ns: str) -> bool:
-    got = await kube.get(Instance, "vm", ns)
-    return got is not None and got.status.shelved_disk is None
