@@ -1,0 +1,342 @@
+"""Boot latency: from creating an Instance to the guest's DHCP lease, next to
+a raw qemu-system-x86_64 boot of the same image with the same devices (virtio
+disk overlay, config drive, virtio NIC on a bridge with a DHCP server, serial
+to a file, TCG) in the same run. Control-plane overhead = ours - raw.
+
+Runs a controller and one node agent on a simulated node against the local
+control plane; prints one JSON object last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from nubes.api.compute import Instance
+from nubes.api.image import Image
+from nubes.api.network import Network
+from nubes.drivers.compute.configdrive import ConfigDriveSpec, ensure_config_drive
+from nubes.drivers.runner import SubprocessRunner
+from nubes.runtime.kube import NAMESPACES, KindPath, Kube, path_of
+from tests.drivers.guest import build_guest_image
+from tests.helpers import Process, free_port
+from tests.nodes import Fabric, sh
+
+LEASE = "nubes-guest: lease eth0"
+FLAVORS = KindPath("compute.nubes.io", "v1alpha1", "flavors", False)
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def wait_file(path: Path, text: str, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if text in path.read_text(errors="replace"):
+                return time.monotonic()
+        except FileNotFoundError:
+            pass
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"{text!r} not in {path} after {timeout}s")
+
+
+# --- ours -------------------------------------------------------------------------
+
+
+async def ours(kube: Kube, ns: str, root: Path, zone: str, flavor: str, boots: int) -> list[float]:
+    latencies = []
+    for i in range(boots + 1):  # the first boot fills the node's image cache: not counted
+        name = f"vm{i}"
+        started = time.monotonic()
+        created = await kube.create_raw(
+            path_of(Instance),
+            {
+                "apiVersion": Instance.crd.api_version,
+                "kind": "Instance",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {
+                    "flavor": flavor,
+                    "image": {"name": "guest"},
+                    "availabilityZone": zone,
+                    "networks": [{"network": {"name": "net"}}],
+                },
+            },
+            ns,
+        )
+        log = root / "agent" / "instances" / created["metadata"]["uid"] / "console.log"
+        leased = await wait_file(log, LEASE, 180)
+        if i:
+            latencies.append(leased - started)
+        await kube.delete_raw(path_of(Instance), name, ns)
+        while await kube.get(Instance, name, ns) is not None:
+            await asyncio.sleep(0.2)
+    return latencies
+
+
+# --- raw QEMU ------------------------------------------------------------------------
+
+
+def raw_network(prefix: str) -> tuple[str, str, list[str]]:
+    """A bridge with a tap for QEMU and a DHCP server in a namespace of its own."""
+    bridge, tap, netns = f"{prefix}br"[:15], f"{prefix}tp"[:15], f"{prefix}-rawdhcp"
+    sh("ip", "link", "add", bridge, "type", "bridge")
+    sh("ip", "link", "set", bridge, "up")
+    sh("ip", "tuntap", "add", "dev", tap, "mode", "tap")
+    sh("ip", "link", "set", tap, "master", bridge, "up")
+    sh("ip", "netns", "add", netns)
+    sh(
+        "ip",
+        "link",
+        "add",
+        f"{prefix}vh"[:15],
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        netns,
+    )
+    sh("ip", "link", "set", f"{prefix}vh"[:15], "master", bridge, "up")
+    sh("ip", "-n", netns, "addr", "add", "10.99.0.2/24", "dev", "eth0")
+    sh("ip", "-n", netns, "link", "set", "eth0", "up")
+    return bridge, tap, [netns]
+
+
+def raw_boot(workdir: Path, image: Path, tap: str, netns: str) -> float:
+    runner = SubprocessRunner()
+    overlay = workdir / "raw.qcow2"
+    overlay.unlink(missing_ok=True)
+    runner(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image), str(overlay)]
+    )
+    drive = ensure_config_drive(
+        runner,
+        ConfigDriveSpec(uuid=str(uuid.uuid4()), name="raw", hostname="raw"),
+        str(workdir / "raw.iso"),
+    )
+    log = workdir / "raw-console.log"
+    log.unlink(missing_ok=True)
+    mac = "52:54:00:12:34:56"
+    dnsmasq = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--port=0",
+            "--conf-file=/dev/null",
+            "--bind-interfaces",
+            "--interface=eth0",
+            "--user=root",
+            "--dhcp-range=10.99.0.10,10.99.0.50,255.255.255.0",
+            f"--dhcp-host={mac},10.99.0.10",
+            "--pid-file=",
+            "--leasefile-ro",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    started = time.monotonic()
+    qemu = subprocess.Popen(
+        [
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-machine",
+            "pc",
+            "-m",
+            "256",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-serial",
+            f"file:{log}",
+            "-drive",
+            f"if=virtio,file={overlay},format=qcow2",
+            "-drive",
+            f"if=virtio,file={drive.path},format=raw,readonly=on",
+            "-netdev",
+            f"tap,id=n0,ifname={tap},script=no,downscript=no",
+            "-device",
+            f"virtio-net-pci,netdev=n0,mac={mac}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        leased = asyncio.run(wait_file(log, LEASE, 120))
+    finally:
+        qemu.kill()
+        qemu.wait()
+        dnsmasq.kill()
+        dnsmasq.wait()
+    return leased - started
+
+
+# --- the run -------------------------------------------------------------------------
+
+
+async def setup(kube: Kube, ns: str, zone: str, image: Path, flavor: str) -> None:
+    await kube.create_raw(
+        NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+    )
+    await kube.create_raw(
+        FLAVORS,
+        {
+            "apiVersion": "compute.nubes.io/v1alpha1",
+            "kind": "Flavor",
+            "metadata": {"name": flavor},
+            "spec": {"vcpus": 1, "ramMib": 256, "diskGib": 1},
+        },
+    )
+    sha = hashlib.sha256(image.read_bytes()).hexdigest()
+    await kube.create_raw(
+        path_of(Image),
+        {
+            "apiVersion": Image.crd.api_version,
+            "kind": "Image",
+            "metadata": {"name": "guest", "namespace": ns},
+            "spec": {"source": {"url": image.as_uri()}, "diskFormat": "qcow2", "sha256": sha},
+        },
+        ns,
+    )
+    await kube.create_raw(
+        path_of(Network),
+        {
+            "apiVersion": Network.crd.api_version,
+            "kind": "Network",
+            "metadata": {"name": "net", "namespace": ns},
+            "spec": {"type": "vxlan", "availabilityZoneHints": [zone]},
+        },
+        ns,
+    )
+    await kube.create_raw(
+        KindPath("network.nubes.io", "v1alpha1", "subnets", True),
+        {
+            "apiVersion": "network.nubes.io/v1alpha1",
+            "kind": "Subnet",
+            "metadata": {"name": "net-v4", "namespace": ns},
+            "spec": {"network": {"name": "net"}, "cidr": "10.98.0.0/24"},
+        },
+        ns,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        img = await kube.get(Image, "guest", ns)
+        net = await kube.get(Network, "net", ns)
+        if img and img.status.is_true("Ready") and net and net.status.is_true("Ready"):
+            return
+        await asyncio.sleep(0.5)
+    raise TimeoutError("image or network not ready")
+
+
+async def run(boots: int) -> dict[str, Any]:
+    image = build_guest_image()
+    root = Path(tempfile.mkdtemp(prefix="nubes-bench-boot-", dir="/var/tmp"))
+    root.chmod(0o755)
+    fabric = Fabric.start(root / "fabric", ["k1"])
+    node = fabric.nodes[0]
+    zone = fabric.prefix
+    flavor = f"bench-{uuid.uuid4().hex[:6]}"
+    logs = root / "logs"
+    controller = Process(
+        "controller",
+        ["controller", "--image-store", str(root / "images")],
+        logs / "controller.log",
+        free_port(),
+    ).start()
+    agent = Process(
+        "agent",
+        [
+            "agent",
+            "--node",
+            f"{zone}-k1",
+            "--state-dir",
+            str(root / "agent"),
+            "--run-dir",
+            str(root / "agent" / "run"),
+            "--ovs-db",
+            node.endpoint.db,
+            "--ovs-rundir",
+            str(node.rundir),
+            "--node-netns",
+            node.netns,
+            "--netns-prefix",
+            zone,
+            "--tunnel-ip",
+            node.tunnel_ip,
+            "--availability-zone",
+            zone,
+            "--virt-type",
+            "qemu",
+            "--image-store",
+            str(root / "images"),
+        ],
+        logs / "agent.log",
+        free_port(),
+    ).start()
+    kube = await Kube.connect(field_manager="bench")
+    ns = f"bench-{uuid.uuid4().hex[:6]}"
+    netns: list[str] = []
+    bridge = ""
+    try:
+        await setup(kube, ns, zone, image, flavor)
+        latencies = await ours(kube, ns, root, zone, flavor, boots)
+        bridge, tap, netns = raw_network(zone)
+        raw = [
+            await asyncio.to_thread(raw_boot, root, image, tap, netns[0]) for _ in range(boots + 1)
+        ][1:]
+    finally:
+        await kube.delete_raw(NAMESPACES, ns)
+        await kube.delete_raw(FLAVORS, flavor)
+        await kube.close()
+        agent.stop()
+        controller.stop()
+        for name in netns:
+            sh("ip", "netns", "delete", name, check=False)
+        if bridge:
+            sh("ip", "link", "delete", f"{zone}tp"[:15], check=False)
+            sh("ip", "link", "delete", f"{zone}vh"[:15], check=False)
+            sh("ip", "link", "delete", bridge, check=False)
+        fabric.stop()
+        sh("rm", "-rf", str(root))
+    p50, raw_p50 = statistics.median(latencies), statistics.median(raw)
+    return {
+        "boots": len(latencies),
+        "p50_s": round(p50, 2),
+        "p95_s": round(percentile(latencies, 95), 2),
+        "raw_p50_s": round(raw_p50, 2),
+        "raw_p95_s": round(percentile(raw, 95), 2),
+        "overhead_p50_s": round(p50 - raw_p50, 2),
+        "accel": "tcg",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--boots", type=int, default=10)
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args.boots))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Port creation throughput: 1,000 ports in one /20 subnet, timed from the
+first create until every port is Ready (addresses allocated and its DHCP
+host entry served by dnsmasq), with the controller's peak memory.
+
+Runs a controller and one node agent (a simulated node: its own OVS in a
+namespace) against the local control plane; prints one JSON object last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from nubes.api.network import Network, Port, Subnet
+from nubes.runtime.kube import NAMESPACES, Kube, path_of
+from tests.helpers import Process, free_port
+from tests.nodes import Fabric
+
+
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def run(count: int, concurrency: int) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="nubes-bench-ports-"))
+    fabric = Fabric.start(root, ["b1"])
+    node = fabric.nodes[0]
+    node_name = f"{fabric.prefix}-b1"
+    logs = root / "logs"
+    controller = Process(
+        "controller",
+        ["controller", "--image-store", str(root / "images")],
+        logs / "controller.log",
+        free_port(),
+    ).start()
+    agent = Process(
+        "agent",
+        [
+            "agent",
+            "--node",
+            node_name,
+            "--state-dir",
+            str(root / "agent"),
+            "--run-dir",
+            str(root / "agent" / "run"),
+            "--ovs-db",
+            node.endpoint.db,
+            "--ovs-rundir",
+            str(node.rundir),
+            "--node-netns",
+            node.netns,
+            "--netns-prefix",
+            fabric.prefix,
+            "--tunnel-ip",
+            node.tunnel_ip,
+            "--availability-zone",
+            fabric.prefix,
+            "--virt-type",
+            "qemu",
+        ],
+        logs / "agent.log",
+        free_port(),
+    ).start()
+    kube = await Kube.connect(field_manager="bench")
+    ns = f"bench-{uuid.uuid4().hex[:6]}"
+    try:
+        await kube.create_raw(
+            NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+        )
+        await kube.create_raw(
+            path_of(Network),
+            {
+                "apiVersion": Network.crd.api_version,
+                "kind": "Network",
+                "metadata": {"name": "bench", "namespace": ns},
+                "spec": {"type": "vxlan", "availabilityZoneHints": [fabric.prefix]},
+            },
+            ns,
+        )
+        await kube.create_raw(
+            path_of(Subnet),
+            {
+                "apiVersion": "network.nubes.io/v1alpha1",
+                "kind": "Subnet",
+                "metadata": {"name": "bench-v4", "namespace": ns},
+                "spec": {"network": {"name": "bench"}, "cidr": "10.64.0.0/20"},
+            },
+            ns,
+        )
+        await wait_for(lambda: network_ready(kube, ns), 120, "network with its DHCP server")
+
+        semaphore = asyncio.Semaphore(concurrency)
+
+        async def create(i: int) -> None:
+            async with semaphore:
+                await kube.create_raw(
+                    path_of(Port),
+                    {
+                        "apiVersion": Port.crd.api_version,
+                        "kind": "Port",
+                        "metadata": {"name": f"p{i}", "namespace": ns},
+                        "spec": {"network": {"name": "bench"}},
+                    },
+                    ns,
+                )
+
+        started = time.monotonic()
+        await asyncio.gather(*(create(i) for i in range(count)))
+        created = time.monotonic() - started
+        ports = await wait_for(lambda: all_ready(kube, ns, count), 900, f"{count} ports Ready")
+        elapsed = time.monotonic() - started
+        ips = [p.status.fixed_ips[0].ip_address for p in ports if p.status.fixed_ips]
+        macs = [p.status.mac_address for p in ports]
+        duplicates = (len(ips) - len(set(ips))) + (len(macs) - len(set(macs)))
+        served = sum(1 for p in ports if p.status.dhcp and p.status.dhcp.node == node_name)
+        assert controller.proc is not None
+        return {
+            "ports": count,
+            "ports_per_s": round(count / elapsed, 1),
+            "seconds": round(elapsed, 2),
+            "create_seconds": round(created, 2),
+            "duplicates": duplicates,
+            "dhcp_entries_served": served,
+            "controller_peak_rss_mib": round(peak_rss_mib(controller.proc.pid), 1),
+            "agent_peak_rss_mib": round(peak_rss_mib(agent.proc.pid), 1) if agent.proc else None,
+            "cpus": os.cpu_count(),
+        }
+    finally:
+        await kube.delete_raw(NAMESPACES, ns)
+        await asyncio.sleep(0)
+        await wait_for(lambda: namespace_gone(kube, ns), 300, "bench namespace deleted")
+        await kube.close()
+        agent.stop()
+        controller.stop()
+        await asyncio.sleep(0)
+        fabric.stop()
+
+
+async def network_ready(kube: Kube, ns: str) -> bool:
+    net = await kube.get(Network, "bench", ns)
+    return bool(net and net.status.is_true("Ready") and net.status.dhcp_node)
+
+
+async def all_ready(kube: Kube, ns: str, count: int) -> list[Port] | None:
+    ports = await kube.list(Port, ns)
+    users = [p for p in ports if p.spec.device_owner != "network:dhcp"]
+    ready = [p for p in users if p.status.is_true("Ready")]
+    return ready if len(ready) >= count else None
+
+
+async def namespace_gone(kube: Kube, ns: str) -> bool:
+    return await kube.get_raw(NAMESPACES, ns) is None
+
+
+async def wait_for(probe: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ports", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    result = asyncio.run(run(args.ports, args.concurrency))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
