@@ -64,7 +64,7 @@ def process(name: str, args: list[str], logs: Path) -> Iterator[subprocess.Popen
     """A nubes process, healthy before the block runs, stopped after it."""
     port = free_port()
     with open(logs / f"{name}.log", "ab") as log:
-        proc = subprocess.Popen(  # noqa: S603 - argument list, no shell
+        proc = subprocess.Popen(
             [sys.executable, "-m", "nubes.runtime.cli", *args, "--health-port", str(port)],
             stdout=log,
             stderr=subprocess.STDOUT,
