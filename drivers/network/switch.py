@@ -211,9 +211,8 @@ class NodeSwitch:
         ]
         if unsupported:
             log.warning("no bridge for provider network", networks=[n.uid for n in unsupported])
+        # Without a tunnel endpoint, overlay networks still switch locally.
         present = [n for n in networks if n not in unsupported]
-        if not self.tunnel_ip:
-            present = [n for n in present if n.type not in TUNNEL_TYPES]
         existing = self.local_vlans()
         vlans = allocate_local_vlans([n.uid for n in present], existing)
         changes: dict[str, str | None] = {

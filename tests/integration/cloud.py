@@ -35,6 +35,7 @@ def start_agent(
     *,
     state_root: Path | None = None,
     image_store: Path | None = None,
+    bridge_mappings: tuple[str, ...] = (),
 ) -> Process:
     """A node agent for a simulated node: its own OVS, namespaces and state."""
     state = (state_root or fabric.root) / f"agent-{node.name}"
@@ -64,6 +65,8 @@ def start_agent(
     ]
     if image_store is not None:
         args += ["--image-store", str(image_store)]
+    for mapping in bridge_mappings:
+        args += ["--bridge-mapping", mapping]
     return start_process(tmp_path_factory, f"agent-{node.name}", *args)
 
 

@@ -6,6 +6,7 @@ guests that get their Port's address by DHCP."""
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,11 +38,18 @@ def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
     fab.stop()
 
 
+# physnet1 is each node's br-phy, whose uplink is the shared fabric.
+MAPPINGS = ("physnet1:br-phy",)
+
+
 @pytest.fixture(scope="module")
 def agents(
     fabric: Fabric, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Process]]:
-    procs = {n.name: start_agent(fabric, n, tmp_path_factory) for n in fabric.nodes}
+    procs = {
+        n.name: start_agent(fabric, n, tmp_path_factory, bridge_mappings=MAPPINGS)
+        for n in fabric.nodes
+    }
     try:
         yield procs
     finally:
@@ -130,7 +138,9 @@ async def test_guests_get_their_port_by_dhcp_and_networks_are_isolated(
         )
         pids_before = _dnsmasq_pids(fabric)
         agents[dhcp_node.name].stop()
-        agents[dhcp_node.name] = start_agent(fabric, dhcp_node, _factory(tmp_path))
+        agents[dhcp_node.name] = start_agent(
+            fabric, dhcp_node, _factory(tmp_path), bridge_mappings=MAPPINGS
+        )
         await condition(kube, Port, "a1", ns_a)
         assert _dnsmasq_pids(fabric) == pids_before
         assert ping(a1, a2_ip)
@@ -146,6 +156,43 @@ async def test_guests_get_their_port_by_dhcp_and_networks_are_isolated(
     await _everything_removed(kube, fabric, [ns_a, ns_b])
     for ns in (ns_a, ns_b):
         kubectl("delete", "namespace", ns, "--wait=false")
+
+
+async def test_provider_networks_reach_the_other_node(
+    kube: Kube, controller: Process, agents: dict[str, Process], fabric: Fabric, namespace: str
+) -> None:
+    """vlan and flat networks leave through the physical network's bridge
+    (tagged with the provider VLAN, or untagged) and meet on the fabric."""
+    ns = namespace
+    n1, n2 = fabric.nodes
+    network(ns, "vl", fabric, type="vlan", physicalNetwork="physnet1", segmentationId=123)
+    network(ns, "fl", fabric, type="flat", physicalNetwork="physnet1")
+    for net in ("vl", "fl"):
+        subnet(ns, f"{net}-v4", net, "10.61.0.0/24", enableDhcp=False)  # the same CIDR twice
+    guests = {}
+    for net, name, node in (("vl", "v1", n1), ("vl", "v2", n2), ("fl", "f1", n1), ("fl", "f2", n2)):
+        ip = {"v1": "10.61.0.11", "v2": "10.61.0.12", "f1": "10.61.0.21", "f2": "10.61.0.12"}[name]
+        port(ns, name, net, node_name(fabric, node), fixedIps=[{"ipAddress": ip}])
+        p = await condition(kube, Port, name, ns, type_="Reconciling", timeout=60)
+        netns = fabric.guest(f"{name}{uuid.uuid4().hex[:4]}")
+        plugger(node).plug_netns(p.uid, p.status.mac_address or "", p.status.mtu or 1500, netns)
+        sh("ip", "-n", netns, "addr", "add", f"{ip}/24", "dev", "eth0")
+        guests[name] = (netns, node, p)
+    for name in guests:
+        await condition(kube, Port, name, ns, timeout=60)
+    vl = await kube.get(Network, "vl", ns)
+    assert vl is not None and vl.status.mtu == 1500 and vl.status.segmentation_id == 123
+    assert ping(guests["v1"][0], "10.61.0.12"), "vlan network across nodes"
+    neigh = sh("ip", "-n", guests["v1"][0], "neigh", "show", "10.61.0.12").stdout
+    assert (guests["v2"][2].status.mac_address or "") in neigh, "reached the flat twin instead"
+    assert ping(guests["f1"][0], "10.61.0.12"), "flat network across nodes"
+    assert not ping(guests["f1"][0], "10.61.0.11", count=1), "flat must not reach the vlan"
+    flows = n1.ofctl("dump-flows", "br-phy")
+    # OpenFlow 1.3 shows the tag as a field set to 4096 | 123 (the "present" bit).
+    assert re.search(r"n_packets=[1-9]\d*.*actions=set_field:4219->vlan_vid", flows), flows
+    for _, node, p in guests.values():
+        plugger(node).unplug(p.uid)
+    kubectl("delete", "ports,subnets,networks", "--all", "-n", ns, "--wait=false")
 
 
 def _factory(tmp_path: Path) -> Any:
