@@ -131,6 +131,9 @@ class InstanceReconciler(Reconciler[Instance]):
     kind = Instance
     workers = 8
 
+    def __init__(self) -> None:
+        self._scheduled: dict[str, str] = {}
+
     def setup(self, op: Operator) -> None:
         super().setup(op)
         instances = op.store(Instance)
@@ -160,7 +163,8 @@ class InstanceReconciler(Reconciler[Instance]):
             Image,
             Instance,
             lambda img: [i.key for i in instances.by_index("image", img.key)],
-            when=_condition_changed,
+            # Readiness, and sharing (a spec change) decide who may boot it.
+            when=lambda old, new: _condition_changed(old, new) or _spec(old) != _spec(new),
         )
         op.watch(
             InstanceAction,
@@ -219,6 +223,8 @@ class InstanceReconciler(Reconciler[Instance]):
         disk_gib = root_disk_gib(flavor, image)
 
         node, since = self._placement(obj, eff, flavor, image, disk_gib)
+        if obj.uid in self._scheduled:
+            await self.op.kube.event(obj, "Scheduled", self._scheduled.pop(obj.uid))
         status: dict[str, Any] = {
             "node": node,
             "nodeSince": since,
@@ -285,6 +291,9 @@ class InstanceReconciler(Reconciler[Instance]):
         if not isinstance(result, Choice):
             raise Stall("NoValidHost", result.explanation)
         log.info("scheduled", instance=obj.key, node=result.host)
+        self._scheduled[obj.uid] = (
+            f"scheduled to {result.host} ({result.considered} nodes considered)"
+        )
         return result.host, now_precise()
 
     async def _ensure_ports(self, obj: Instance) -> list[Port]:
@@ -382,6 +391,10 @@ def _completion(action: InstanceAction | None) -> tuple[Any, ...] | None:
     if action is None:
         return None
     return (action.status.completed_at, action.status.error is None)
+
+
+def _spec(obj: Any) -> Any:
+    return obj.spec if obj is not None else None
 
 
 def _condition_changed(old: Any, new: Any) -> bool:

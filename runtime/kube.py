@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client import ApiClient, Configuration
 
-from nubes.api.meta import Resource
+from nubes.api.meta import Resource, now_rfc3339
 
 R = TypeVar("R", bound=Resource[Any, Any])
 
@@ -281,6 +281,33 @@ class Kube:
             }
         }
         return await self.patch_raw(path_of(type(obj)), obj.name, patch, obj.namespace)
+
+    async def event(
+        self, obj: Resource[Any, Any], reason: str, message: str, *, warning: bool = False
+    ) -> None:
+        """Record a Kubernetes Event about `obj` (shown by kubectl describe)."""
+        now = now_rfc3339()
+        namespace = obj.namespace or "default"
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{obj.name}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": obj.crd.api_version,
+                "kind": obj.crd.kind,
+                "name": obj.name,
+                "namespace": obj.namespace,
+                "uid": obj.uid,
+            },
+            "reason": reason,
+            "message": message,
+            "type": "Warning" if warning else "Normal",
+            "source": {"component": self.field_manager},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self.create_raw(EVENTS, body, namespace)
 
     async def delete(self, obj: Resource[Any, Any]) -> bool:
         return await self.delete_raw(

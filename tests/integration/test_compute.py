@@ -142,6 +142,10 @@ async def test_boot_power_states_and_cleanup(
     vm = await condition(kube, Instance, "vm1", ns, timeout=180)
     assert vm.status.node in [node_name(fabric, n) for n in fabric.nodes]
     assert vm.status.power_state == "Running"
+    events = kubectl(
+        "get", "events", "-n", ns, "--field-selector", "involvedObject.name=vm1,reason=Scheduled"
+    ).stdout
+    assert f"scheduled to {vm.status.node}" in events, events
     ip = vm.status.addresses[0].ip_addresses[0]
     log = await wait_console(kube, "vm1", ns, f"lease eth0 ip={ip}/24")
     assert "router=10.30.0.1 mtu=1450" in log
@@ -278,6 +282,53 @@ async def test_bad_input_leaves_nothing_behind(
         "Stalled"
     )
     assert cond.reason == "ImageNotFound"
+
+    # Another project may use the image only once it is shared with it; then
+    # the scheduler explains why no node fits.
+    other = f"t-{uuid.uuid4().hex[:8]}"
+    kubectl("create", "namespace", other)
+    try:
+        huge = f"huge-{uuid.uuid4().hex[:6]}"
+        flavor(huge, ramMib=1024 * 1024, diskGib=4)
+        apply(
+            {
+                "apiVersion": COMPUTE,
+                "kind": "Instance",
+                "metadata": {"name": "elsewhere", "namespace": other},
+                "spec": {
+                    "flavor": huge,
+                    "image": {"name": "big", "namespace": ns},
+                    "availabilityZone": ZONE["name"],
+                },
+            }
+        )
+        cond = (
+            await condition(kube, Instance, "elsewhere", other, type_="Stalled")
+        ).status.condition("Stalled")
+        assert cond.reason == "ImageNotVisible" and f"{ns}/big" in cond.message
+        kubectl(
+            "patch",
+            "image",
+            "big",
+            "-n",
+            ns,
+            "--type=merge",
+            "-p",
+            f'{{"spec": {{"visibility": "shared", "sharedWith": ["{other}"]}}}}',
+        )
+
+        async def no_host() -> Any:
+            got = await kube.get(Instance, "elsewhere", other)
+            cond = got.status.condition("Stalled") if got else None
+            return cond if cond and cond.reason == "NoValidHost" else None
+
+        cond = await eventually(no_host, timeout=60, what="NoValidHost")
+        assert (
+            cond.message.startswith("0/") and "insufficient RAM (needs 1048576 MiB)" in cond.message
+        )
+    finally:
+        kubectl("delete", "namespace", other, "--wait=false")
+        kubectl("delete", "flavor", huge, "--wait=false", check=False)
 
     # Nothing half-built: no ports, no domains, nothing stored for refused images.
     assert kubectl("get", "ports", "-n", ns, "-o", "name").stdout.strip() == ""
