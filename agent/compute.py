@@ -451,7 +451,7 @@ class InstanceAgent(Reconciler[Instance]):
     def _iscsi_disk(self, inst: Instance, vol: VolumeDisk) -> IscsiDisk:
         """An exported volume as a disk QEMU's own initiator opens, its CHAP
         password in a libvirt secret."""
-        usage = f"nubes-volume-{inst.uid}-{vol.name}-{self.node_tag}"
+        usage = f"{self._secret_prefix(inst)}{vol.name}-{self.node_tag}"
         self.libvirt.ensure_iscsi_secret(usage, vol.password)
         return IscsiDisk(
             host=vol.host,
@@ -461,6 +461,17 @@ class InstanceAgent(Reconciler[Instance]):
             target=vol.target,
             chap=ChapAuth(vol.username, usage),
         )
+
+    @staticmethod
+    def _secret_prefix(inst: Instance) -> str:
+        return f"nubes-volume-{inst.uid}-"
+
+    def _prune_secrets(self, inst: Instance, keep: set[str]) -> None:
+        """Remove this node's CHAP secrets of the instance that no disk uses."""
+        prefix, suffix = self._secret_prefix(inst), f"-{self.node_tag}"
+        for usage in self.libvirt.iscsi_secret_usages():
+            if usage.startswith(prefix) and usage.endswith(suffix) and usage not in keep:
+                self.libvirt.delete_iscsi_secret(usage)
 
     def _virt_type(self) -> VirtType:
         if self.config.virt_type == "kvm":
@@ -486,6 +497,7 @@ class InstanceAgent(Reconciler[Instance]):
                 state = self.libvirt.state(name)
             else:
                 self._sync_volumes(name, spec)
+                self._prune_secrets(plan.inst, _secret_usages(spec))
         want = plan.inst.spec.power_state
         if want in ("Running", "Paused") and state in (DomainState.SHUTOFF, DomainState.SAVED):
             boot.write_text(wanted_boot)
@@ -540,13 +552,7 @@ class InstanceAgent(Reconciler[Instance]):
         if ports_file.exists():
             for port_uid in json.loads(ports_file.read_text()):
                 self.vifs.unplug(port_uid)
-        names = [a.volume for a in inst.spec.volumes]
-        if inst.spec.boot_volume is not None:
-            names.append(inst.spec.boot_volume.name)
-        for volume_name in names:
-            self.libvirt.delete_iscsi_secret(
-                f"nubes-volume-{inst.uid}-{volume_name}-{self.node_tag}"
-            )
+        self._prune_secrets(inst, keep=set())
         delete_config_drive(str(directory / "config.iso"))
         shutil.rmtree(directory, ignore_errors=True)
         self._console_digest.pop(inst.uid, None)
@@ -643,3 +649,8 @@ def _export_changed(old: Volume | None, new: Volume | None) -> bool:
         )
 
     return facts(old) != facts(new)
+
+
+def _secret_usages(spec: DomainSpec) -> set[str]:
+    disks = (spec.root_disk, *spec.data_disks)
+    return {d.chap.secret_usage for d in disks if isinstance(d, IscsiDisk) and d.chap}

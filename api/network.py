@@ -442,7 +442,7 @@ class Port(Resource[PortSpec, PortStatus]):
             PrinterColumn("Network", ".spec.network.name"),
             PrinterColumn("MAC", ".status.macAddress"),
             PrinterColumn("IPs", ".status.fixedIps[*].ipAddress"),
-            PrinterColumn("Node", ".spec.binding.host"),
+            PrinterColumn("Node", ".status.host"),
             PrinterColumn("Owner", ".spec.deviceOwner", priority=1),
             READY_COLUMN,
             REASON_COLUMN,

@@ -10,6 +10,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 state=${NUBES_STATE:-$root/.nubes}
 bin=$(hack/build-tools.sh | tail -n 1)
+# cluster.sh takes a set KUBECONFIG to mean "use the user's cluster".
+user_kubeconfig=${KUBECONFIG:-}
 export KUBECONFIG=${KUBECONFIG:-$state/kubeconfig}
 kubectl() { "$bin/kubectl" "$@"; }
 node=${NUBES_DEMO_NODE:-$(hostname)}
@@ -39,7 +41,7 @@ stop_proc() {
 
 up() {
   say "control plane and node daemons"
-  hack/cluster.sh up
+  KUBECONFIG=$user_kubeconfig hack/cluster.sh up
   hack/node-daemons.sh start
 
   say "CRDs, roles and admission policies"
@@ -50,10 +52,14 @@ up() {
     | kubectl apply --server-side --force-conflicts -f - >/dev/null
   echo "kinds: $(kubectl api-resources --categories=nubes -o name | tr '\n' ' ')"
 
+  say "guest image (hack/guest-image), served on loopback for the quickstart Image"
+  guest=$(hack/guest-image/build.sh | tail -n 1)
+  start_http "$(dirname "$guest")"
+
   say "controller and node agent ($node)"
   start_proc controller --log-level info controller --health-port 18081 --image-store "$state/images"
   start_proc agent --log-level info agent --node "$node" --state-dir "$node_state" \
-    --run-dir "$state/run/agent" --health-port 18082
+    --run-dir "$state/run/agent" --image-store "$state/images" --health-port 18082
   for port in 18081 18082; do
     for _ in $(seq 150); do curl -fsS -o /dev/null "http://127.0.0.1:$port/healthz" 2>/dev/null && break; sleep 0.2; done
   done
@@ -63,9 +69,17 @@ up() {
   kubectl apply -f examples/quickstart/00-project.yaml
   kubectl wait --for=condition=Ready project/demo --timeout=60s
   kubectl apply -f examples/quickstart/
-  sleep 3
+  kubectl wait --for=condition=Ready -n demo image/nubes-guest network/private subnet/private-v4 --timeout=180s
+  kubectl wait --for=condition=Ready -n demo instance/demo-vm --timeout=300s
   kubectl get nubes -n demo
-  kubectl get flavors,hypervisors
+
+  say "demo-vm's serial console (kubectl get configmap demo-vm-console -n demo)"
+  for _ in $(seq 60); do
+    console=$(kubectl get configmap demo-vm-console -n demo -o jsonpath='{.data.console\.log}' 2>/dev/null || true)
+    grep -q "nubes-guest: ready" <<<"$console" && break
+    sleep 2
+  done
+  grep -E "^(nubes-guest: (boot|lease|hostname|ready|disk)|hello from)" <<<"$console" || true
 
   say "invalid input is refused by the API server (examples/invalid)"
   for f in examples/invalid/*.yaml; do
@@ -75,12 +89,22 @@ up() {
   say "done: KUBECONFIG=$KUBECONFIG kubectl get nubes -n demo; make demo-down to clean up"
 }
 
+start_http() { # directory
+  if [[ -f $state/run/http.pid ]] && kill -0 "$(cat "$state/run/http.pid")" 2>/dev/null; then return; fi
+  nohup .venv/bin/python -m http.server 18090 --bind 127.0.0.1 --directory "$1" \
+    >"$state/logs/http.log" 2>&1 &
+  echo $! > "$state/run/http.pid"
+}
+
 down() {
-  if [[ -f $KUBECONFIG ]] && hack/cluster.sh status | grep -q 'kube-apiserver: running'; then
-    kubectl delete -f examples/quickstart/ --ignore-not-found --wait=true --timeout=120s || true
+  if [[ -n $user_kubeconfig ]] || hack/cluster.sh status | grep 'kube-apiserver: running' >/dev/null; then
+    kubectl delete -f examples/quickstart/ --ignore-not-found --wait=true --timeout=180s || true
+    # The agent removes domains, disks and ports before the namespace goes.
+    kubectl wait --for=delete namespace/demo --timeout=180s 2>/dev/null || true
   fi
   stop_proc agent
   stop_proc controller
+  stop_proc http
   hack/node-daemons.sh stop
   hack/cluster.sh down
 }

@@ -6,7 +6,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 state=${NUBES_STATE:-$root/.nubes}
 cluster_started=0
-if [[ -z ${KUBECONFIG:-} ]] && ! "$root/hack/cluster.sh" status | grep -q 'kube-apiserver: running'; then
+if [[ -z ${KUBECONFIG:-} ]] && ! "$root/hack/cluster.sh" status | grep 'kube-apiserver: running' >/dev/null; then
   cluster_started=1
 fi
 before=$(cat "$state/run/node-daemons.started" 2>/dev/null || true)

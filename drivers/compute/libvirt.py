@@ -469,6 +469,15 @@ class LibvirtCompute:
         uuid: str = secret.UUIDString()
         return uuid
 
+    def iscsi_secret_usages(self) -> list[str]:
+        """Usage names of every iSCSI secret libvirt holds."""
+        secrets = self.connection().listAllSecrets(0)
+        return [
+            str(s.usageID())
+            for s in secrets
+            if s.usageType() == libvirt.VIR_SECRET_USAGE_TYPE_ISCSI
+        ]
+
     def delete_iscsi_secret(self, usage: str) -> None:
         try:
             secret = self.connection().secretLookupByUsage(

@@ -222,3 +222,12 @@ if [ "$m" = MARKER-ONE ]; then echo marker-found; else
 
 def virsh(*args: str) -> str:
     return sh("virsh", "-c", "qemu:///system", *args).stdout
+
+
+def iscsi_secrets(instance_uid: str) -> list[str]:
+    """Usages of the libvirt CHAP secrets held for an instance's volumes."""
+    return [
+        line.split()[-1]
+        for line in virsh("secret-list").splitlines()
+        if " iscsi " in line and instance_uid in line
+    ]

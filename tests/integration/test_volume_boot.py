@@ -24,6 +24,7 @@ from tests.integration.cloud import (
     console,
     flavor,
     image,
+    iscsi_secrets,
     network,
     node_name,
     said,
@@ -62,6 +63,7 @@ def agent(
 async def cleanup(kube: Kube, namespace: str, agent: Process) -> AsyncIterator[None]:
     """Instances first, then volumes, while the agent runs (its finalizers)."""
     yield
+    uids = [i.uid for i in await kube.list(Instance, namespace)]
     for kinds, kind in (
         ("instances", Instance),
         ("volumesnapshots", VolumeSnapshot),
@@ -73,6 +75,8 @@ async def cleanup(kube: Kube, namespace: str, agent: Process) -> AsyncIterator[N
             return not await kube.list(k, namespace)
 
         await eventually(gone, timeout=180, what=f"{kinds} deleted")
+    for uid in uids:
+        assert not iscsi_secrets(uid), "CHAP secrets left in libvirt"
 
 
 def volume(ns: str, name: str, size: int, **spec: Any) -> None:
@@ -192,6 +196,7 @@ async def test_boot_from_volume_snapshot_and_hotplug(
         await eventually(unexported, timeout=120, what="data volume unexported")
         got = await kube.get(Instance, "vm2", ns)
         assert got is not None and "data" not in got.status.attached_volumes
+        assert [u for u in iscsi_secrets(got.uid) if "-data-" in u] == []
         assert said(await console(kube, "vm2", ns), "marker-found") >= 1
     finally:
         kubectl("delete", "flavor", tiny, "--wait=false", check=False)
