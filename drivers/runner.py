@@ -17,9 +17,23 @@ import structlog
 log = structlog.get_logger()
 
 
+SECRET_FLAGS = frozenset({"--password", "--chap-password"})
+
+
+def redact(argv: Sequence[str]) -> list[str]:
+    """argv with the values of secret-bearing flags masked, for logs and errors."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        # iscsiadm names the setting, then gives its value: -n ...password -v VALUE
+        named_secret = arg == "-v" and i > 0 and out[i - 1].endswith(".password")
+        if arg in SECRET_FLAGS or named_secret:
+            out[i + 1] = "***"
+    return out
+
+
 class CommandError(Exception):
     def __init__(self, argv: Sequence[str], returncode: int, stdout: str, stderr: str):
-        self.argv = list(argv)
+        self.argv = redact(argv)
         self.returncode = returncode
         self.stdout = stdout
         self.stderr = stderr
@@ -74,7 +88,10 @@ class SubprocessRunner:
         stdout = proc.stdout.decode(errors="replace")
         stderr = proc.stderr.decode(errors="replace")
         log.debug(
-            "ran", argv=full, rc=proc.returncode, ms=round((time.monotonic() - started) * 1000)
+            "ran",
+            argv=redact(full),
+            rc=proc.returncode,
+            ms=round((time.monotonic() - started) * 1000),
         )
         if check and proc.returncode != 0:
             raise CommandError(full, proc.returncode, stdout, stderr)

@@ -26,7 +26,7 @@ from pathlib import Path
 import structlog
 
 from nubes.drivers.iscsi.connection import IscsiConnection
-from nubes.drivers.runner import Result, Runner
+from nubes.drivers.runner import Result, Runner, redact
 from nubes.drivers.volumes.base import StorageError
 
 log = structlog.get_logger()
@@ -142,8 +142,8 @@ class IscsiadmInitiator:
         argv = ["iscsiadm", "-m", "node", "-T", conn.iqn, "-p", conn.portal, *args]
         result = self.runner(argv, check=False, timeout=120)
         if result.returncode not in (0, *ok):
-            shown = ["***" if conn.chap and a == conn.chap.password else a for a in args]
-            raise AttachError(f"iscsiadm {' '.join(shown)} for {conn.iqn}: {_words(result)}")
+            shown = " ".join(redact(args))
+            raise AttachError(f"iscsiadm {shown} for {conn.iqn}: {_words(result)}")
         return result
 
     def connect(self, conn: IscsiConnection) -> BlockDeviceAttachment:

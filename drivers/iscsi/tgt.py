@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from nubes.drivers.iscsi.connection import ChapCredentials, IscsiConnection
-from nubes.drivers.runner import CommandError, Runner
+from nubes.drivers.runner import CommandError, Runner, redact
 from nubes.drivers.volumes.base import InvalidId, StorageError
 
 log = structlog.get_logger()
@@ -153,7 +153,7 @@ class TgtExporter:
         try:
             return self.runner(["tgtadm", "--lld", "iscsi", *args], check=check).stdout
         except CommandError as e:
-            raise ExportError(f"tgtadm {' '.join(_redact(args))}: {e.stderr.strip()}") from e
+            raise ExportError(f"tgtadm {' '.join(redact(args))}: {e.stderr.strip()}") from e
 
     def targets(self) -> list[TargetState]:
         """Every target tgtd has, ours or not."""
@@ -197,10 +197,13 @@ class TgtExporter:
             raise ExportError(f"export of volume {volume_id} needs at least one initiator address")
         iqn = iqn_for(volume_id, self.iqn_prefix)
         target = self._ensure_target(iqn)
-        self._ensure_lun(target, backing_path)
-        self._ensure_account(target, chap)
-        self._ensure_acl(target, initiators)
-        log.info(
+        changed = [
+            self._ensure_lun(target, backing_path),
+            self._ensure_account(target, chap),
+            self._ensure_acl(target, initiators),
+        ]
+        # Called on every resync: only changes are news.
+        (log.info if any(changed) else log.debug)(
             "volume exported",
             volume=volume_id,
             iqn=iqn,
@@ -252,11 +255,11 @@ class TgtExporter:
             return TargetState(tid=tid, iqn=iqn)
         raise ExportError(f"no free target id for {iqn} after {_TID_RETRIES} tries")
 
-    def _ensure_lun(self, target: TargetState, backing_path: str) -> None:
+    def _ensure_lun(self, target: TargetState, backing_path: str) -> bool:
         tid = str(target.tid)
         current = target.luns.get(LUN)
         if current == backing_path:
-            return
+            return False
         if current is not None:
             log.warning("re-pointing LUN", iqn=target.iqn, old=current, new=backing_path)
             self._tgtadm("--op", "delete", "--mode", "logicalunit", "--tid", tid, "--lun", str(LUN))
@@ -272,15 +275,16 @@ class TgtExporter:
             "--backing-store",
             backing_path,
         )
+        return True
 
-    def _ensure_account(self, target: TargetState, chap: ChapCredentials) -> None:
+    def _ensure_account(self, target: TargetState, chap: ChapCredentials) -> bool:
         tid = str(target.tid)
         digest = hashlib.sha256(f"{chap.username}\0{chap.password}".encode()).hexdigest()
         for other in target.accounts:
             if other != chap.username:
                 self._delete_account(other)  # one account per target: ours
         if chap.username in target.accounts and self._accounts_set.get(chap.username) == digest:
-            return
+            return False
         # tgtd cannot update a password nor show it: delete (which unbinds) and add.
         self._delete_account(chap.username)
         self._tgtadm(
@@ -295,6 +299,7 @@ class TgtExporter:
         )
         self._tgtadm("--op", "bind", "--mode", "account", "--tid", tid, "--user", chap.username)
         self._accounts_set[chap.username] = digest
+        return True
 
     def _delete_account(self, user: str) -> None:
         self._accounts_set.pop(user, None)
@@ -304,7 +309,7 @@ class TgtExporter:
             if "can't find the account" not in str(e):
                 raise
 
-    def _ensure_acl(self, target: TargetState, initiators: Sequence[str]) -> None:
+    def _ensure_acl(self, target: TargetState, initiators: Sequence[str]) -> bool:
         tid = str(target.tid)
         have, want = set(target.initiators), set(initiators)
         for address in sorted(want - have):
@@ -315,11 +320,4 @@ class TgtExporter:
             self._tgtadm(
                 "--op", "unbind", "--mode", "target", "--tid", tid, "--initiator-address", address
             )
-
-
-def _redact(args: Sequence[str]) -> list[str]:
-    out = list(args)
-    for i, a in enumerate(out[:-1]):
-        if a == "--password":
-            out[i + 1] = "***"
-    return out
+        return have != want
