@@ -121,17 +121,14 @@ class ActionRunner:
             self.libvirt.shutdown(name, timeout=SHUTDOWN_TIMEOUT)
             disk = self.agent.instance_dir(inst) / "disk"
             self.cache.delete_disk(str(disk))
-            base = self.cache.ensure_image(source)
-            size = max(plan.disk_bytes, base.virtual_size) if plan.disk_bytes else None
-            self.cache.ensure_instance_disk(base, str(disk), size)
+            self.agent.overlay_disk(source, disk, plan.disk_bytes)
             return {"result": f"rebuilt from {action.status.image}"}
         if kind == "Rescue":
             source = self._image_source(action.status.image)
             self.libvirt.shutdown(name, timeout=SHUTDOWN_TIMEOUT)
-            base = self.cache.ensure_image(source)
             rescue = self.agent.rescue_disk(inst)
             self.cache.delete_disk(str(rescue))
-            self.cache.ensure_instance_disk(base, str(rescue))
+            self.agent.overlay_disk(source, rescue, None)
             return {"result": f"rescue disk from {action.status.image}"}
         if kind == "Unrescue":
             self.libvirt.shutdown(name, timeout=SHUTDOWN_TIMEOUT)

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from nubes.agent.config import AgentConfig
 from nubes.agent.network import NodeNetworking
 from nubes.api.compute import Flavor, Instance, InstanceAction
 from nubes.api.image import Image
-from nubes.api.lifecycle import effective, pending
+from nubes.api.lifecycle import effective, pending, placement
 from nubes.api.network import Port
 from nubes.api.storage import Volume
 from nubes.drivers.compute.configdrive import (
@@ -55,6 +56,7 @@ from nubes.drivers.compute.domain import (
 from nubes.drivers.compute.libvirt import DomainState, LibvirtCompute
 from nubes.drivers.host import VirtType, detect_virt_type
 from nubes.drivers.images.cache import ImageCache, ImageSource
+from nubes.drivers.images.inspect import ImageInspectionError, inspect_image
 from nubes.drivers.network.vif import VifPlugger
 from nubes.drivers.runner import SubprocessRunner
 from nubes.runtime.kube import CONFIGMAPS, SECRETS, ApiError
@@ -72,6 +74,7 @@ POWER = {
 }
 CONSOLE_TAIL = 64 * 1024
 SHUTDOWN_TIMEOUT = 30.0
+IMAGE_CACHE_PRUNE_INTERVAL = 3600.0
 DATA_TARGETS = [f"vd{c}" for c in "bcdefghijklmnopqrstuvwx"]  # vdy: rescue, vdz: config
 
 
@@ -119,6 +122,8 @@ class InstanceAgent(Reconciler[Instance]):
         self.runner = SubprocessRunner()
         self.root = Path(config.state_dir) / "instances"
         self.cache = ImageCache(str(self.root), self.runner)
+        self._cache_users = 0
+        self._cache_users_lock = threading.Lock()
         self.libvirt = LibvirtCompute()
         self.vifs = VifPlugger(
             networking.links, networking.switch, config.node_netns, self.node_tag
@@ -169,6 +174,7 @@ class InstanceAgent(Reconciler[Instance]):
         op.watch(InstanceAction, Instance, lambda a: [f"{a.namespace}/{a.spec.instance}"])
         op.on_start(self._adopt)
         op.every(5.0, self.publish_consoles)
+        op.every(IMAGE_CACHE_PRUNE_INTERVAL, self.prune_image_cache)
 
     async def _adopt(self) -> None:
         """Domains of this node from before a restart: converge or collect them."""
@@ -182,7 +188,13 @@ class InstanceAgent(Reconciler[Instance]):
             }
 
     def accepts(self, obj: Instance) -> bool:
-        return obj.status.node == self.node or obj.uid in self.local or self._moving_here(obj)
+        return self._placed_here(obj) or obj.uid in self.local or self._moving_here(obj)
+
+    def _placed_here(self, obj: Instance) -> bool:
+        # A move that just completed counts before the controller records it:
+        # the target keeps what it built, the source lets go.
+        actions = self.op.store(InstanceAction).by_index("instance", obj.key)
+        return placement(obj, effective(obj, actions))[0] == self.node
 
     def _next_action(self, obj: Instance) -> InstanceAction | None:
         return pending(self.op.store(InstanceAction).by_index("instance", obj.key))
@@ -212,7 +224,7 @@ class InstanceAgent(Reconciler[Instance]):
             assert action is not None
             await self.actions.step(obj, action, await self._plan(obj, flavor=action.status.flavor))
             return Outcome.observed({})
-        if obj.status.node != self.node:
+        if not self._placed_here(obj):
             # Moved away, shelved or never ours: collect what is left here.
             if obj.uid in self.local:
                 await asyncio.to_thread(self._teardown, obj)
@@ -373,10 +385,21 @@ class InstanceAgent(Reconciler[Instance]):
             return str(disk)
         if plan.root_source is None:
             raise RuntimeError("no image to create the root disk from")
-        base = self.cache.ensure_image(plan.root_source)
-        size = max(plan.disk_bytes, base.virtual_size) if plan.disk_bytes else None
-        self.cache.ensure_instance_disk(base, str(disk), size)
+        self.overlay_disk(plan.root_source, disk, plan.disk_bytes)
         return str(disk)
+
+    def overlay_disk(self, source: ImageSource, disk: Path, size: int | None) -> None:
+        """A qcow2 disk on the cached base of `source`, at least `size` bytes
+        (None or 0: the image's own size). Pruning waits while one is made."""
+        with self._cache_users_lock:
+            self._cache_users += 1
+        try:
+            base = self.cache.ensure_image(source)
+            want = max(size, base.virtual_size) if size else None
+            self.cache.ensure_instance_disk(base, str(disk), want)
+        finally:
+            with self._cache_users_lock:
+                self._cache_users -= 1
 
     def _config_drive(self, plan: Plan) -> str:
         inst = plan.inst
@@ -557,13 +580,36 @@ class InstanceAgent(Reconciler[Instance]):
         shutil.rmtree(directory, ignore_errors=True)
         self._console_digest.pop(inst.uid, None)
         log.info("instance removed from node", instance=inst.key, node=self.node)
+        self._prune_image_cache()
+
+    async def prune_image_cache(self) -> None:
+        await asyncio.to_thread(self._prune_image_cache)
+
+    def _prune_image_cache(self) -> None:
+        """Drop cached bases that no local disk is backed by any more, once
+        unused for the grace period."""
+        with self._cache_users_lock:
+            if self._cache_users:
+                return  # a disk is being made from a base: next time
+            self._prune_unused_bases()
+
+    def _prune_unused_bases(self) -> None:
+        in_use = set()
+        for disk in (*self.root.glob("*/disk"), *self.root.glob("*/rescue.qcow2")):
+            try:
+                backing = inspect_image(str(disk)).backing_file
+            except (ImageInspectionError, OSError):
+                continue  # being created or removed right now
+            if backing:
+                in_use.add(os.path.basename(backing))
+        self.cache.prune(in_use, min_unused_seconds=self.config.image_cache_grace)
 
     # --- console ---------------------------------------------------------------------
 
     async def publish_consoles(self) -> None:
         """The tail of each local serial console, in a ConfigMap users can read."""
         for inst in list(self.op.store(Instance)):
-            if inst.status.node != self.node or inst.deleting:
+            if inst.deleting or not self._placed_here(inst):
                 continue
             path = self.instance_dir(inst) / "console.log"
             tail = await asyncio.to_thread(_tail, path, CONSOLE_TAIL)

@@ -48,6 +48,9 @@ class AgentConfig(BaseModel):
     """Directory of volume backups; None means STATE_DIR/backups."""
     iscsi_portal: str = "127.0.0.1:3260"
     """HOST[:PORT] of this node's tgtd, as compute nodes reach it."""
+    image_cache_grace: float = 86400.0
+    """Seconds a cached base image no local disk uses is kept before pruning
+    (Nova's remove_unused_original_minimum_age_seconds)."""
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,6 +79,12 @@ class AgentConfig(BaseModel):
         )
         p.add_argument("--backup-store", default=os.environ.get("NUBES_BACKUP_STORE"))
         p.add_argument("--iscsi-portal", default=_env("ISCSI_PORTAL", "127.0.0.1:3260"))
+        p.add_argument(
+            "--image-cache-grace",
+            type=float,
+            default=float(_env("IMAGE_CACHE_GRACE", "86400")),
+            help="seconds an unused cached image is kept",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AgentConfig:
@@ -97,4 +106,5 @@ class AgentConfig(BaseModel):
             volume_backends=args.volume_backend,
             backup_store=args.backup_store,
             iscsi_portal=args.iscsi_portal,
+            image_cache_grace=args.image_cache_grace,
         )

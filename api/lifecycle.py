@@ -50,6 +50,16 @@ def effective(inst: Instance, actions: list[InstanceAction]) -> Effective:
     return Effective(flavor, image, rescued, move)
 
 
+def placement(inst: Instance, eff: Effective) -> tuple[str | None, str | None]:
+    """(node, since) with a completed move applied: the move's target from the
+    moment it completed, before the controller records it in status."""
+    move = eff.move
+    since = inst.status.node_since or ""
+    if move and move.status.target_node and since < (move.status.completed_at or ""):
+        return move.status.target_node, move.status.completed_at
+    return inst.status.node, inst.status.node_since
+
+
 def pending(actions: list[InstanceAction]) -> InstanceAction | None:
     """The action to run next: the oldest unfinished one the controller accepted."""
     waiting = sorted(

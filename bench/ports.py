@@ -36,7 +36,7 @@ async def run(count: int, concurrency: int) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="nubes-bench-ports-"))
     fabric = Fabric.start(root, ["b1"])
     node = fabric.nodes[0]
-    node_name = f"{fabric.prefix}-b1"
+    node_name = fabric.node_name(node)
     logs = root / "logs"
     controller = Process(
         "controller",
@@ -46,29 +46,7 @@ async def run(count: int, concurrency: int) -> dict[str, Any]:
     ).start()
     agent = Process(
         "agent",
-        [
-            "agent",
-            "--node",
-            node_name,
-            "--state-dir",
-            str(root / "agent"),
-            "--run-dir",
-            str(root / "agent" / "run"),
-            "--ovs-db",
-            node.endpoint.db,
-            "--ovs-rundir",
-            str(node.rundir),
-            "--node-netns",
-            node.netns,
-            "--netns-prefix",
-            fabric.prefix,
-            "--tunnel-ip",
-            node.tunnel_ip,
-            "--availability-zone",
-            fabric.prefix,
-            "--virt-type",
-            "qemu",
-        ],
+        fabric.agent_argv(node, root / "agent"),
         logs / "agent.log",
         free_port(),
     ).start()

@@ -15,7 +15,7 @@ import structlog
 
 from nubes.api.compute import Flavor, Hypervisor, Instance, InstanceAction
 from nubes.api.image import Image
-from nubes.api.lifecycle import Effective, effective
+from nubes.api.lifecycle import Effective, effective, placement
 from nubes.api.meta import now_precise
 from nubes.api.network import FixedIpRequest, Network, Port, PortSpec
 from nubes.api.storage import Volume
@@ -276,10 +276,7 @@ class InstanceReconciler(Reconciler[Instance]):
         self, obj: Instance, eff: Effective, flavor: Flavor, image: Image | None, disk_gib: int
     ) -> tuple[str | None, str | None]:
         """(node, since): sticky; moved by completed moves; cleared when shelved."""
-        node, since = obj.status.node, obj.status.node_since
-        move = eff.move
-        if move and move.status.target_node and (since or "") < (move.status.completed_at or ""):
-            node, since = move.status.target_node, move.status.completed_at
+        node, since = placement(obj, eff)
         if obj.spec.power_state == "Shelved" and obj.status.shelved_disk:
             return None, since  # shelved and offloaded: node resources freed
         if node is not None and self.op.store(Hypervisor).lookup(node) is not None:

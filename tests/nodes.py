@@ -174,6 +174,35 @@ class Fabric:
         sh("ip", "-n", netns, "link", "set", "br-phy", "up")
         return node
 
+    def node_name(self, node: SimNode) -> str:
+        return f"{self.prefix}-{node.name}"
+
+    def agent_argv(self, node: SimNode, state: Path) -> list[str]:
+        """`nubes agent` arguments that make it the agent of a simulated node."""
+        return [
+            "agent",
+            "--node",
+            self.node_name(node),
+            "--state-dir",
+            str(state),
+            "--run-dir",
+            str(state / "run"),
+            "--ovs-db",
+            node.endpoint.db,
+            "--ovs-rundir",
+            str(node.rundir),
+            "--node-netns",
+            node.netns,
+            "--netns-prefix",
+            f"{self.prefix}{node.name}",
+            "--tunnel-ip",
+            node.tunnel_ip,
+            "--availability-zone",
+            self.prefix,
+            "--virt-type",
+            "qemu",
+        ]
+
     def guest(self, name: str) -> str:
         """A fresh namespace acting as a guest machine."""
         netns = f"{self.prefix}-g-{name}"

@@ -25,7 +25,7 @@ IMAGE = "image.nubes.io/v1alpha1"
 
 
 def node_name(fabric: Fabric, node: SimNode) -> str:
-    return f"{fabric.prefix}-{node.name}"
+    return fabric.node_name(node)
 
 
 def start_agent(
@@ -36,37 +36,17 @@ def start_agent(
     state_root: Path | None = None,
     image_store: Path | None = None,
     bridge_mappings: tuple[str, ...] = (),
+    extra_args: tuple[str, ...] = (),
 ) -> Process:
     """A node agent for a simulated node: its own OVS, namespaces and state."""
     state = (state_root or fabric.root) / f"agent-{node.name}"
     state.mkdir(parents=True, exist_ok=True, mode=0o755)
-    args = [
-        "agent",
-        "--node",
-        node_name(fabric, node),
-        "--state-dir",
-        str(state),
-        "--run-dir",
-        str(state / "run"),
-        "--ovs-db",
-        node.endpoint.db,
-        "--ovs-rundir",
-        str(node.rundir),
-        "--node-netns",
-        node.netns,
-        "--netns-prefix",
-        f"{fabric.prefix}{node.name}",
-        "--tunnel-ip",
-        node.tunnel_ip,
-        "--availability-zone",
-        fabric.prefix,
-        "--virt-type",
-        "qemu",
-    ]
+    args = fabric.agent_argv(node, state)
     if image_store is not None:
         args += ["--image-store", str(image_store)]
     for mapping in bridge_mappings:
         args += ["--bridge-mapping", mapping]
+    args += extra_args
     return start_process(tmp_path_factory, f"agent-{node.name}", *args)
 
 

@@ -51,8 +51,17 @@ def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
 def agent(
     fabric: Fabric, tmp_path_factory: pytest.TempPathFactory, workdir: Path, image_store: Path
 ) -> Iterator[list[Process]]:
+    # No grace for unused cached images: the cache must be empty once the
+    # instances are gone.
     procs = [
-        start_agent(fabric, node, tmp_path_factory, state_root=workdir, image_store=image_store)
+        start_agent(
+            fabric,
+            node,
+            tmp_path_factory,
+            state_root=workdir,
+            image_store=image_store,
+            extra_args=("--image-cache-grace", "0"),
+        )
         for node in fabric.nodes
     ]
     try:
@@ -68,7 +77,7 @@ def agent(
 
 @pytest.fixture(autouse=True)
 async def instances_removed(
-    kube: Kube, namespace: str, agent: list[Process]
+    kube: Kube, namespace: str, agent: list[Process], fabric: Fabric, workdir: Path
 ) -> AsyncIterator[None]:
     """Delete a test's instances while the agents still run (their finalizers
     need them), and make sure nothing of them is left on the node."""
@@ -81,6 +90,12 @@ async def instances_removed(
     await eventually(gone, timeout=180, what="instances deleted")
     leftover = [n for n in virsh("list", "--all", "--name").split() if n.startswith("nubes-")]
     assert not leftover, f"domains left behind: {leftover}"
+    for node in fabric.nodes:
+        instances = workdir / f"agent-{node.name}" / "instances"
+        cached = [p.name for p in (instances / "_base").glob("*") if not p.name.startswith(".")]
+        assert not cached, f"unused cached images on {node.name}: {cached}"
+        left = [p.name for p in instances.glob("*") if p.name != "_base"]
+        assert not left, f"instance directories left on {node.name}: {left}"
 
 
 @pytest.fixture(scope="module")
