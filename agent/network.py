@@ -230,13 +230,14 @@ class NodeNetworking:
         for config, served in plan.dhcp:
             if config.network_uid not in applied.vlans:
                 continue
+            ips_by_mac: dict[str, list[str]] = {}
+            for host in config.hosts:
+                ips_by_mac.setdefault(host.mac, []).append(host.ip)
             for port in served:
                 entry = {
                     "node": self.config.node,
                     "macAddress": port.status.mac_address,
-                    "ipAddresses": sorted(
-                        h.ip for h in config.hosts if h.mac == port.status.mac_address
-                    ),
+                    "ipAddresses": sorted(ips_by_mac.get(port.status.mac_address or "", [])),
                 }
                 current = port.status.dhcp.wire() if port.status.dhcp else None
                 if current != entry:

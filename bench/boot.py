@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.cluster import install_crds
 from nubes.api.compute import Instance
 from nubes.api.image import Image
 from nubes.api.network import Network
@@ -311,6 +312,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--boots", type=int, default=10)
     args = parser.parse_args()
+    install_crds()
     print(json.dumps(asyncio.run(run(args.boots))))
 
 

@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.cluster import install_crds
 from nubes.api.compute import Hypervisor
 from nubes.api.storage import Volume
 from nubes.drivers.runner import SubprocessRunner
@@ -43,8 +44,6 @@ from nubes.drivers.volumes.benchmark import wipe_vs_dd
 from nubes.runtime.kube import NAMESPACES, ApiError, Kube, path_of
 from nubes.runtime.logging import configure
 
-ROOT = Path(__file__).resolve().parent.parent
-KUBECTL = Path(os.environ.get("NUBES_CACHE", Path.home() / ".cache" / "nubes")) / "bin" / "kubectl"
 CONCURRENCY = 32
 
 
@@ -237,9 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     configure("warning")
-    # The CRDs, as `make demo` installs them (the cluster may be fresh).
-    apply = [str(KUBECTL), "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds")]
-    SubprocessRunner()(apply, timeout=120)
+    install_crds()
     workdir = Path(tempfile.mkdtemp(prefix="nubes-bench-volumes-", dir=args.workdir))
     try:
         figures = asyncio.run(run(args, workdir))

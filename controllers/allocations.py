@@ -57,6 +57,9 @@ class Ledger:
         self._released: dict[str, float] = {}
         self._taken: dict[str, tuple[str, str, float]] = {}
         """Names others hold (learned from a 409), by name: (pool, value, when)."""
+        self._claiming: dict[str, tuple[str, str]] = {}
+        """Claims of this process's workers in flight, by name: (pool, value),
+        so that concurrent workers pick different values instead of racing."""
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -86,6 +89,7 @@ class Ledger:
         }
         values.update(a.spec.value for a, _ in self._created.values() if a.spec.pool == pool)
         values.update(v for p, v, _ in self._taken.values() if p == pool)
+        values.update(v for p, v in self._claiming.values() if p == pool)
         return values
 
     def holder(self, pool: str, value: str) -> Allocation | None:
@@ -113,6 +117,15 @@ class Ledger:
         existing = self._lookup(name)
         if existing is not None:
             return existing.spec.owner.uid == owner.uid
+        if name in self._claiming:
+            return False  # another worker here is taking it right now
+        self._claiming[name] = (pool, value)
+        try:
+            return await self._create(name, pool, value, owner)
+        finally:
+            del self._claiming[name]
+
+    async def _create(self, name: str, pool: str, value: str, owner: Resource[Any, Any]) -> bool:
         alloc = Allocation(
             metadata=ObjectMeta(
                 name=name,

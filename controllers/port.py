@@ -3,6 +3,7 @@ reports (DHCP entry in place, plugged on its node)."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Any
 
@@ -215,7 +216,7 @@ class PortReconciler(Reconciler[Port]):
                     f"{wanted} is already used by "
                     + _holder(self.ledger.holder(pool, str(address))),
                 )
-        used = {int(ipaddress.ip_address(v)) for v in self.ledger.used(pool)}
+        used = {_address_int(v) for v in self.ledger.used(pool)}
         start = self.op.shard * (plan.capacity // max(self.op.shards, 1))
         for attempt, address in enumerate(plan.free(used, start=start)):
             if attempt >= IP_ATTEMPTS:
@@ -347,3 +348,9 @@ def _subnet_facts(subnet: Subnet | None) -> tuple[Any, ...] | None:
     if subnet is None:
         return None
     return (subnet.status.is_true("Ready"), subnet.deleting, subnet.spec.enable_dhcp)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _address_int(value: str) -> int:
+    # Every allocation looks at every address in use: parse each once.
+    return int(ipaddress.ip_address(value))

@@ -205,6 +205,7 @@ class Operator:
         settings.watching.client_timeout = 300
         settings.watching.connect_timeout = 10
         settings.batching.batch_window = 0.05
+        settings.persistence.diffbase_storage = _NoDiffBase()
         kopf_task = asyncio.create_task(
             kopf.operator(
                 registry=registry,
@@ -475,3 +476,17 @@ class Operator:
             "health endpoint", url=f"http://{self.health_host}:{self.health_port}/healthz"
         )
         return runner
+
+
+class _NoDiffBase(kopf.DiffBaseStorage):
+    """kopf deep-copies and diffs every object on every event for its change
+    handlers; we use none (stores and work queues instead), so skip that."""
+
+    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+        return None
+
+    def fetch(self, *, body: Any) -> Any:
+        return None
+
+    def store(self, *, body: Any, patch: Any, essence: Any) -> None:
+        pass
