@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,7 @@ POWER = {
 CONSOLE_TAIL = 64 * 1024
 SHUTDOWN_TIMEOUT = 30.0
 IMAGE_CACHE_PRUNE_INTERVAL = 3600.0
+VIF_PLUG_TIMEOUT = 30.0  # Nova's vif_plugging_timeout is 300 s; our ports wire in ms
 DATA_TARGETS = [f"vd{c}" for c in "bcdefghijklmnopqrstuvwx"]  # vdy: rescue, vdz: config
 
 
@@ -123,6 +125,7 @@ class InstanceAgent(Reconciler[Instance]):
         self.root = Path(config.state_dir) / "instances"
         self.cache = ImageCache(str(self.root), self.runner)
         self._cache_users = 0
+        self._vif_wait: dict[str, float] = {}
         self._cache_users_lock = threading.Lock()
         self.libvirt = LibvirtCompute()
         self.vifs = VifPlugger(
@@ -241,6 +244,8 @@ class InstanceAgent(Reconciler[Instance]):
         if obj.spec.power_state == "Shelved":
             shelved = await asyncio.to_thread(self._shelve, plan)
             return Outcome.observed({"shelvedDisk": shelved, "powerState": "Shelved"})
+        if not await self._vifs_ready(plan):
+            return Outcome.observed({}, requeue_after=1)
         state = await asyncio.to_thread(self.converge_domain, plan)
         status: dict[str, Any] = {
             "powerState": POWER.get(state, "Absent"),
@@ -255,6 +260,46 @@ class InstanceAgent(Reconciler[Instance]):
             status["shelvedDisk"] = None
         settled = status["powerState"] == obj.spec.power_state
         return Outcome.observed(status, requeue_after=None if settled else 2)
+
+    async def _vifs_ready(self, plan: Plan) -> bool:
+        """Whether the guest may start: like Nova waiting for
+        network-vif-plugged, because a guest started before its ports are
+        wired and in the DHCP server asks for an address nobody gives. Waits
+        VIF_PLUG_TIMEOUT at most, then boots anyway."""
+        inst = plan.inst
+        if inst.spec.power_state not in ("Running", "Paused") or not plan.ports:
+            return True
+        state = await asyncio.to_thread(self.libvirt.state, self.domain_name(inst))
+        if state not in (DomainState.ABSENT, DomainState.SHUTOFF):
+            return True
+        await asyncio.to_thread(self._plug, plan)
+        ports = self.op.store(Port)
+        fresh = [ports.lookup(p.name, p.namespace) for p in plan.ports]
+        if all(p is not None and p.status.is_true("Ready") for p in fresh):
+            self._vif_wait.pop(inst.uid, None)
+            return True
+        since = self._vif_wait.setdefault(inst.uid, time.monotonic())
+        if time.monotonic() - since < VIF_PLUG_TIMEOUT:
+            return False
+        log.warning("ports not ready, booting anyway", instance=inst.key)
+        self._vif_wait.pop(inst.uid, None)
+        return True
+
+    def _plug(self, plan: Plan) -> list[Nic]:
+        nics = []
+        for port in plan.ports:
+            names = self.vifs.plug_hybrid(
+                port.uid, port.status.mac_address or "", port.status.mtu or 1500
+            )
+            nics.append(
+                Nic(
+                    bridge=names.qbr,
+                    tap=names.tap,
+                    mac=port.status.mac_address or "",
+                    mtu=port.status.mtu or 1500,
+                )
+            )
+        return nics
 
     async def forget(self, key: str) -> None:
         """The Instance is gone from the API (its finalizer was not ours, or
@@ -436,19 +481,7 @@ class InstanceAgent(Reconciler[Instance]):
             if plan.boot_volume
             else FileDisk(self._root_disk(plan), "vda")
         )
-        nics = []
-        for port in plan.ports:
-            names = self.vifs.plug_hybrid(
-                port.uid, port.status.mac_address or "", port.status.mtu or 1500
-            )
-            nics.append(
-                Nic(
-                    bridge=names.qbr,
-                    tap=names.tap,
-                    mac=port.status.mac_address or "",
-                    mtu=port.status.mtu or 1500,
-                )
-            )
+        nics = self._plug(plan)
         (directory / "ports.json").write_text(json.dumps([p.uid for p in plan.ports]))
         data: list[DataDisk] = []
         for vol in plan.volumes:
@@ -680,7 +713,9 @@ def _unlink_url(url: str) -> None:
 
 def _port_facts_changed(old: Port | None, new: Port | None) -> bool:
     def facts(p: Port | None) -> tuple[Any, ...] | None:
-        return None if p is None else (p.status.mac_address, p.status.mtu, p.status.host)
+        if p is None:
+            return None
+        return (p.status.mac_address, p.status.mtu, p.status.host, p.status.is_true("Ready"))
 
     return facts(old) != facts(new)
 

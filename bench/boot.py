@@ -13,8 +13,10 @@ import argparse
 import asyncio
 import hashlib
 import json
+import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -51,7 +53,8 @@ async def wait_file(path: Path, text: str, timeout: float) -> float:
         except FileNotFoundError:
             pass
         await asyncio.sleep(0.02)
-    raise TimeoutError(f"{text!r} not in {path} after {timeout}s")
+    seen = path.read_text(errors="replace")[-2000:] if path.exists() else "(no file)"
+    raise TimeoutError(f"{text!r} not in {path} after {timeout}s; it ends with:\n{seen}")
 
 
 # --- ours -------------------------------------------------------------------------
@@ -285,6 +288,10 @@ async def run(boots: int) -> dict[str, Any]:
     finally:
         await kube.delete_raw(NAMESPACES, ns)
         await kube.delete_raw(FLAVORS, flavor)
+        # The agent removes domains and DHCP servers before the namespace goes.
+        deadline = time.monotonic() + 180
+        while await kube.get_raw(NAMESPACES, ns) is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
         await kube.close()
         agent.stop()
         controller.stop()
@@ -295,6 +302,10 @@ async def run(boots: int) -> dict[str, Any]:
             sh("ip", "link", "delete", f"{zone}vh"[:15], check=False)
             sh("ip", "link", "delete", bridge, check=False)
         fabric.stop()
+        if sys.exc_info()[0] is not None:  # failing: keep the logs for a look
+            shutil.copytree(
+                root / "logs", Path(tempfile.gettempdir()) / root.name, dirs_exist_ok=True
+            )
         sh("rm", "-rf", str(root))
     p50, raw_p50 = statistics.median(latencies), statistics.median(raw)
     return {

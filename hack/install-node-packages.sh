@@ -5,7 +5,7 @@ set -euo pipefail
 packages=(
   qemu-system-x86 qemu-utils qemu-block-extra
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
-  openvswitch-switch dnsmasq-base tgt libiscsi-bin open-iscsi lvm2
+  openvswitch-switch dnsmasq-base dnsmasq-utils tgt libiscsi-bin open-iscsi lvm2
   busybox-static linux-image-cloud-amd64 extlinux syslinux syslinux-common mtools genisoimage
   iptables ethtool iproute2 procps psmisc cpio gzip xz-utils parted dosfstools
   e2fsprogs kmod curl

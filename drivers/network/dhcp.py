@@ -73,6 +73,15 @@ def hosts_file(hosts: tuple[DhcpHost, ...]) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+def parse_hosts_file(text: str) -> set[tuple[str, str]]:
+    """(MAC, IP) of each entry of a hosts file written by `hosts_file`."""
+    entries = set()
+    for line in text.splitlines():
+        mac, _, ip = line.split(",", 2)
+        entries.add((mac, ip.strip("[]")))
+    return entries
+
+
 def dnsmasq_args(cfg: DhcpConfig, device: str, files: dict[str, str]) -> list[str]:
     """The dnsmasq command line: everything but the hosts, which are re-read on SIGHUP."""
     args = [
@@ -182,7 +191,9 @@ class DhcpServers:
         self.links.replace_addresses(device, netns, list(cfg.addresses))
         self.switch.add_vif(outer, cfg.port_uid, cfg.mac, cfg.local_vlan)
 
-        hosts_changed = _write_atomic(Path(files["hosts"]), hosts_file(cfg.hosts))
+        hosts_path = Path(files["hosts"])
+        before = parse_hosts_file(hosts_path.read_text()) if hosts_path.exists() else set()
+        hosts_changed = _write_atomic(hosts_path, hosts_file(cfg.hosts))
         args = dnsmasq_args(cfg, device, files)
         digest = hashlib.sha256(json.dumps(args).encode()).hexdigest()
         config_changed = _write_atomic(Path(files["config"]), digest + "\n")
@@ -195,6 +206,18 @@ class DhcpServers:
             log.info("dnsmasq started", network=cfg.network_uid, netns=netns)
         elif hosts_changed:
             os.kill(pid, signal.SIGHUP)
+            gone = before - {(h.mac, h.ip) for h in cfg.hosts}
+            self._release(netns, device, gone)
+
+    def _release(self, netns: str, device: str, entries: set[tuple[str, str]]) -> None:
+        """End the leases of removed hosts, as Neutron does: dnsmasq keeps
+        them in memory and would refuse their address to the next port."""
+        for mac, ip in sorted(entries):
+            if ":" in ip:
+                continue  # no DHCPv6 served
+            result = self.run(["dhcp_release", device, ip, mac], netns=netns, check=False)
+            if result.returncode != 0:
+                log.warning("dhcp_release failed", ip=ip, mac=mac, error=result.stderr.strip())
 
     def remove(self, network_uid: str) -> None:
         netns, _, outer = names_for(network_uid, self.prefix)

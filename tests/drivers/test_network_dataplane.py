@@ -198,6 +198,21 @@ def test_dhcp_serves_port_addresses_and_reloads_hosts(fabric: Fabric, tmp_path: 
     sw.bind(sw.vif_ports()["pd3"], vlan)
     assert dhcp_lease(g3, timeout=3) == {}
 
+    # A port deleted and its address given to a new port (another MAC): the
+    # old lease is released, so the new port gets the address at once.
+    servers.ensure(
+        DhcpConfig(
+            **{
+                **cfg.__dict__,
+                "hosts": (
+                    DhcpHost("fa:16:3e:00:00:12", "10.9.0.12", "vm-two"),
+                    DhcpHost("fa:16:3e:00:00:13", "10.9.0.11", "vm-three"),
+                ),
+            }
+        )
+    )
+    assert dhcp_lease(g3).get("ip") == "10.9.0.11"
+
     netns, _, outer = names_for(net.uid, fabric.prefix)
     pid = int(pid_before)
     servers.remove(net.uid)

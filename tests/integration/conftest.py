@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import uuid
@@ -95,6 +96,15 @@ async def namespace(kube: Kube) -> AsyncIterator[str]:
     yield name
     with contextlib.suppress(ApiError):
         await kube.delete_raw(NAMESPACES, name)
+    # While the test's controller and agents still run: their finalizers
+    # remove DHCP servers, domains, exports... before the namespace goes.
+    await eventually(
+        lambda: namespace_gone(kube, name), timeout=180, what=f"namespace {name} deleted"
+    )
+
+
+async def namespace_gone(kube: Kube, name: str) -> bool:
+    return await kube.get_raw(NAMESPACES, name) is None
 
 
 def start_process(
@@ -108,13 +118,34 @@ def start_process(
 
 
 @pytest.fixture(scope="session")
-def workdir() -> Iterator[Path]:
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """State shared with QEMU (which runs as another user and cannot enter
-    pytest's 0700 temp dirs): a world-traversable directory, removed after."""
+    pytest's 0700 temp dirs): a world-traversable directory, removed after,
+    once no process the tests started (dnsmasq, QEMU...) still uses it."""
     path = Path(tempfile.mkdtemp(prefix="nubes-tests-", dir="/var/tmp"))
     path.chmod(0o755)
     yield path
+    left = processes_using(str(path), str(tmp_path_factory.getbasetemp()))
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     shutil.rmtree(path, ignore_errors=True)
+    assert not left, f"processes outlived the tests: {left}"
+
+
+def processes_using(*paths: str) -> dict[int, str]:
+    """Processes whose command line names one of the paths."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(p in argv for p in paths):
+            found[int(proc.name)] = argv[:200]
+    return found
 
 
 @pytest.fixture(scope="session")
