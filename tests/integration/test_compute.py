@@ -506,7 +506,12 @@ async def test_instance_actions(
 
         vm = await eventually(shelved, timeout=180, what="instance shelved")
         assert vm.status.shelved_disk is not None
-        assert domain_state(vm.status.domain) == DomainState.ABSENT
+        shelved_domain = vm.status.domain
+        await eventually(
+            lambda: domain_state(shelved_domain) == DomainState.ABSENT,
+            timeout=60,
+            what="the shelved instance's domain removed",
+        )
         kubectl(
             "patch",
             "instance",
