@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from nubes.agent.image_source import source_of
 from nubes.api.compute import Instance, InstanceAction
 from nubes.api.image import Image
 from nubes.api.meta import now_precise
 from nubes.drivers.compute.libvirt import DomainState
 from nubes.drivers.images.cache import ImageSource
+from nubes.drivers.images.store import internal_path, internal_ref
 from nubes.runtime.kube import path_of
 
 if TYPE_CHECKING:
@@ -33,16 +35,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 SHUTDOWN_TIMEOUT = 30.0
-
-
-def source_of(image: Image) -> ImageSource | None:
-    """Where a node fetches an imported image from (the shared image store)."""
-    s = image.status
-    if not (s.store_path and s.sha256):
-        return None
-    return ImageSource(
-        url=Path(s.store_path).as_uri(), sha256=s.sha256, disk_format=s.format or "raw"
-    )
 
 
 def is_move(action: InstanceAction) -> bool:
@@ -112,6 +104,12 @@ class ActionRunner:
         if kind in ("SoftReboot", "HardReboot"):
             if self.libvirt.state(name) != DomainState.RUNNING:
                 raise ActionError("InstanceNotRunning", f"instance {inst.name} is not running")
+            # A rebooted guest starts afresh on its ports: only on bound ones.
+            unbound = self.agent.unbound_ports(plan)
+            if unbound:
+                raise ActionError(
+                    "PortNotBound", "; ".join(map(str, unbound)) + f": {kind} not done"
+                )
             self.libvirt.reboot(name, hard=kind == "HardReboot")
             return {"result": f"{kind} done"}
         if kind == "Snapshot":
@@ -141,7 +139,7 @@ class ActionRunner:
 
     def _image_source(self, key: str | None) -> ImageSource:
         image: Image | None = self.agent.op.store(Image).get(key or "")
-        source = source_of(image) if image is not None else None
+        source = source_of(image, self.agent.store_dir) if image is not None else None
         if source is None:
             raise ActionError("ImageNotUsable", f"image {key} is not in the image store")
         return source
@@ -154,7 +152,8 @@ class ActionRunner:
         if was_running:
             self.libvirt.pause(name)
         try:
-            target = self.agent.store_dir / "snapshots" / f"{action.uid}.qcow2"
+            ref = internal_ref("snapshots", action.uid)
+            target = Path(internal_path(str(self.agent.store_dir), ref))
             snap = self.cache.snapshot_disk(
                 str(self.agent.instance_dir(inst) / "disk"), str(target), force_share=True
             )
@@ -163,7 +162,7 @@ class ActionRunner:
             if was_running:
                 self.libvirt.unpause(name)
         return {
-            "transfer": {"url": target.as_uri(), "sha256": snap.sha256},
+            "transfer": {"ref": ref, "sha256": snap.sha256},
             "result": action.spec.image_name,
         }
 
@@ -171,22 +170,27 @@ class ActionRunner:
         """Source side of a move: stop, then flatten the disk into the store."""
         name = self._name(inst)
         self.libvirt.shutdown(name, timeout=SHUTDOWN_TIMEOUT)
-        target = self.agent.store_dir / "transfers" / f"{action.uid}.qcow2"
-        snap = self.cache.snapshot_disk(str(self.agent.instance_dir(inst) / "disk"), str(target))
+        ref = internal_ref("transfers", action.uid)
+        target = internal_path(str(self.agent.store_dir), ref)
+        snap = self.cache.snapshot_disk(str(self.agent.instance_dir(inst) / "disk"), target)
         os.chmod(target, 0o644)
-        return {"url": target.as_uri(), "sha256": snap.sha256}
+        return {"ref": ref, "sha256": snap.sha256}
 
     def _import(self, inst: Instance, action: InstanceAction, plan: Plan) -> dict[str, Any]:
         """Target side of a move: the instance's disk from the transfer, then
-        the domain, in the power state the instance wants."""
+        the domain, in the power state the instance wants. Its ports are still
+        bound to the source node here, so the domain is only defined (VIFs
+        plugged isolated); it starts once the controller has moved the
+        instance and its ports are bound on this node."""
         transfer = action.status.transfer
         assert transfer is not None
-        source = ImageSource(transfer.url, transfer.sha256, "qcow2")
+        path = internal_path(str(self.agent.store_dir), transfer.ref)
+        source = ImageSource(path, transfer.sha256, "qcow2")
         moved = dataclasses.replace(plan, root_source=source)
         self.agent.local.add(inst.uid)
         self.agent.converge_domain(moved)
         # The node's cache holds the base now; the store copy can go.
-        Path(self.agent.store_dir / "transfers" / f"{action.uid}.qcow2").unlink(missing_ok=True)
+        Path(path).unlink(missing_ok=True)
         return {"result": f"moved from {action.status.source_node} to {self.agent.node}"}
 
 

@@ -29,18 +29,35 @@ Visibility = Literal["private", "shared", "public"]
 
 
 class ImageSource(ApiModel):
-    """Where the image data comes from."""
+    """Where the image data comes from: exactly one of url and snapshot."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.url) != has(self.snapshot)",
+                "give exactly one of url and snapshot",
+            ),
+        )
+    )
 
     url: Annotated[
-        str,
+        str | None,
         Field(max_length=2048),
         Rule(
             "self.startsWith('http://') || self.startsWith('https://')"
             " || self.startsWith('file:///')",
             "url must be http://, https:// or file:///",
         ),
-    ]
-    """http(s) URL, or file:/// path readable by the controller."""
+    ] = None
+    """An http(s) URL the controller fetches. The operator decides which
+    destinations are allowed: by default only public addresses (no loopback,
+    link-local, private or cluster addresses), checked after name resolution
+    and on every redirect, with a size limit and a deadline. file:/// URLs
+    are for cloud administrators only and read below the operator's import
+    directory."""
+    snapshot: Annotated[str | None, Field(max_length=253)] = None
+    """Name of a Snapshot InstanceAction in this namespace whose disk this
+    image holds (set by the controller when a snapshot finishes)."""
 
 
 class ImageSpec(ApiModel):
@@ -93,9 +110,7 @@ class ImageStatus(Status):
     virtual_size_bytes: int | None = None
     """Size of the disk the image expands to."""
     sha256: str | None = None
-    """SHA-256 of the stored data."""
-    store_path: str | None = None
-    """Location in the image store."""
+    """SHA-256 of the stored data (only once verified)."""
 
 
 class Image(Resource[ImageSpec, ImageStatus]):

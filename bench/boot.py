@@ -264,7 +264,13 @@ async def run(boots: int) -> dict[str, Any]:
     logs = root / "logs"
     controller = Process(
         "controller",
-        ["controller", "--image-store", str(root / "images")],
+        [
+            "controller",
+            "--image-store",
+            str(root / "images"),
+            "--image-import-dir",
+            str(image.parent),
+        ],
         logs / "controller.log",
         free_port(),
     ).start()

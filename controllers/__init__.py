@@ -34,7 +34,7 @@ async def build_controller(op: Operator, config: ControllerConfig) -> None:
         FlavorReconciler(),
         ImageReconciler(config),
         InstanceReconciler(),
-        InstanceActionReconciler(),
+        InstanceActionReconciler(config),
         VolumeTypeReconciler(),
         VolumeReconciler(),
         VolumeSnapshotReconciler(),

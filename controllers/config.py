@@ -7,6 +7,8 @@ import os
 
 from pydantic import BaseModel, Field
 
+from nubes.drivers.images.fetch import FetchPolicy, parse_networks
+
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(f"NUBES_{name}", default)
@@ -49,6 +51,31 @@ class ControllerConfig(BaseModel):
     """Per provider network MTU, when not the underlay MTU."""
     image_store: str = "/var/lib/nubes/images"
     """Directory the controller imports images into (Glance filesystem store)."""
+    image_import_dir: str | None = None
+    """The only directory file:// image sources may read below (None: none)."""
+    image_import_schemes: list[str] = Field(default_factory=lambda: ["http", "https"])
+    image_import_ports: list[int] = Field(default_factory=list)
+    """Ports image URLs may name; empty allows any."""
+    image_import_allow_networks: list[str] = Field(default_factory=list)
+    """Non-public networks image URLs may reach (an internal mirror)."""
+    image_import_deny_networks: list[str] = Field(default_factory=list)
+    """Networks never reached, even when allowed (the cluster's service and pod ranges)."""
+    image_max_bytes: int = 64 * 2**30
+    image_import_deadline: float = 3600.0
+    image_import_stall_timeout: float = 60.0
+    image_import_parallel: int = 4
+
+    def fetch_policy(self) -> FetchPolicy:
+        return FetchPolicy(
+            allowed_schemes=frozenset(self.image_import_schemes),
+            allowed_ports=frozenset(self.image_import_ports),
+            allowed_networks=parse_networks(self.image_import_allow_networks),
+            disallowed_networks=parse_networks(self.image_import_deny_networks),
+            file_import_dir=self.image_import_dir,
+            max_bytes=self.image_max_bytes,
+            stall_timeout=self.image_import_stall_timeout,
+            deadline=self.image_import_deadline,
+        )
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,6 +105,42 @@ class ControllerConfig(BaseModel):
         p.add_argument("--underlay-mtu", type=int, default=int(_env("UNDERLAY_MTU", "1500")))
         p.add_argument("--physnet-mtu", action="append", default=[], help="PHYSNET:MTU")
         p.add_argument("--image-store", default=_env("IMAGE_STORE", "/var/lib/nubes/images"))
+        i = p.add_argument_group("image import policy (tenants' URLs are hostile input)")
+        i.add_argument(
+            "--image-import-dir",
+            default=os.environ.get("NUBES_IMAGE_IMPORT_DIR"),
+            help="directory file:// sources may read below (cloud admins only); unset: no file://",
+        )
+        i.add_argument(
+            "--image-import-scheme",
+            action="append",
+            choices=["http", "https"],
+            help="allowed URL scheme (repeatable; default http and https)",
+        )
+        i.add_argument(
+            "--image-import-port", action="append", type=int, default=[], help="allowed port"
+        )
+        i.add_argument(
+            "--image-import-allow-network",
+            action="append",
+            default=[],
+            help="CIDR of a non-public network image URLs may reach (repeatable)",
+        )
+        i.add_argument(
+            "--image-import-deny-network",
+            action="append",
+            default=[],
+            help="CIDR never reached, e.g. the service and pod ranges (repeatable)",
+        )
+        i.add_argument("--image-max-bytes", type=int, default=64 * 2**30)
+        i.add_argument("--image-import-deadline", type=float, default=3600.0, help="seconds")
+        i.add_argument(
+            "--image-import-stall-timeout",
+            type=float,
+            default=60.0,
+            help="seconds without data before a fetch is abandoned",
+        )
+        i.add_argument("--image-import-parallel", type=int, default=4)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ControllerConfig:
@@ -88,7 +151,20 @@ class ControllerConfig(BaseModel):
             underlay_mtu=args.underlay_mtu,
             physnet_mtus={k: int(v) for k, v in (s.split(":", 1) for s in args.physnet_mtu)},
             image_store=args.image_store,
+            image_import_dir=args.image_import_dir,
+            image_import_schemes=args.image_import_scheme or ["http", "https"],
+            image_import_ports=args.image_import_port,
+            image_import_allow_networks=args.image_import_allow_network,
+            image_import_deny_networks=args.image_import_deny_network,
+            image_max_bytes=args.image_max_bytes,
+            image_import_deadline=args.image_import_deadline,
+            image_import_stall_timeout=args.image_import_stall_timeout,
+            image_import_parallel=args.image_import_parallel,
         )
+        try:
+            config.fetch_policy()
+        except ValueError as e:
+            raise SystemExit(f"image import policy: {e}") from e
         if args.vxlan_range:
             config.vxlan_ranges = [SegmentRange.parse(r) for r in args.vxlan_range]
         if args.gre_range:

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+from urllib.parse import urlsplit
 
+from nubes.api.compute import InstanceAction
 from nubes.api.identity import Project
 from nubes.api.image import Image
 from nubes.api.meta import ProjectRef
 from nubes.controllers.config import ControllerConfig
-from nubes.drivers.images.cache import ImageCacheError, ImageFetchError
-from nubes.drivers.images.store import ImageStore
+from nubes.controllers.image_import import ImportPool
+from nubes.drivers.images.cache import ImageCacheError
+from nubes.drivers.images.fetch import FetchError
+from nubes.drivers.images.store import ImageStore, InvalidStoreRef, StoredImage
 from nubes.drivers.runner import SubprocessRunner
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Reconciler, Stall, Wait
@@ -57,7 +61,11 @@ class ImageReconciler(Reconciler[Image]):
     workers = 2
 
     def __init__(self, config: ControllerConfig):
-        self.store = ImageStore(config.image_store, SubprocessRunner())
+        self.store = ImageStore(config.image_store, SubprocessRunner(), config.fetch_policy())
+        self.imports = ImportPool(config.image_import_parallel)
+        # Failures only a new Image can fix (the source is immutable): kept,
+        # so a refused or oversized source is not fetched again and again.
+        self.failed: dict[str, Stall] = {}
 
     def setup(self, op: Operator) -> None:
         super().setup(op)
@@ -68,30 +76,63 @@ class ImageReconciler(Reconciler[Image]):
 
     async def converge(self, obj: Image) -> Outcome:
         s = obj.status
-        imported = s.is_true("Ready") and s.store_path and s.size_bytes is not None
-        if imported and await asyncio.to_thread(_present, s.store_path or "", s.size_bytes or 0):
+        path = self.store.path_of(obj.uid)
+        imported = s.is_true("Ready") and s.size_bytes is not None
+        if imported and await asyncio.to_thread(_present, path, s.size_bytes or 0):
             return Outcome.ready(message=self._summary(s.format, s.virtual_size_bytes))
-        try:
-            # Idempotent: an image already in the store is re-checked, not re-fetched.
-            stored = await asyncio.to_thread(
-                self.store.import_image,
-                obj.uid,
-                obj.spec.source.url,
-                obj.spec.disk_format,
-                obj.spec.sha256,
-            )
-        except ImageFetchError as e:
-            raise Wait(e.reason, str(e), 30) from e
-        except ImageCacheError as e:
-            raise Stall(e.reason, str(e)) from e
+        if obj.uid in self.failed:
+            raise self.failed[obj.uid]
+        finished = self.imports.poll(obj.uid)
+        if finished is None:
+            if not self.imports.running(obj.uid):
+                self._start(obj)
+            return Outcome.progressing("Importing", "fetching, verifying and inspecting the data")
+        if finished.error is not None:
+            problem = _problem(finished.error)
+            if isinstance(problem, Stall):
+                self.failed[obj.uid] = problem
+            raise problem from finished.error
+        stored = finished.stored
+        assert stored is not None
         status = {
             "format": stored.format,
             "sizeBytes": stored.size,
             "virtualSizeBytes": stored.virtual_size,
             "sha256": stored.sha256,
-            "storePath": stored.path,
         }
         return Outcome.ready(status, self._summary(stored.format, stored.virtual_size))
+
+    def _start(self, obj: Image) -> None:
+        """Start the import (idempotent: data already in the store is
+        re-checked, not fetched again)."""
+        src = obj.spec.source
+        fmt, sha = obj.spec.disk_format, obj.spec.sha256
+        if src.snapshot is not None:
+            ref, sha = self._snapshot_ref(obj, src.snapshot)
+            origin = "store"
+
+            def job() -> StoredImage:
+                return self.store.import_internal(obj.uid, ref, fmt, sha)
+        else:
+            url = src.url or ""
+            origin = urlsplit(url).hostname or "file"
+
+            def job() -> StoredImage:
+                return self.store.import_url(obj.uid, url, fmt, sha)
+
+        key = obj.key
+        self.imports.start(obj.uid, origin, job, lambda: self.op.enqueue(Image, key))
+
+    def _snapshot_ref(self, obj: Image, action_name: str) -> tuple[str, str]:
+        action: InstanceAction | None = self.op.store(InstanceAction).lookup(
+            action_name, obj.namespace
+        )
+        if action is None or action.spec.action != "Snapshot":
+            raise Stall("SnapshotNotFound", f"no Snapshot action {action_name} in this project")
+        transfer = action.status.transfer
+        if transfer is None:
+            raise Wait("WaitingForSnapshot", f"snapshot {action_name} is not finished", 5)
+        return transfer.ref, transfer.sha256
 
     @staticmethod
     def _summary(fmt: str | None, virtual_size: int | None) -> str:
@@ -99,8 +140,22 @@ class ImageReconciler(Reconciler[Image]):
         return f"{fmt}, {gib:.2f} GiB virtual, verified and inspected"
 
     async def finalize(self, obj: Image) -> Outcome | None:
+        self.imports.cancel(obj.uid)
+        self.failed.pop(obj.uid, None)
         await asyncio.to_thread(self.store.delete, obj.uid)
         return None
+
+
+def _problem(error: Exception) -> Stall | Wait:
+    """Policy refusals, bad data and limits stall (only a new image helps);
+    network trouble is retried."""
+    if isinstance(error, FetchError) and error.retryable:
+        return Wait(error.reason, str(error), 30)
+    if isinstance(error, FetchError | ImageCacheError | InvalidStoreRef):
+        return Stall(error.reason, str(error))
+    if isinstance(error, OSError):
+        return Wait("ImageFetchFailed", f"cannot read the source: {error.strerror or error}", 30)
+    raise error
 
 
 def _present(path: str, size: int) -> bool:

@@ -47,6 +47,8 @@ up() {
   say "CRDs, roles and admission policies"
   kubectl apply --server-side --force-conflicts -f crds/ >/dev/null
   kubectl wait --for=condition=Established crd --all --timeout=60s >/dev/null
+  # The components' namespace: their ServiceAccounts and the CHAP Secrets.
+  kubectl create namespace nubes-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
   "$bin/helm" template nubes charts/nubes --namespace nubes-system \
     --set controller.enabled=false --set agent.enabled=false --set crds.enabled=false \
     | kubectl apply --server-side --force-conflicts -f - >/dev/null
@@ -57,7 +59,10 @@ up() {
   start_http "$(dirname "$guest")"
 
   say "controller and node agent ($node)"
-  start_proc controller --log-level info controller --health-port 18081 --image-store "$state/images"
+  # The quickstart image is served on 127.0.0.2:18090; the import policy
+  # allows exactly that (loopback is refused otherwise, as every non-public address).
+  start_proc controller --log-level info controller --health-port 18081 --image-store "$state/images" \
+    --image-import-allow-network 127.0.0.2/32 --image-import-port 18090
   start_proc agent --log-level info agent --node "$node" --state-dir "$node_state" \
     --run-dir "$state/run/agent" --image-store "$state/images" --health-port 18082
   for port in 18081 18082; do
@@ -91,7 +96,7 @@ up() {
 
 start_http() { # directory
   if [[ -f $state/run/http.pid ]] && kill -0 "$(cat "$state/run/http.pid")" 2>/dev/null; then return; fi
-  nohup .venv/bin/python -m http.server 18090 --bind 127.0.0.1 --directory "$1" \
+  nohup .venv/bin/python -m http.server 18090 --bind 127.0.0.2 --directory "$1" \
     >"$state/logs/http.log" 2>&1 &
   echo $! > "$state/run/http.pid"
 }

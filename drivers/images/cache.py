@@ -1,10 +1,12 @@
 """The per-node image cache and the instance disks made from it (Nova's `_base`).
 
-An image is fetched once per node into `ROOT/_base/<sha256>`, verified
-against its SHA-256 while streaming, inspected (nubes.drivers.images.inspect)
-and stored as RAW: a qcow2 image is converted, because every instance's root
-disk is a qcow2 overlay whose backing file is the shared base, and a raw
-backing file is the simplest, fastest one for QEMU. The base never changes;
+An image is copied once per node from the image store (never from a
+tenant's URL: only the controller fetches those, under its fetch policy)
+into `ROOT/_base/<sha256>`, verified against its SHA-256 while streaming,
+inspected (nubes.drivers.images.inspect) and stored as RAW: a qcow2 image
+is converted, because every instance's root disk is a qcow2 overlay whose
+backing file is the shared base, and a raw backing file is the simplest,
+fastest one for QEMU. The base never changes;
 instance disks do.
 
 Everything is idempotent and safe to repeat after a crash: downloads go to
@@ -23,12 +25,8 @@ import os
 import re
 import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import structlog
 
@@ -61,17 +59,23 @@ class InvalidImageSource(ImageCacheError, ValueError):
 
 
 class ImageFetchError(ImageCacheError):
-    reason = "FetchFailed"
+    """The store copy could not be read (missing, unreadable)."""
+
+    reason = "ImageFetchFailed"
 
 
 class ChecksumMismatch(ImageCacheError):
+    """The data is not what was promised. The digest of the rejected data is
+    kept for the operator's logs, never put in the message: a tenant could
+    otherwise learn the hash of data it cannot read."""
+
     reason = "ChecksumMismatch"
 
-    def __init__(self, url: str, expected: str, actual: str) -> None:
-        self.url = url
+    def __init__(self, source: str, expected: str, actual: str) -> None:
+        self.source = source
         self.expected = expected
         self.actual = actual
-        super().__init__(f"image from {url} has SHA-256 {actual}, expected {expected}")
+        super().__init__(f"image from {source} does not have the SHA-256 {expected}")
 
 
 class ImageRejected(ImageCacheError):
@@ -107,10 +111,11 @@ class DiskConflict(ImageCacheError):
 
 @dataclass(frozen=True)
 class ImageSource:
-    """What to cache: where it is, its SHA-256 (the cache key) and its declared format."""
+    """What to cache: its file in the image store, its SHA-256 (the cache key)
+    and its declared format."""
 
-    url: str
-    """http://, https:// or file:// (the path must be absolute)."""
+    path: str
+    """Absolute path of the verified copy in the image store."""
     sha256: str
     """SHA-256 of the data at `url`, lowercase hex."""
     disk_format: str
@@ -153,7 +158,6 @@ class ImageCache:
         root: str,
         runner: Runner,
         *,
-        fetch_timeout: float = 60,
         max_image_bytes: int | None = None,
         convert_timeout: float = 3600,
     ) -> None:
@@ -162,7 +166,6 @@ class ImageCache:
         self.tmp_dir = os.path.join(self.base_dir, ".tmp")
         self.lock_dir = os.path.join(self.base_dir, ".locks")
         self.runner = runner
-        self.fetch_timeout = fetch_timeout
         self.max_image_bytes = max_image_bytes
         self.convert_timeout = convert_timeout
 
@@ -201,14 +204,15 @@ class ImageCache:
         started = time.monotonic()
         with contextlib.ExitStack() as cleanup:
             download = self._tmp_file(cleanup, "download")
-            actual, size = self._download(source.url, download)
+            actual, size = self._copy_in(source.path, download)
             if actual != source.sha256:
-                raise ChecksumMismatch(source.url, source.sha256, actual)
+                log.warning("cached image digest mismatch", path=source.path, actual=actual)
+                raise ChecksumMismatch(source.path, source.sha256, actual)
             try:
                 info = verify_image(download, source.disk_format)
                 cross_check(self.runner, info)
             except ImageInspectionError as e:
-                raise ImageRejected(source.url, e) from e
+                raise ImageRejected(source.path, e) from e
             if info.format == ImageFormat.RAW:
                 stored = download
             else:
@@ -223,7 +227,7 @@ class ImageCache:
             _write_atomic(
                 path + ".json",
                 json.dumps(
-                    {"url": source.url, "source_format": str(info.format), "bytes": size},
+                    {"source_format": str(info.format), "bytes": size},
                     sort_keys=True,
                 ),
             )
@@ -240,8 +244,23 @@ class ImageCache:
         assert cached is not None
         return cached
 
-    def _download(self, url: str, dest: str) -> tuple[str, int]:
-        return download(url, dest, timeout=self.fetch_timeout, max_bytes=self.max_image_bytes)
+    def _copy_in(self, path: str, dest: str) -> tuple[str, int]:
+        """Copy a store file into `dest`; returns (sha256, size)."""
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(path, "rb") as src, open(dest, "wb") as out:
+                while chunk := src.read(CHUNK):
+                    size += len(chunk)
+                    if self.max_image_bytes is not None and size > self.max_image_bytes:
+                        raise ImageTooLarge(
+                            f"image {path} is larger than {self.max_image_bytes} bytes"
+                        )
+                    digest.update(chunk)
+                    out.write(chunk)
+        except OSError as e:
+            raise ImageFetchError(f"cannot read {path}: {e.strerror or e}") from e
+        return digest.hexdigest(), size
 
     def prune(self, in_use: Iterable[str], *, min_unused_seconds: float = 0) -> list[str]:
         """Delete cached images whose SHA-256 is not in `in_use`.
@@ -429,23 +448,6 @@ class ImageCache:
             os.close(fd)
 
 
-def download(url: str, dest: str, *, timeout: float, max_bytes: int | None) -> tuple[str, int]:
-    """Stream `url` into `dest`; returns (sha256, size)."""
-    digest = hashlib.sha256()
-    size = 0
-    try:
-        with _open_url(url, timeout) as src, open(dest, "wb") as out:
-            while chunk := src.read(CHUNK):
-                size += len(chunk)
-                if max_bytes is not None and size > max_bytes:
-                    raise ImageTooLarge(f"image from {url} is larger than {max_bytes} bytes")
-                digest.update(chunk)
-                out.write(chunk)
-    except (OSError, urllib.error.URLError, ValueError) as e:
-        raise ImageFetchError(f"cannot fetch {url}: {e}") from e
-    return digest.hexdigest(), size
-
-
 def _check_sha(sha256: str) -> None:
     if not SHA256.match(sha256):
         raise InvalidImageSource(f"{sha256!r} is not a lowercase hex SHA-256")
@@ -453,19 +455,8 @@ def _check_sha(sha256: str) -> None:
 
 def _check_source(source: ImageSource) -> None:
     _check_sha(source.sha256)
-    scheme = urllib.parse.urlsplit(source.url).scheme
-    if scheme not in ("http", "https", "file"):
-        raise InvalidImageSource(f"image URL {source.url!r} is not http(s):// or file://")
-
-
-def _open_url(url: str, timeout: float) -> BinaryIO:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "file":
-        if parts.netloc not in ("", "localhost"):
-            raise ValueError(f"file URL {url!r} names a host")
-        return open(urllib.request.url2pathname(parts.path), "rb")
-    response: BinaryIO = urllib.request.urlopen(url, timeout=timeout)
-    return response
+    if not os.path.isabs(source.path):
+        raise InvalidImageSource(f"image source {source.path!r} is not an absolute path")
 
 
 def sha256_file(path: str) -> str:

@@ -75,7 +75,7 @@ def base_image(workdir: Path) -> CachedImage:
     image = build_guest_image()
     digest = hashlib.sha256(image.read_bytes()).hexdigest()
     cache = ImageCache(str(workdir / "instances"), RUN)
-    return cache.ensure_image(ImageSource(image.as_uri(), digest, "qcow2"))
+    return cache.ensure_image(ImageSource(str(image), digest, "qcow2"))
 
 
 @pytest.fixture(scope="module")

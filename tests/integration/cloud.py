@@ -3,6 +3,9 @@ short ways to apply and wait for Nubes objects."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +130,23 @@ def flavor(name: str, **spec: Any) -> None:
     )
 
 
+def importable(path: Path) -> Path:
+    """`path`, or a copy of it below the controller's import directory (the
+    only place file:// sources may read from)."""
+    root = Path(os.environ["NUBES_TEST_IMPORT_DIR"])
+    if path.resolve().is_relative_to(root):
+        return path
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    target = root / "import" / f"{digest}-{path.name}"
+    if not target.exists():
+        target.parent.mkdir(exist_ok=True)
+        shutil.copyfile(path, target)
+    return target
+
+
 def image(ns: str, name: str, path: Path, sha256: str | None, fmt: str = "qcow2") -> None:
-    spec: dict[str, Any] = {"source": {"url": path.as_uri()}, "diskFormat": fmt}
+    """An Image from a file (applied as the cluster admin: file:// is admin-only)."""
+    spec: dict[str, Any] = {"source": {"url": importable(path).as_uri()}, "diskFormat": fmt}
     if sha256:
         spec["sha256"] = sha256
     apply(

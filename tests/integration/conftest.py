@@ -21,6 +21,8 @@ from nubes.runtime.kube import NAMESPACES, ApiError, KindPath, Kube
 from tests.helpers import ROOT, Process, eventually, free_port, kubectl
 
 CRDS = KindPath("apiextensions.k8s.io", "v1", "customresourcedefinitions", False)
+COMPONENTS_NAMESPACE = "nubes-system"
+"""Where the chart's ServiceAccounts and the agents' CHAP Secrets live."""
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +65,7 @@ def render_chart(*extra: str) -> str:
         "nubes",
         str(ROOT / "charts" / "nubes"),
         "--namespace",
-        "nubes-system",
+        COMPONENTS_NAMESPACE,
         "--set",
         "controller.enabled=false",
         "--set",
@@ -79,6 +81,17 @@ def render_chart(*extra: str) -> str:
 async def platform(kube: Kube) -> None:
     """CRDs, roles and admission policies, as the chart installs them."""
     await apply_crds(kube)
+    # The components' namespace: ServiceAccounts, CHAP Secrets.
+    if await kube.get_raw(NAMESPACES, COMPONENTS_NAMESPACE) is None:
+        with contextlib.suppress(ApiError):
+            await kube.create_raw(
+                NAMESPACES,
+                {
+                    "apiVersion": "v1",
+                    "kind": "Namespace",
+                    "metadata": {"name": COMPONENTS_NAMESPACE},
+                },
+            )
     kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=render_chart())
 
 
@@ -124,6 +137,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     once no process the tests started (dnsmasq, QEMU...) still uses it."""
     path = Path(tempfile.mkdtemp(prefix="nubes-tests-", dir="/var/tmp"))
     path.chmod(0o755)
+    os.environ["NUBES_TEST_IMPORT_DIR"] = str(path)  # read by cloud.image()
     yield path
     left = processes_using(str(path), str(tmp_path_factory.getbasetemp()))
     for pid in left:
@@ -155,11 +169,29 @@ def image_store(workdir: Path) -> Path:
     return path
 
 
+# Test image servers listen here; the controller's own ports are on 127.0.0.1,
+# which its import policy keeps refusing (loopback), as in production.
+IMAGE_SERVER_ADDRESS = "127.0.0.2"
+
+
+def controller_argv(image_store: Path, *extra: str) -> list[str]:
+    """The suite's controller: file:// sources below the tests' work directory
+    (where cloud.image() puts image files), http sources on IMAGE_SERVER_ADDRESS."""
+    return [
+        "controller",
+        "--image-store",
+        str(image_store),
+        "--image-import-dir",
+        str(image_store.parent),
+        "--image-import-allow-network",
+        f"{IMAGE_SERVER_ADDRESS}/32",
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="module")
 def controller(tmp_path_factory: pytest.TempPathFactory, image_store: Path) -> Iterator[Process]:
-    proc = start_process(
-        tmp_path_factory, "controller", "controller", "--image-store", str(image_store)
-    )
+    proc = start_process(tmp_path_factory, "controller", *controller_argv(image_store))
     yield proc
     proc.stop()
     proc.assert_no_crash()
