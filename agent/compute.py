@@ -32,7 +32,7 @@ from urllib.request import url2pathname
 import structlog
 
 from nubes.agent.actions import ActionRunner, is_move, source_of
-from nubes.agent.config import AgentConfig
+from nubes.agent.config import NODE_LABEL, AgentConfig
 from nubes.agent.network import NodeNetworking
 from nubes.api.compute import Flavor, Instance, InstanceAction
 from nubes.api.image import Image
@@ -231,6 +231,7 @@ class InstanceAgent(Reconciler[Instance]):
             # Moved away, shelved or never ours: collect what is left here.
             if obj.uid in self.local:
                 await asyncio.to_thread(self._teardown, obj)
+                await self._drop_console(obj)
                 await self._drop_finalizer(obj)
             return Outcome.observed({})
         await self._add_finalizer(obj)
@@ -315,6 +316,16 @@ class InstanceAgent(Reconciler[Instance]):
             await self._drop_finalizer(obj)
         return None
 
+    async def _drop_console(self, obj: Instance) -> None:
+        """The console ConfigMap carries this node's label, which only this
+        agent may change: a node the instance moved to makes its own."""
+        self._console_digest.pop(obj.uid, None)
+        try:
+            await self.op.kube.delete_raw(CONFIGMAPS, f"{obj.name}-console", obj.namespace)
+        except ApiError as e:
+            if e.status != 403:  # another node's map: admission keeps it
+                raise
+
     async def _add_finalizer(self, obj: Instance) -> None:
         if self.own_finalizer not in obj.metadata.finalizers:
             await self.op.kube.set_finalizers(obj, [*obj.metadata.finalizers, self.own_finalizer])
@@ -396,7 +407,10 @@ class InstanceAgent(Reconciler[Instance]):
             return None
         if export.initiator_node not in (None, self.node):
             return None  # still exported for the node the instance left
-        secret = await self.op.kube.get_raw(SECRETS, export.chap_secret, inst.namespace)
+        # In the components' namespace: tenants never read CHAP credentials.
+        secret = await self.op.kube.get_raw(
+            SECRETS, export.chap_secret, self.config.secret_namespace
+        )
         if secret is None:
             return None
         data = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
@@ -657,7 +671,8 @@ class InstanceAgent(Reconciler[Instance]):
                 "metadata": {
                     "name": f"{inst.name}-console",
                     "namespace": inst.namespace,
-                    "labels": {"nubes.io/instance": inst.name},
+                    # The node label: only this node's agent may change it.
+                    "labels": {"nubes.io/instance": inst.name, NODE_LABEL: self.node},
                     "ownerReferences": [
                         {
                             "apiVersion": Instance.crd.api_version,

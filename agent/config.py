@@ -13,6 +13,12 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"NUBES_{name}", default)
 
 
+NODE_LABEL = "nubes.io/node"
+"""Label of the ConfigMaps and Secrets a node agent makes, naming its node:
+the nubes-agent-node admission policy lets only that node's agent change or
+delete them."""
+
+
 class AgentConfig(BaseModel):
     node: str
     """Name of this node (Hypervisor object, port bindings)."""
@@ -48,6 +54,9 @@ class AgentConfig(BaseModel):
     """Directory of volume backups; None means STATE_DIR/backups."""
     iscsi_portal: str = "127.0.0.1:3260"
     """HOST[:PORT] of this node's tgtd, as compute nodes reach it."""
+    secret_namespace: str = "nubes-system"
+    """Namespace of the Secrets the agents keep (CHAP credentials of volume
+    exports): the components' own, which no tenant can read."""
     image_cache_grace: float = 86400.0
     """Seconds a cached base image no local disk uses is kept before pruning
     (Nova's remove_unused_original_minimum_age_seconds)."""
@@ -80,6 +89,11 @@ class AgentConfig(BaseModel):
         p.add_argument("--backup-store", default=os.environ.get("NUBES_BACKUP_STORE"))
         p.add_argument("--iscsi-portal", default=_env("ISCSI_PORTAL", "127.0.0.1:3260"))
         p.add_argument(
+            "--secret-namespace",
+            default=_env("SECRET_NAMESPACE", "nubes-system"),
+            help="namespace of the CHAP Secrets (the components' namespace)",
+        )
+        p.add_argument(
             "--image-cache-grace",
             type=float,
             default=float(_env("IMAGE_CACHE_GRACE", "86400")),
@@ -107,4 +121,5 @@ class AgentConfig(BaseModel):
             backup_store=args.backup_store,
             iscsi_portal=args.iscsi_portal,
             image_cache_grace=args.image_cache_grace,
+            secret_namespace=args.secret_namespace,
         )

@@ -6,7 +6,7 @@ storage thread pool, never on the event loop):
 - Volume placed here (status.node): create it in its pool (blank, from an
   image through the node's image cache, from a snapshot, as a clone, or
   restored from a backup), grow it to spec.sizeGib while detached, export it
-  with tgt (CHAP, credentials kept in a Secret owned by the Volume) while
+  with tgt (CHAP, credentials kept in a Secret in the components' namespace) while
   status.attachment is set and remove the export when it goes. Reports
   status.backing and status.export.
 - VolumeSnapshot / VolumeBackup placed here: take them, report their facts.
@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import hashlib
 import ipaddress
 import math
 import os
@@ -44,7 +43,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from nubes.agent.config import AgentConfig
+from nubes.agent.config import NODE_LABEL, AgentConfig
 from nubes.api.compute import Hypervisor
 from nubes.api.image import Image
 from nubes.api.meta import ApiModel
@@ -96,19 +95,18 @@ T = TypeVar("T")
 
 SECRET_TYPE = "storage.nubes.io/iscsi-chap"
 VOLUME_LABEL = "storage.nubes.io/volume"
+VOLUME_UID_LABEL = "storage.nubes.io/volume-uid"
+NAMESPACE_LABEL = "storage.nubes.io/namespace"
 # Attached volumes are re-checked this often (tgtd keeps exports in memory only).
 EXPORT_RECHECK_SECONDS = 60.0
 # A failure the agent does not retry by itself is retried after this anyway.
 STUCK_RETRY_SECONDS = 600.0
 
 
-def chap_secret_name(volume_name: str) -> str:
-    """The Secret holding a volume's CHAP credentials, named after it."""
-    name = f"{volume_name}-iscsi-chap"
-    if len(name) <= 253:
-        return name
-    digest = hashlib.sha256(volume_name.encode()).hexdigest()[:10]
-    return f"{volume_name[:230]}-{digest}-iscsi-chap"
+def chap_secret_name(volume_uid: str) -> str:
+    """The Secret holding a volume's CHAP credentials. It lives in the
+    components' namespace, where volumes of every project meet: named by uid."""
+    return f"iscsi-chap-{volume_uid}"
 
 
 # --- configuration ------------------------------------------------------------------
@@ -222,6 +220,7 @@ class Source:
 class NodeStorage:
     def __init__(self, config: AgentConfig, runner: Runner | None = None) -> None:
         self.node = config.node
+        self.secret_namespace = config.secret_namespace
         self.runner = runner or SubprocessRunner()
         specs = [BackendSpec.parse(t) for t in config.volume_backends] or [
             BackendSpec("file", "file", os.path.join(config.state_dir, "volumes"))
@@ -393,29 +392,26 @@ class NodeStorage:
 
     async def chap(self, vol: Volume) -> tuple[str, ChapCredentials]:
         """The volume's CHAP credentials: generated once, kept in a Secret in
-        its namespace that the Volume owns (deleted with it)."""
-        name = chap_secret_name(vol.name)
-        kube = self.op.kube
+        the components' namespace (tenants, even project admins, never read
+        it), labelled with the volume and this node; removed with the volume."""
+        name = chap_secret_name(vol.uid)
+        kube, namespace = self.op.kube, self.secret_namespace
         for _ in range(3):
-            raw = await kube.get_raw(SECRETS, name, vol.namespace)
+            raw = await kube.get_raw(SECRETS, name, namespace)
             if raw is not None:
-                owners = raw.get("metadata", {}).get("ownerReferences") or []
-                if any(o.get("uid") == vol.uid for o in owners):
-                    data = raw.get("data") or {}
-                    return name, ChapCredentials(
-                        username=base64.b64decode(data.get("username", "")).decode(),
-                        password=base64.b64decode(data.get("password", "")).decode(),
-                    )
-                stale = any(o.get("kind") == "Volume" for o in owners)
-                if not stale:
+                labels = raw.get("metadata", {}).get("labels") or {}
+                if labels.get(VOLUME_UID_LABEL) != vol.uid:
                     raise Problem(
                         "ChapSecretNameTaken",
-                        f"Secret {name} exists and does not belong to volume {vol.name}",
+                        f"Secret {namespace}/{name} exists and does not belong to volume"
+                        f" {vol.name}",
                         retrying=False,
                     )
-                uid = raw["metadata"].get("uid")
-                await kube.delete_raw(SECRETS, name, vol.namespace, uid=uid)
-                continue
+                data = raw.get("data") or {}
+                return name, ChapCredentials(
+                    username=base64.b64decode(data.get("username", "")).decode(),
+                    password=base64.b64decode(data.get("password", "")).decode(),
+                )
             creds = ChapCredentials.generate(vol.uid)
             body = {
                 "apiVersion": "v1",
@@ -423,39 +419,34 @@ class NodeStorage:
                 "type": SECRET_TYPE,
                 "metadata": {
                     "name": name,
-                    "namespace": vol.namespace,
-                    "labels": {VOLUME_LABEL: vol.name[:63].rstrip("-_.")},
-                    "ownerReferences": [
-                        {
-                            "apiVersion": Volume.crd.api_version,
-                            "kind": "Volume",
-                            "name": vol.name,
-                            "uid": vol.uid,
-                        }
-                    ],
+                    "namespace": namespace,
+                    "labels": {
+                        VOLUME_LABEL: vol.name[:63].rstrip("-_."),
+                        VOLUME_UID_LABEL: vol.uid,
+                        NAMESPACE_LABEL: vol.namespace or "",
+                        NODE_LABEL: self.node,
+                    },
                 },
                 "stringData": {"username": creds.username, "password": creds.password},
             }
             try:
-                await kube.create_raw(SECRETS, body, vol.namespace)
+                await kube.create_raw(SECRETS, body, namespace)
             except ApiError as e:
                 if e.conflict:
                     continue  # made meanwhile: read it back
                 raise
-            log.info("chap secret created", volume=vol.key, secret=name)
+            log.info("chap secret created", volume=vol.key, secret=f"{namespace}/{name}")
             return name, creds
-        raise Problem("ChapSecretConflict", f"could not settle Secret {name}")
+        raise Problem("ChapSecretConflict", f"could not settle Secret {namespace}/{name}")
 
     async def delete_chap(self, vol: Volume) -> None:
-        name = chap_secret_name(vol.name)
-        raw = await self.op.kube.get_raw(SECRETS, name, vol.namespace)
+        name, namespace = chap_secret_name(vol.uid), self.secret_namespace
+        raw = await self.op.kube.get_raw(SECRETS, name, namespace)
         if raw is None:
             return
-        owners = raw.get("metadata", {}).get("ownerReferences") or []
-        if any(o.get("uid") == vol.uid for o in owners):
-            await self.op.kube.delete_raw(
-                SECRETS, name, vol.namespace, uid=raw["metadata"].get("uid")
-            )
+        labels = raw.get("metadata", {}).get("labels") or {}
+        if labels.get(VOLUME_UID_LABEL) == vol.uid:
+            await self.op.kube.delete_raw(SECRETS, name, namespace, uid=raw["metadata"].get("uid"))
 
 
 # --- reconcilers ---------------------------------------------------------------------------

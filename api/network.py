@@ -424,6 +424,9 @@ class PortStatus(Status):
     host: str | None = None
     """Node the port is bound to: spec.binding.host, or the node of the
     instance using the port (controller)."""
+    dhcp_node: str | None = None
+    """Node serving the network's DHCP, the only one whose agent may write
+    `dhcp` (controller, from the network)."""
     binding: PortBindingStatus | None = None
     """Node-side binding, reported by the bound node's agent."""
     dhcp: PortDhcpStatus | None = None

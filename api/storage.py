@@ -149,7 +149,8 @@ class VolumeExport(ApiModel):
     lun: int = 1
     """LUN number."""
     chap_secret: str
-    """Secret (same namespace) with `username` and `password` for CHAP."""
+    """Secret with `username` and `password` for CHAP, in the components'
+    namespace (the agents' --secret-namespace), which tenants cannot read."""
     initiator_node: str | None = None
     """Node whose initiator the target admits."""
 

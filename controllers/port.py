@@ -268,6 +268,7 @@ class PortReconciler(Reconciler[Port]):
             "mtu": net.status.mtu,
             "networkUid": net.uid,
             "host": host,
+            "dhcpNode": net.status.dhcp_node,
         }
         addresses = ", ".join(f["ipAddress"] for f in fixed) or "no address"
         if net.status.mtu is None:

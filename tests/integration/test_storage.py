@@ -30,12 +30,13 @@ from nubes.api.storage import Volume, VolumeBackup, VolumeSnapshot, VolumeType
 from nubes.runtime.kube import SECRETS, Kube, path_of
 from tests.drivers.storage_helpers import tgt_accounts, tgt_show, tgtd_running, write_at
 from tests.helpers import Process, apply, eventually, kubectl
-from tests.integration.conftest import start_process
+from tests.integration.conftest import COMPONENTS_NAMESPACE, start_process
 
 STORAGE = "storage.nubes.io/v1alpha1"
 COMPUTE = "compute.nubes.io/v1alpha1"
 GIB = 1024**3
 MIB = 1024**2
+CHAP_SECRET_TYPE = "storage.nubes.io/iscsi-chap"
 
 pytestmark = pytest.mark.skipif(not tgtd_running(), reason="tgtd is not running")
 
@@ -282,8 +283,11 @@ async def no_leaks(kube: Kube, node: StorageNode, ns: str, volume_uids: list[str
     for uid in volume_uids:
         assert uid not in targets, f"tgt target of volume {uid} left"
         assert not [a for a in tgt_accounts() if uid in a], f"CHAP account of {uid} left"
-    secrets = await kube.list_raw(SECRETS, ns)
-    assert not [s for s in secrets if s["metadata"]["name"].endswith("-iscsi-chap")]
+    secrets = await kube.list_raw(SECRETS, namespace)
+        left = [s["metadata"]["name"] for s in secrets if s["type"] == CHAP_SECRET_TYPE]
+        assert not [name for name in left if any(uid in name for uid in volume_uids)]
+        if namespace == ns:
+            assert not left, f"CHAP Secrets in the project: {left}"
 
 
 # --- tests ---------------------------------------------------------------------------------
@@ -404,11 +408,14 @@ async def test_attachment_export_detach_extend_and_in_use(
         assert export.iqn == f"iqn.2010-10.io.nubes:volume-{vol.uid}"
         assert export.iqn in tgt_show()
 
-        # The CHAP Secret: owned by the volume, and what the target wants.
-        secret = await kube.get_raw(SECRETS, export.chap_secret, ns)
+        # The CHAP Secret: in the components' namespace (never the project's),
+        # labelled with the volume and its node, and what the target wants.
+        assert await kube.get_raw(SECRETS, export.chap_secret, ns) is None
+        secret = await kube.get_raw(SECRETS, export.chap_secret, COMPONENTS_NAMESPACE)
         assert secret is not None
-        owners = secret["metadata"]["ownerReferences"]
-        assert [(o["kind"], o["uid"]) for o in owners] == [("Volume", vol.uid)]
+        labels = secret["metadata"]["labels"]
+        assert labels["storage.nubes.io/volume-uid"] == vol.uid
+        assert labels["nubes.io/node"] == vol.status.node
         user = base64.b64decode(secret["data"]["username"]).decode()
         password = base64.b64decode(secret["data"]["password"]).decode()
         assert qemu_sees(export.iqn, user, password) == GIB
@@ -496,7 +503,7 @@ async def test_detach_hands_over_to_the_next_instance_and_extends_between(
         assert old_iqn not in tgt_show()
         kubectl("annotate", "volume", "boot", "-n", ns, "test/poke=1")
         await eventually(lambda: old_iqn in tgt_show(), timeout=30, what="export rebuilt")
-        secret = await kube.get_raw(SECRETS, vol.status.export.chap_secret, ns)
+        secret = await kube.get_raw(SECRETS, vol.status.export.chap_secret, COMPONENTS_NAMESPACE)
         assert secret is not None
         data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
         assert qemu_sees(old_iqn, data["username"], data["password"]) == GIB
