@@ -56,6 +56,7 @@ from nubes.drivers.compute.domain import (
 )
 from nubes.drivers.compute.libvirt import DomainState, LibvirtCompute
 from nubes.drivers.host import VirtType, detect_virt_type
+from nubes.drivers.hostfiles import guest_file, make_guest_dir
 from nubes.drivers.images.cache import ImageCache, ImageSource
 from nubes.drivers.images.inspect import ImageInspectionError, inspect_image
 from nubes.drivers.network.vif import VifPlugger
@@ -456,6 +457,7 @@ class InstanceAgent(Reconciler[Instance]):
             base = self.cache.ensure_image(source)
             want = max(size, base.virtual_size) if size else None
             self.cache.ensure_instance_disk(base, str(disk), want)
+            guest_file(disk)  # libvirt lends it to QEMU's user while running
         finally:
             with self._cache_users_lock:
                 self._cache_users -= 1
@@ -488,8 +490,10 @@ class InstanceAgent(Reconciler[Instance]):
     def _domain_spec(self, plan: Plan) -> DomainSpec:
         inst = plan.inst
         directory = self.instance_dir(inst)
-        directory.mkdir(parents=True, exist_ok=True)
-        os.chmod(directory, 0o755)  # QEMU runs as another user
+        # Root and QEMU's group only: the disks, the config drive (user data)
+        # and the console log are the tenant's (see nubes.drivers.hostfiles).
+        make_guest_dir(self.root)
+        make_guest_dir(directory)
         root: DataDisk = (
             self._iscsi_disk(inst, plan.boot_volume)
             if plan.boot_volume

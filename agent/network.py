@@ -43,6 +43,8 @@ class Plan:
     """Ports bound to this node, by uid."""
     dhcp: list[tuple[DhcpConfig, list[Port]]] = field(default_factory=list)
     """DHCP servers to run, with the ports each serves."""
+    dhcp_networks: dict[str, Network] = field(default_factory=dict)
+    """Networks whose DHCP server this node runs, by uid."""
 
 
 @dataclass
@@ -50,6 +52,8 @@ class Applied:
     vlans: dict[str, int]
     plugged: dict[str, str]
     """Port uid -> OVS port name, for bound ports found on br-int."""
+    dhcp_errors: dict[str, str] = field(default_factory=dict)
+    """Network uid -> why its DHCP server could not be set up."""
 
 
 def hostname_for(ip: str) -> str:
@@ -109,6 +113,7 @@ class NodeNetworking:
                 config = self._dhcp_config(net)
                 if config is not None:
                     plan.dhcp.append(config)
+                    plan.dhcp_networks[net.uid] = net
                     here.add(net.uid)
         for uid in sorted(u for u in here if u):
             net = networks[uid]
@@ -199,15 +204,28 @@ class NodeNetworking:
             self.switch.bind(ovs_port, vlan)
             plugged[uid] = ovs_port.name
         served = set()
+        errors: dict[str, str] = {}
         for config, _ in plan.dhcp:
             vlan = vlans.get(config.network_uid)
             if vlan is None:
                 continue
-            self.dhcp.ensure(DhcpConfig(**{**config.__dict__, "local_vlan": vlan}))
             served.add(config.network_uid)
+            # One network's DHCP server failing (a setting dnsmasq refuses, a
+            # host condition) is reported on that network; the others are
+            # still served.
+            try:
+                self.dhcp.ensure(DhcpConfig(**{**config.__dict__, "local_vlan": vlan}))
+            except Exception as e:
+                errors[config.network_uid] = str(e) or type(e).__name__
+                log.warning(
+                    "dhcp failed", network=config.network_uid, error=errors[config.network_uid]
+                )
         for stale in self.dhcp.networks() - served:
-            self.dhcp.remove(stale)
-        return Applied(vlans, plugged)
+            try:
+                self.dhcp.remove(stale)
+            except Exception as e:
+                log.warning("dhcp removal failed", network=stale, error=str(e))
+        return Applied(vlans, plugged, errors)
 
     # --- report ---------------------------------------------------------------------------
 
@@ -230,6 +248,11 @@ class NodeNetworking:
         for config, served in plan.dhcp:
             if config.network_uid not in applied.vlans:
                 continue
+            await self._report_dhcp(
+                plan.dhcp_networks[config.network_uid], applied.dhcp_errors.get(config.network_uid)
+            )
+            if config.network_uid in applied.dhcp_errors:
+                continue  # its ports are not served
             ips_by_mac: dict[str, list[str]] = {}
             for host in config.hosts:
                 ips_by_mac.setdefault(host.mac, []).append(host.ip)
@@ -243,6 +266,25 @@ class NodeNetworking:
                 if current != entry:
                     patches.append((port, {"dhcp": entry}))
         await self._patch(patches)
+
+    async def _report_dhcp(self, net: Network, error: str | None) -> None:
+        """The DHCP server's state on the Network (the controller turns a
+        failure into its Stalled condition)."""
+        entry = {"node": self.config.node, "running": error is None, "error": error or ""}
+        current = net.status.dhcp.model_dump(mode="json") if net.status.dhcp else None
+        if current == entry:
+            return
+        try:
+            await self.op.kube.patch_raw(
+                path_of(Network),
+                net.name,
+                {"status": {"dhcp": entry}},
+                net.namespace,
+                subresource="status",
+            )
+        except ApiError as e:
+            if not e.not_found:
+                raise
 
     async def _patch(self, patches: list[tuple[Port, dict[str, Any]]]) -> None:
         semaphore = asyncio.Semaphore(PATCH_CONCURRENCY)

@@ -153,7 +153,9 @@ class InstanceSpec(ApiModel):
     """Bootable Volume to boot from instead of an image."""
     networks: list[InstanceNetwork] = Field(default_factory=list, max_length=16)
     """NICs in order."""
-    security_groups: list[str] | None = Field(default=None, max_length=32)
+    security_groups: list[Annotated[str, Field(min_length=1, max_length=253)]] | None = Field(
+        default=None, max_length=32
+    )
     """SecurityGroups for created ports; absent means the project's default."""
     volumes: list[VolumeAttachment] = Field(default_factory=list, max_length=26)
     """Data volumes to attach (hot-plugged while running)."""
@@ -176,8 +178,17 @@ class InstanceSpec(ApiModel):
     """A locked instance refuses changes from non-admin users."""
     lock_reason: str | None = Field(default=None, max_length=255)
     """Why it is locked."""
-    metadata: dict[str, str] = Field(default_factory=dict, json_schema_extra={"maxProperties": 128})
-    """Key/value metadata, also on the config drive."""
+    # Keys and values at most 255 characters, as in Nova: they are written to
+    # the config drive on the node.
+    metadata: Annotated[
+        dict[str, Annotated[str, Field(max_length=255)]],
+        Rule(
+            "self.all(k, size(k) >= 1 && size(k) <= 255)",
+            "metadata keys must be 1 to 255 characters long",
+        ),
+    ] = Field(default_factory=dict, json_schema_extra={"maxProperties": 128})
+    """Key/value metadata, also on the config drive (keys and values at most
+    255 characters)."""
 
 
 class InstanceAddress(ApiModel):

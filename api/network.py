@@ -30,6 +30,21 @@ CATEGORIES = (CATEGORY, "neutron")
 NetworkType = Literal["local", "flat", "vlan", "vxlan", "gre"]
 
 MAC_PATTERN = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"
+# A port's MAC is a guest NIC's source address: a multicast (group bit set in
+# the first octet) or all-zero MAC would be refused by libvirt or break
+# forwarding for the whole segment, so the API server refuses it.
+MAC = Annotated[
+    str,
+    Field(pattern=MAC_PATTERN, max_length=17),
+    Rule(
+        "!self.matches('^[0-9a-fA-F][13579bdfBDF]:')",
+        message_expression="'\"' + self + '\" is a multicast MAC address (the first octet is odd)'",
+    ),
+    Rule(
+        "self != '00:00:00:00:00:00'",
+        "00:00:00:00:00:00 is not a usable MAC address",
+    ),
+]
 NAME = Annotated[str, Field(min_length=1, max_length=253)]
 IP = Annotated[
     str,
@@ -127,10 +142,23 @@ class NetworkSpec(ApiModel):
     """When false, ports on the network do not forward traffic."""
     port_security_enabled: bool = True
     """Default for ports created on this network."""
-    availability_zone_hints: list[str] = Field(default_factory=list, max_length=16)
+    availability_zone_hints: list[Annotated[str, Field(min_length=1, max_length=255)]] = Field(
+        default_factory=list, max_length=16
+    )
     """Run the network's DHCP server on a node of one of these zones."""
     description: str = Field(default="", max_length=255)
     """Free text."""
+
+
+class NetworkDhcpStatus(ApiModel):
+    """Written by the agent of the network's DHCP node."""
+
+    node: str
+    """Node that reports."""
+    running: bool = False
+    """True once the DHCP server serves the network's current settings."""
+    error: str = ""
+    """Why the DHCP server could not be set up (e.g. dnsmasq's own message)."""
 
 
 class NetworkStatus(Status):
@@ -142,6 +170,8 @@ class NetworkStatus(Status):
     """Node whose agent serves DHCP for this network."""
     dhcp_port: str | None = None
     """Name of the Port the DHCP server uses."""
+    dhcp: NetworkDhcpStatus | None = None
+    """State of the DHCP server, reported by the DHCP node's agent."""
     ports: int | None = None
     """Number of ports on the network."""
 
@@ -203,7 +233,13 @@ class AllocationPool(ApiModel):
 class HostRoute(ApiModel):
     """A static route pushed to guests by DHCP (option 121)."""
 
-    destination: CIDR
+    destination: Annotated[
+        CIDR,
+        Rule(
+            "!isCIDR(self) || cidr(self).masked() == cidr(self)",
+            message_expression="'destination ' + self + ' has host bits set'",
+        ),
+    ]
     """Destination CIDR."""
     nexthop: IP
     """Next-hop address."""
@@ -252,6 +288,16 @@ class SubnetSpec(ApiModel):
                 "hostRoutes must be of the subnet's IP version",
                 field_path=".hostRoutes",
             ),
+            # dnsmasq refuses an option carrying an address of the other
+            # family and does not start, so this is checked here.
+            cel(
+                "!has(self.dnsNameservers) || self.dnsNameservers.all(d, "
+                "!isIP(d) || ip(d).family() == self.ipVersion)",
+                "dnsNameservers must be of the subnet's IP version",
+                field_path=".dnsNameservers",
+            ),
+            # A next hop outside the cidr is allowed, as in Neutron (it only
+            # checks the IP version): some designs route via the host.
         )
     )
 
@@ -268,10 +314,22 @@ class SubnetSpec(ApiModel):
     allocation_pools: list[AllocationPool] | None = Field(default=None, max_length=32)
     """Ranges ports are allocated from; defaults to the whole CIDR minus the
     network, broadcast and gateway addresses."""
-    dns_nameservers: list[IP] = Field(default_factory=list, max_length=5)
-    """DNS servers announced by DHCP."""
-    host_routes: list[HostRoute] = Field(default_factory=list, max_length=32)
-    """Static routes announced by DHCP (option 121)."""
+    dns_nameservers: list[IP] = Field(
+        default_factory=list, max_length=5, json_schema_extra={"x-kubernetes-list-type": "set"}
+    )
+    """DNS servers announced by DHCP (at most 5, no duplicates, as Neutron)."""
+    # 20 is Neutron's max_subnet_host_routes; it also keeps option 121 (at
+    # most 9 bytes a route, plus the default route) within the 255 bytes a
+    # DHCP option holds: dnsmasq refuses to start with a longer one.
+    host_routes: list[HostRoute] = Field(
+        default_factory=list,
+        max_length=20,
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["destination", "nexthop"],
+        },
+    )
+    """Static routes announced by DHCP (option 121), at most 20, no duplicates."""
     enable_dhcp: bool = True
     """Serve this subnet's addresses by DHCP."""
     description: str = Field(default="", max_length=255)
@@ -347,7 +405,7 @@ class AllowedAddressPair(ApiModel):
 
     ip_address: IP_OR_CIDR
     """Address or CIDR."""
-    mac_address: str | None = Field(default=None, pattern=MAC_PATTERN)
+    mac_address: MAC | None = None
     """MAC; defaults to the port's."""
 
 
@@ -356,9 +414,7 @@ class PortSpec(ApiModel):
 
     network: Annotated[ProjectRef, Immutable("network")]
     """Network of the port; another project's network only if shared."""
-    mac_address: Annotated[
-        str | None, Field(pattern=MAC_PATTERN, max_length=17), Immutable("macAddress")
-    ] = None
+    mac_address: Annotated[MAC | None, Immutable("macAddress")] = None
     """MAC address, e.g. fa:16:3e:00:00:01; generated when not given."""
     fixed_ips: list[FixedIpRequest] | None = Field(default=None, max_length=16)
     """Addresses wanted. Absent: one address from the first IPv4 and the first
@@ -369,7 +425,7 @@ class PortSpec(ApiModel):
     """Identifier of the user of the port (e.g. the Instance uid)."""
     binding: PortBinding = Field(default_factory=PortBinding)
     """Node binding."""
-    security_groups: list[str] | None = Field(default=None, max_length=32)
+    security_groups: list[NAME] | None = Field(default=None, max_length=32)
     """SecurityGroup names in the port's namespace; absent means the project's default."""
     port_security_enabled: bool | None = None
     """Anti-spoofing and security groups; defaults to the network's setting."""

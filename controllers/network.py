@@ -223,6 +223,12 @@ class NetworkReconciler(Reconciler[Network]):
                 status,
                 requeue_after=10,
             )
+        dhcp = obj.status.dhcp
+        if node is not None and dhcp is not None and dhcp.node == node and not dhcp.running:
+            # Reported by the DHCP node's agent, which retries on every pass.
+            return Outcome.stalled(
+                "DhcpFailed", f"{summary}; DHCP server on {node} failed: {dhcp.error}", status
+            )
         return Outcome.ready(status, summary)
 
     async def finalize(self, obj: Network) -> Outcome | None:

@@ -38,6 +38,7 @@ from typing import Any
 
 import structlog
 
+from nubes.drivers.hostfiles import make_private_dir, private_dir
 from nubes.drivers.volumes import sparse
 from nubes.drivers.volumes.base import MIB, NotFound, StorageError, check_id
 
@@ -133,7 +134,8 @@ class PosixBackupStore:
         if chunk_size < 64 * 1024 or chunk_size % 4096:
             raise BackupError(f"chunk size must be a multiple of 4096, >= 64 KiB: {chunk_size}")
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        # Backups are tenants' data: root only (files are created 0600).
+        make_private_dir(self.root)
         self.chunk_size = chunk_size
         self.compression = compression
         self.zlib_level = zlib_level
@@ -238,7 +240,8 @@ class PosixBackupStore:
             parent_table = {r.index: r for r in self._records(parent)}
         if container.exists():
             shutil.rmtree(container)  # an interrupted attempt: start over
-        container.mkdir()
+        container.mkdir(mode=0o700)
+        private_dir(container)
         started = time.monotonic()
         table, stored, stored_bytes, size = self._write_chunks(
             backup_id, container, source_path, chunk_size, parent_table

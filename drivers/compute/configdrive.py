@@ -24,6 +24,7 @@ from typing import Any
 
 import structlog
 
+from nubes.drivers.hostfiles import guest_file, make_guest_dir
 from nubes.drivers.runner import Runner
 
 log = structlog.get_logger()
@@ -167,9 +168,11 @@ def ensure_config_drive(runner: Runner, spec: ConfigDriveSpec, path: str) -> Con
     files = contents(spec)
     digest = content_digest(files)
     if recorded_digest(path) == digest:
+        guest_file(path)  # one written by an older agent may be world-readable
         return ConfigDrive(path, digest, changed=False)
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, mode=0o755, exist_ok=True)
+    if not os.path.isdir(parent):
+        make_guest_dir(parent)
     with tempfile.TemporaryDirectory(prefix=".configdrive-", dir=parent) as tmp:
         tree = os.path.join(tmp, "tree")
         for name, data in files.items():
@@ -201,7 +204,8 @@ def ensure_config_drive(runner: Runner, spec: ConfigDriveSpec, path: str) -> Con
                 tree,
             ]
         )
-        os.chmod(iso, 0o644)
+        # User data often holds credentials: root and QEMU only.
+        guest_file(iso)
         os.replace(iso, path)
     log.info("config drive written", path=path, sha256=digest)
     return ConfigDrive(path, digest, changed=True)

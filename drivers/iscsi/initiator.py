@@ -152,6 +152,11 @@ class IscsiadmInitiator:
             self.runner(["modprobe", "iscsi_tcp"])
         self._node(conn, "--interface", "default", "--op", "new")
         if conn.chap is not None:
+            # iscsiadm takes a node setting's value only on its command line
+            # (`-o update -n KEY -v VALUE`), so the password is in this short
+            # process's /proc/<pid>/cmdline (hidepid=invisible hides it from
+            # non-root processes); logs and errors mask it. Guests do not use
+            # this path: QEMU's own initiator gets CHAP from a libvirt secret.
             for key, value in (
                 ("node.session.auth.authmethod", "CHAP"),
                 ("node.session.auth.username", conn.chap.username),

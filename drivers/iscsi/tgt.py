@@ -10,8 +10,14 @@ restart `ensure_export` simply rebuilds what is missing.
 tgtd is shared by everything on the node, so target ids are picked as one
 above the highest in use and a clash (another writer won the id) is retried.
 
-CHAP passwords travel in tgtadm's argv (it has no other way); tgtd cannot
-show them back, so the caller keeps them and this driver re-sets an account
+CHAP passwords travel in tgtadm's argv: tgtadm takes `--password` only on
+its command line (no file, stdin or environment form; tgt-admin and
+targets.conf end in the same tgtadm call), and tgtd's management socket
+speaks an unversioned internal struct we do not reimplement. The password is
+therefore in /proc/<pid>/cmdline for the milliseconds tgtadm runs; mounting
+/proc with `hidepid=invisible` keeps it from non-root processes (QEMU runs as
+libvirt-qemu). Logs and errors show it masked (`redact`). tgtd cannot show
+passwords back, so the caller keeps them and this driver re-sets an account
 whenever it has not set that exact password itself since it started.
 """
 

@@ -23,9 +23,13 @@ import structlog
 
 from nubes.drivers.network.netns import Links
 from nubes.drivers.network.switch import NodeSwitch
-from nubes.drivers.runner import Runner
+from nubes.drivers.runner import CommandError, Runner
 
 log = structlog.get_logger()
+
+
+class DhcpError(Exception):
+    """A network's DHCP server could not be set up."""
 
 
 @dataclass(frozen=True)
@@ -202,7 +206,13 @@ class DhcpServers:
             self._stop(pid)
             pid = None
         if pid is None:
-            self.run(args, netns=netns)
+            try:
+                self.run(args, netns=netns)
+            except CommandError as e:
+                # dnsmasq's own words ("bad IP address", "Address already in
+                # use") are what the Network's condition shows.
+                detail = e.stderr.strip() or e.stdout.strip() or f"exit status {e.returncode}"
+                raise DhcpError(f"dnsmasq did not start: {detail}") from e
             log.info("dnsmasq started", network=cfg.network_uid, netns=netns)
         elif hosts_changed:
             os.kill(pid, signal.SIGHUP)

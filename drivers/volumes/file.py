@@ -31,6 +31,7 @@ from pathlib import Path
 
 import structlog
 
+from nubes.drivers.hostfiles import make_private_dir
 from nubes.drivers.runner import Runner
 from nubes.drivers.volumes import image, sparse
 from nubes.drivers.volumes.base import (
@@ -75,8 +76,10 @@ class FileBackend:
         self._volumes = self.root / "volumes"
         self._snapshots = self.root / "snapshots"
         self._work = self.root / ".work"
-        for d in (self._volumes, self._snapshots, self._work):
-            d.mkdir(parents=True, exist_ok=True)
+        # Volume data is the tenants': root only (tgtd reads the files; QEMU
+        # reaches volumes through iSCSI, never through these paths).
+        for d in (self.root, self._volumes, self._snapshots, self._work):
+            make_private_dir(d)
         self._reflink: bool | None = None
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -248,7 +251,7 @@ class FileBackend:
                 return existing
             source = self.volume_path(volume_id)
             folder = self._snapshots / volume_id
-            folder.mkdir(exist_ok=True)
+            make_private_dir(folder)
             final = folder / f"{snapshot_id}{SUFFIX}"
             self._copy_into_place(f"snapshot {snapshot_id}", source, final, None)
             self.log.info("snapshot created", snapshot=snapshot_id, volume=volume_id)

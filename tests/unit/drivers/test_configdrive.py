@@ -82,7 +82,7 @@ def test_drive_has_label_and_openstack_layout(tmp_path: Path) -> None:
     net = json.loads(read(path, "openstack/latest/network_data.json"))
     assert net == network_data(SPEC.ports)
     assert json.loads(read(path, "openstack/latest/vendor_data.json")) == {}
-    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert os.stat(path).st_mode & 0o777 == 0o640  # root and QEMU's group only
 
 
 def test_network_data_describes_dhcp_and_static_ports() -> None:
