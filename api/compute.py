@@ -32,12 +32,27 @@ PowerState = Literal["Running", "Stopped", "Paused", "Suspended", "Shelved"]
 
 # --- Flavor ------------------------------------------------------------------
 
+_FLAVOR_IMMUTABLE = ("vcpus", "ramMib", "diskGib", "ephemeralGib", "isPublic", "description")
+
 
 class FlavorSpec(ApiModel):
-    """An instance size. Immutable, as in Nova: make a new flavor instead."""
+    """An instance size, immutable as in Nova except its access list `projects`."""
 
     model_config = ConfigDict(
-        json_schema_extra=validations(cel("self == oldSelf", "a flavor is immutable"))
+        json_schema_extra=validations(
+            cel(
+                " && ".join(f"self.{f} == oldSelf.{f}" for f in _FLAVOR_IMMUTABLE)
+                + " && (has(self.extraSpecs) ? self.extraSpecs : {})"
+                " == (has(oldSelf.extraSpecs) ? oldSelf.extraSpecs : {})",
+                "a flavor is immutable except its projects access list",
+            ),
+            cel(
+                "!self.isPublic || !has(self.projects) || size(self.projects) == 0",
+                "projects is the access list of a non-public flavor; a public flavor is"
+                " usable by every project",
+                field_path=".projects",
+            ),
+        )
     )
 
     vcpus: int = Field(ge=1, le=1024)
@@ -53,7 +68,15 @@ class FlavorSpec(ApiModel):
     )
     """Scheduler and hypervisor hints, e.g. `aggregate_instance_extra_specs:ssd`."""
     is_public: bool = True
-    """Usable by every project."""
+    """Usable by every project. A non-public flavor is usable only by the
+    projects in `projects` (Nova's flavor-access); instances of other projects
+    are refused with reason FlavorNotAccessible. Its name stays listable by
+    every user (Kubernetes RBAC cannot hide single objects)."""
+    projects: list[Annotated[str, Field(min_length=1, max_length=253)]] = Field(
+        default_factory=list, max_length=1024, json_schema_extra={"x-kubernetes-list-type": "set"}
+    )
+    """Names of the Projects that may use this non-public flavor (flavor-access);
+    the only field that may change after creation."""
     description: str = Field(default="", max_length=255)
     """Free text."""
 
@@ -319,7 +342,8 @@ class InstanceActionSpec(ApiModel):
     flavor: str | None = Field(default=None, max_length=253)
     """Resize: the new flavor."""
     target_node: str | None = Field(default=None, max_length=253)
-    """Migrate: a specific node; otherwise the scheduler picks another node."""
+    """Migrate: a specific node; otherwise the scheduler picks another node.
+    Cloud admins only (verb `target-node` on instanceactions), as in Nova."""
 
 
 class ActionError(ApiModel):

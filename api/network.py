@@ -395,7 +395,9 @@ class PortBinding(ApiModel):
     """Where the port is plugged."""
 
     host: str | None = Field(default=None, max_length=253)
-    """Node whose agent wires the port into its integration bridge."""
+    """Node whose agent wires the port into its integration bridge; absent
+    means the node of the instance using it. Cloud admins only (verb
+    `bind-host` on ports), as Neutron's binding:host_id."""
     vnic_type: Literal["normal"] = "normal"
     """Only normal (virtio/veth) ports are supported."""
 

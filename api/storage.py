@@ -38,6 +38,17 @@ AGENT_FINALIZER = "storage.nubes.io/agent"
 class VolumeTypeSpec(ApiModel):
     """A class of volumes: which backend and which capabilities."""
 
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!self.isPublic || !has(self.projects) || size(self.projects) == 0",
+                "projects is the access list of a non-public volume type; a public type is"
+                " usable by every project",
+                field_path=".projects",
+            )
+        )
+    )
+
     backend_name: str | None = Field(default=None, max_length=255)
     """`volume_backend_name`: only pools of this backend qualify."""
     extra_specs: dict[str, str] = Field(
@@ -45,7 +56,14 @@ class VolumeTypeSpec(ApiModel):
     )
     """Capabilities pools must report, e.g. `thin_provisioning_support: "<is> True"`."""
     is_public: bool = True
-    """Usable by every project."""
+    """Usable by every project. A non-public type is usable only by the
+    projects in `projects` (Cinder's volume-type-access); volumes of other
+    projects are refused with reason VolumeTypeNotAccessible. Its name stays
+    listable by every user (Kubernetes RBAC cannot hide single objects)."""
+    projects: list[Annotated[str, Field(min_length=1, max_length=253)]] = Field(
+        default_factory=list, max_length=1024, json_schema_extra={"x-kubernetes-list-type": "set"}
+    )
+    """Names of the Projects that may use this non-public type (volume-type-access)."""
     description: str = Field(default="", max_length=255)
     """Free text."""
 

@@ -19,6 +19,7 @@ from nubes.api.lifecycle import Effective, effective, placement
 from nubes.api.meta import now_precise
 from nubes.api.network import FixedIpRequest, Network, Port, PortSpec
 from nubes.api.storage import Volume
+from nubes.controllers.access import index_projects, require_flavor
 from nubes.controllers.compute_scheduler import (
     Choice,
     HostState,
@@ -157,6 +158,7 @@ class InstanceReconciler(Reconciler[Instance]):
         op.store(Network)
         op.store(Volume)
         op.store(Image)
+        index_projects(op)
 
         op.watch(Flavor, Instance, lambda f: [i.key for i in instances.by_index("flavor", f.name)])
         op.watch(
@@ -214,6 +216,10 @@ class InstanceReconciler(Reconciler[Instance]):
         flavor = self.op.store(Flavor).lookup(eff.flavor)
         if flavor is None:
             raise Stall("FlavorNotFound", f"flavor {eff.flavor} does not exist")
+        if obj.status.node_since is None:
+            # Access is checked before the first placement only: as in Nova,
+            # removing a project from the list leaves its instances alone.
+            require_flavor(self.op, flavor, obj.namespace or "")
         image: Image | None = None
         if eff.image is not None:
             image = resolve_image(self.op, eff.image, obj.namespace or "")

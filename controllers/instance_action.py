@@ -18,6 +18,7 @@ from urllib.request import url2pathname
 from nubes.api.compute import Flavor, Instance, InstanceAction
 from nubes.api.image import Image
 from nubes.api.meta import ProjectRef
+from nubes.controllers.access import index_projects, require_flavor
 from nubes.controllers.compute_scheduler import Choice, RequestSpec, schedule
 from nubes.controllers.image import resolve_image
 from nubes.controllers.instance import host_states, request_for, root_disk_gib
@@ -48,7 +49,15 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
         super().setup(op)
         actions = op.store(InstanceAction)
         actions.add_index("instance", lambda a: [f"{a.namespace}/{a.spec.instance}"])
+        actions.add_index("flavor", lambda a: [a.spec.flavor] if a.spec.flavor else [])
         op.store(Flavor)
+        index_projects(op)
+        # A Resize refused for its flavor's access list goes on once it is granted.
+        op.watch(
+            Flavor,
+            InstanceAction,
+            lambda f: [a.key for a in actions.by_index("flavor", f.name) if not a.status.flavor],
+        )
         op.watch(
             Instance, InstanceAction, lambda i: [a.key for a in actions.by_index("instance", i.key)]
         )
@@ -126,6 +135,8 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
             flavor = self.op.store(Flavor).lookup(obj.spec.flavor)
             if flavor is None:
                 raise Stall("FlavorNotFound", f"flavor {obj.spec.flavor} does not exist")
+            if not s.flavor:  # not yet accepted
+                require_flavor(self.op, flavor, inst.namespace or "")
             if flavor.name == inst.status.flavor:
                 raise Stall("SameFlavor", f"instance {inst.name} already has flavor {flavor.name}")
             plan["flavor"] = flavor.name

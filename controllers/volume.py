@@ -34,6 +34,7 @@ from nubes.api.identity import Project
 from nubes.api.image import Image
 from nubes.api.meta import ProjectRef
 from nubes.api.storage import VOLUME_FINALIZER, Volume, VolumeBackup, VolumeSnapshot, VolumeType
+from nubes.controllers.access import require_volume_type
 from nubes.controllers.image import project_of_namespace, visible
 from nubes.controllers.storage import (
     DEFAULT_VOLUME_TYPE,
@@ -284,6 +285,8 @@ class VolumeReconciler(Reconciler[Volume]):
         vtype: VolumeType | None = self.op.store(VolumeType).lookup(name or DEFAULT_VOLUME_TYPE)
         if vtype is None and name is not None:
             raise Stall("VolumeTypeNotFound", f"volume type {name} does not exist")
+        if vtype is not None:  # placement only: granted once, kept (as in Cinder)
+            require_volume_type(self.op, vtype, obj.namespace or "")
         return vtype
 
     def _request(self, obj: Volume) -> VolumeRequest:
