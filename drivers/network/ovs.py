@@ -35,6 +35,9 @@ class OvsPort:
     type: str
     external_ids: dict[str, str] = field(default_factory=dict)
     options: dict[str, str] = field(default_factory=dict)
+    vlan_mode: str | None = None
+    """None is OVS's default: access when tagged, trunk of every VLAN when not."""
+    trunks: tuple[int, ...] = ()
 
 
 def _ovs_map(value: Any) -> dict[str, str]:
@@ -42,6 +45,15 @@ def _ovs_map(value: Any) -> dict[str, str]:
     if isinstance(value, list) and len(value) == 2 and value[0] == "map":
         return {str(k): str(v) for k, v in value[1]}
     return {}
+
+
+def _ovs_ints(value: Any) -> tuple[int, ...]:
+    """An OVSDB integer set: a bare integer, or ["set", [...]]."""
+    if isinstance(value, int):
+        return (value,)
+    if isinstance(value, list) and len(value) == 2 and value[0] == "set":
+        return tuple(sorted(int(v) for v in value[1]))
+    return ()
 
 
 def _ovs_scalar(value: Any) -> Any:
@@ -127,8 +139,11 @@ class Ovs:
         tag: int | None = None,
         options: dict[str, str] | None = None,
         external_ids: dict[str, str] | None = None,
+        port_settings: dict[str, str] | None = None,
     ) -> None:
-        """Add or update a port; existing settings not named are kept."""
+        """Add or update a port; existing settings not named are kept.
+        `port_settings` are Port columns (vlan_mode, trunks, ...) set in the
+        same transaction as the port is added, so it never exists without them."""
         args = ["--may-exist", "add-port", bridge, name]
         iface: list[str] = []
         if type:
@@ -139,9 +154,46 @@ class Ovs:
             iface.append(f"external_ids:{key}={value}")
         if iface:
             args += ["--", "set", "interface", name, *iface]
+        port = [f"{k}={v}" for k, v in (port_settings or {}).items()]
         if tag is not None:
-            args += ["--", "set", "port", name, f"tag={tag}"]
+            port.append(f"tag={tag}")
+        if port:
+            args += ["--", "set", "port", name, *port]
         self.vsctl(*args)
+
+    def add_new_port(
+        self,
+        bridge: str,
+        name: str,
+        *,
+        port_settings: dict[str, str],
+        external_ids: dict[str, str],
+    ) -> bool:
+        """Add a port with its Port columns in one transaction, only if no
+        port of that name exists (ovs-vsctl fails the whole transaction then,
+        leaving the existing port as it is). True when it was added."""
+        iface = [f"external_ids:{k}={v}" for k, v in external_ids.items()]
+        port = [f"{k}={v}" for k, v in port_settings.items()]
+        args = ["add-port", bridge, name, "--", "set", "port", name, *port]
+        if iface:
+            args += ["--", "set", "interface", name, *iface]
+        argv = ["ovs-vsctl", f"--db={self.endpoint.db}", "--timeout=10", *args]
+        result = self.run(argv, check=False)
+        if result.returncode == 0:
+            return True
+        if "already exists" in result.stderr:
+            return False
+        raise CommandError(argv, result.returncode, result.stdout, result.stderr)
+
+    def set_port(self, name: str, settings: dict[str, str], clear: tuple[str, ...] = ()) -> None:
+        """Set and clear Port columns of one port in one transaction."""
+        args: list[str] = []
+        if settings:
+            args += ["--", "set", "port", name, *(f"{k}={v}" for k, v in settings.items())]
+        for column in clear:
+            args += ["--", "clear", "port", name, column]
+        if args:
+            self.vsctl(*args[1:])
 
     def set_tag(self, port: str, tag: int | None) -> None:
         if tag is None:
@@ -152,12 +204,15 @@ class Ovs:
     def delete_port(self, bridge: str, name: str) -> None:
         self.vsctl("--if-exists", "del-port", bridge, name)
 
-    def ports(self, bridge: str) -> dict[str, OvsPort]:
-        """The ports of a bridge with their interface settings."""
+    def ports(self, bridge: str, only: tuple[str, ...] = ()) -> dict[str, OvsPort]:
+        """The ports of a bridge (or just the existing ports `only`) with
+        their interface settings."""
         try:
             names = self.vsctl("list-ports", bridge).split()
         except CommandError:
             return {}
+        if only:
+            names = [n for n in names if n in only]
         if not names:
             return {}
         out = self.vsctl(
@@ -167,8 +222,11 @@ class Ovs:
             "interface",
             *names,
         )
-        tags_out = self.vsctl("--format=json", "--columns=name,tag", "list", "port", *names)
-        tags = {row[0]: _ovs_scalar(row[1]) for row in json.loads(tags_out)["data"]}
+        tags_out = self.vsctl(
+            "--format=json", "--columns=name,tag,vlan_mode,trunks", "list", "port", *names
+        )
+        port_rows = {row[0]: row[1:] for row in json.loads(tags_out)["data"]}
+        tags = {name: _ovs_scalar(row[0]) for name, row in port_rows.items()}
         result = {}
         for name, ofport, type_, ext, opts in json.loads(out)["data"]:
             ofport_value = _ovs_scalar(ofport)
@@ -179,6 +237,8 @@ class Ovs:
                 type=str(type_),
                 external_ids=_ovs_map(ext),
                 options=_ovs_map(opts),
+                vlan_mode=_ovs_scalar(port_rows[name][1]) if name in port_rows else None,
+                trunks=_ovs_ints(port_rows[name][2]) if name in port_rows else (),
             )
         return result
 

@@ -2,7 +2,12 @@
 
 - br-int: every VIF and DHCP port, as an access port tagged with the
   network's *local* VLAN (per node, 1..4094, unrelated to other nodes' tags);
-  plain NORMAL switching.
+  plain NORMAL switching. A VIF is plugged isolated and stays so until its
+  port is bound here: tag 4095 (the dead VLAN, as Neutron and os-vif use it)
+  in trunk mode carrying only VLAN 4095, and a top-priority flow drops every
+  frame of VLAN 4095. An access port in VLAN 4095 alone would not do: NORMAL
+  switches between access ports of one VLAN, 4095 included, so two unbound
+  VIFs could talk; and an untagged OVS port is a trunk of *every* VLAN.
 - br-tun: vxlan/gre tunnels to every other node. Traffic from br-int has its
   local VLAN swapped for the network's tunnel id, and back on the way in;
   broadcast floods to all tunnel ports of the type, unicast learns.
@@ -29,6 +34,27 @@ NetworkType = Literal["local", "flat", "vlan", "vxlan", "gre"]
 TUNNEL_TYPES: tuple[NetworkType, ...] = ("vxlan", "gre")
 VLAN_KEY = "nubes-vlan-"
 IFACE_ID = "iface-id"
+DEAD_VLAN = 4095
+"""802.1Q reserves VLAN 4095; Neutron's OVS agent and os-vif park unbound
+ports there."""
+DEAD_PORT: dict[str, str] = {"tag": str(DEAD_VLAN), "vlan_mode": "trunk", "trunks": str(DEAD_VLAN)}
+"""Port columns of an isolated VIF: untagged frames from the guest belong to
+no VLAN the port carries and are dropped on ingress; frames tagged 4095 meet
+the drop flow; nothing of another VLAN is sent to it."""
+
+
+def is_isolated(port: OvsPort) -> bool:
+    return port.tag == DEAD_VLAN and port.vlan_mode == "trunk" and port.trunks == (DEAD_VLAN,)
+
+
+def carries(port: OvsPort, vlan: int) -> bool:
+    """The port is an access port of local VLAN `vlan` (a bound VIF)."""
+    return (
+        0 < vlan < DEAD_VLAN
+        and port.tag == vlan
+        and port.vlan_mode in (None, "access")
+        and not port.trunks
+    )
 
 
 @dataclass(frozen=True)
@@ -116,8 +142,12 @@ def integration_flows(
     local_vlans: dict[str, int],
     provider_patch_ofports: dict[str, int],
 ) -> list[str]:
-    """br-int: NORMAL switching; provider traffic gets its local VLAN."""
-    flows = ["table=0,priority=0,actions=NORMAL"]
+    """br-int: NORMAL switching; provider traffic gets its local VLAN; the
+    dead VLAN goes nowhere."""
+    flows = [
+        f"table=0,priority=65535,dl_vlan={DEAD_VLAN},actions=drop",
+        "table=0,priority=0,actions=NORMAL",
+    ]
     for physnet, ofport in sorted(provider_patch_ofports.items()):
         for net in sorted(networks, key=lambda n: n.uid):
             if net.physical_network != physnet or net.uid not in local_vlans:
@@ -279,16 +309,32 @@ class NodeSwitch:
         }
 
     def bind(self, port: OvsPort, vlan: int) -> None:
-        if port.tag != vlan:
-            self.ovs.set_tag(port.name, vlan)
+        """Give a VIF its network's local VLAN; DEAD_VLAN isolates it."""
+        if vlan == DEAD_VLAN:
+            self.isolate(port)
+        elif not carries(port, vlan):
+            self.ovs.set_port(port.name, {"tag": str(vlan), "vlan_mode": "access"}, ("trunks",))
+
+    def isolate(self, port: OvsPort) -> None:
+        if not is_isolated(port):
+            self.ovs.set_port(port.name, DEAD_PORT)
 
     def add_vif(self, device: str, port_uid: str, mac: str, vlan: int | None = None) -> None:
-        self.ovs.ensure_port(
-            self.br_int,
-            device,
-            tag=vlan,
-            external_ids={IFACE_ID: port_uid, "attached-mac": mac, "iface-status": "active"},
-        )
+        """Plug a VIF. Without `vlan` (instance and guest NICs) a new port is
+        created isolated, in the same OVSDB transaction, and an existing one
+        keeps the tag the networking loop gave it, or is isolated if it has
+        none; only binding (`bind`) gives it a network. With `vlan` (the
+        node's own DHCP ports) it is plugged straight into that VLAN."""
+        ids = {IFACE_ID: port_uid, "attached-mac": mac, "iface-status": "active"}
+        if vlan is not None:
+            self.ovs.ensure_port(self.br_int, device, tag=vlan, external_ids=ids)
+            return
+        if self.ovs.add_new_port(self.br_int, device, port_settings=DEAD_PORT, external_ids=ids):
+            return
+        self.ovs.ensure_port(self.br_int, device, external_ids=ids)
+        port = self.ovs.ports(self.br_int, (device,)).get(device)
+        if port is not None and port.tag is None:
+            self.isolate(port)  # untagged: a trunk of every VLAN
 
     def remove_vif(self, device: str) -> None:
         self.ovs.delete_port(self.br_int, device)

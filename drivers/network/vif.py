@@ -6,6 +6,9 @@ The Linux bridge is where iptables security groups can see the traffic, and
 the veth lets the integration bridge live in another namespace than QEMU.
 Namespace guests (tests, or anything that is a netns) get a veth whose far
 end is the guest's NIC.
+
+A VIF is plugged isolated (NodeSwitch.add_vif): it carries nothing until the
+node's networking loop binds it to its network's local VLAN.
 """
 
 from __future__ import annotations
