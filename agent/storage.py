@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 import structlog
 
 from nubes.agent.config import NODE_LABEL, AgentConfig
+from nubes.agent.image_source import source_of
 from nubes.api.compute import Hypervisor
 from nubes.api.image import Image
 from nubes.api.meta import ApiModel
@@ -234,6 +235,7 @@ class NodeStorage:
             config.backup_store or os.path.join(config.state_dir, "backups")
         )
         self.images = ImageCache(os.path.join(config.state_dir, "volume-images"), self.runner)
+        self.image_store = Path(config.image_store)
         self.markers = Path(config.state_dir) / "storage" / "filling"
         self.markers.mkdir(parents=True, exist_ok=True)
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="storage")
@@ -564,19 +566,13 @@ class VolumeAgent(_StorageAgent):
         assert src.image is not None
         image_ns = src.image.namespace or ns
         image: Image | None = self.op.store(Image).lookup(src.image.name, image_ns)
-        if image is None or not image.status.sha256:
+        source = source_of(image, self.storage.image_store) if image is not None else None
+        if image is None or source is None:
             raise Problem("SourceMissing", f"image {image_ns}/{src.image.name} is not available")
-        path = image.status.store_path
-        url = (
-            f"file://{path}"
-            if path and os.path.isabs(path) and os.path.exists(path)
-            else image.spec.source.url
-        )
-        fmt = image.status.format or image.spec.disk_format
         return Source(
             "image",
-            image.status.sha256,
-            ImageSource(url, image.status.sha256, fmt),
+            source.sha256,
+            source,
             described=f"image {image_ns}/{src.image.name}",
         )
 

@@ -228,8 +228,10 @@ class InstanceAddress(ApiModel):
 class DiskTransfer(ApiModel):
     """A root disk flattened into the image store, to be booted elsewhere."""
 
-    url: str
-    """file:// URL in the image store."""
+    ref: str
+    """Store-internal reference (snapshots/UID.qcow2, transfers/UID.qcow2,
+    shelved/UID.qcow2), or volume:NAME for a volume-backed root disk. Written
+    by node agents only; never a path or URL."""
     sha256: str
     """SHA-256 of the file."""
 

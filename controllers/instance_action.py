@@ -10,18 +10,18 @@ image store. Actions of one instance run one at a time, oldest first.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
-from urllib.request import url2pathname
 
 from nubes.api.compute import Flavor, Instance, InstanceAction
 from nubes.api.image import Image
 from nubes.api.meta import ProjectRef
 from nubes.controllers.access import index_projects, require_flavor
 from nubes.controllers.compute_scheduler import Choice, RequestSpec, schedule
+from nubes.controllers.config import ControllerConfig
 from nubes.controllers.image import resolve_image
 from nubes.controllers.instance import host_states, request_for, root_disk_gib
+from nubes.drivers.images.store import ImageStore
+from nubes.drivers.runner import SubprocessRunner
 from nubes.runtime.kube import path_of
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Reconciler, Stall, Wait
@@ -44,6 +44,10 @@ def queue_of(op: Operator, action: InstanceAction) -> list[InstanceAction]:
 class InstanceActionReconciler(Reconciler[InstanceAction]):
     kind = InstanceAction
     workers = 4
+
+    def __init__(self, config: ControllerConfig):
+        # Only to remove the agent's snapshot file once its image is imported.
+        self.store = ImageStore(config.image_store, SubprocessRunner())
 
     def setup(self, op: Operator) -> None:
         super().setup(op)
@@ -164,7 +168,7 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
         elif action == "Snapshot":
             assert obj.spec.image_name is not None
             existing = self.op.store(Image).lookup(obj.spec.image_name, obj.namespace)
-            if existing is not None and existing.spec.source.url != self._snapshot_url(obj):
+            if existing is not None and existing.spec.source.snapshot != obj.name:
                 raise Stall(
                     "ImageNameTaken", f"an image named {obj.spec.image_name} already exists"
                 )
@@ -193,10 +197,6 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
             raise Stall("NoValidHost", result.explanation)
         return result.host
 
-    @staticmethod
-    def _snapshot_url(obj: InstanceAction) -> str | None:
-        return obj.status.transfer.url if obj.status.transfer else None
-
     async def _finished(self, obj: InstanceAction) -> Outcome:
         if obj.status.error is not None:
             raise Stall(obj.status.error.reason, obj.status.error.message)
@@ -209,7 +209,9 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
         if transfer is None:
             raise Stall("SnapshotMissing", "the agent finished without a snapshot file")
         image: Image | None = self.op.store(Image).lookup(obj.spec.image_name, obj.namespace)
-        if image is None and (obj.status.is_true("Ready") or not _exists(transfer.url)):
+        store = self.store
+        exists = await asyncio.to_thread(store.internal_exists, transfer.ref)
+        if image is None and (obj.status.is_true("Ready") or not exists):
             # Created and imported once; deleting that image later is the user's call.
             return Outcome.ready(
                 message=f"image {obj.spec.image_name} was created", reason="Succeeded"
@@ -226,7 +228,7 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
                         "labels": {"nubes.io/snapshot-of": obj.spec.instance},
                     },
                     "spec": {
-                        "source": {"url": transfer.url},
+                        "source": {"snapshot": obj.name},
                         "diskFormat": "qcow2",
                         "sha256": transfer.sha256,
                     },
@@ -235,20 +237,8 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
             return Outcome.progressing("ImportingSnapshot", f"image {obj.spec.image_name} created")
         if image.status.is_true("Ready"):
             # Imported into the store under its own id: the transfer copy can go.
-            await asyncio.to_thread(_unlink_url, transfer.url)
+            await asyncio.to_thread(store.delete_internal, transfer.ref)
             return Outcome.ready(message=f"image {image.name} is ready", reason="Succeeded")
         if image.status.is_true("Stalled"):
             raise Stall("SnapshotImportFailed", f"image {image.name} could not be imported")
         return Outcome.progressing("ImportingSnapshot", f"image {obj.spec.image_name} is importing")
-
-
-def _path_of(url: str) -> Path:
-    return Path(url2pathname(urlsplit(url).path))
-
-
-def _unlink_url(url: str) -> None:
-    _path_of(url).unlink(missing_ok=True)
-
-
-def _exists(url: str) -> bool:
-    return _path_of(url).exists()
