@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from nubes.drivers.hostfiles import guest_file, make_guest_dir
 from nubes.drivers.images.inspect import (
     ImageFormat,
     ImageInspectionError,
@@ -149,8 +150,9 @@ class SnapshotFile:
 class ImageCache:
     """One node's cache under `root` (for example /var/lib/nubes/instances).
 
-    The directory tree must be traversable by the QEMU user (libvirt's DAC
-    driver runs guests as libvirt-qemu): bases are 0644 in 0755 directories.
+    QEMU (libvirt's DAC driver runs guests as libvirt-qemu) reads the bases
+    through its group: bases are 0640 in 0750 directories, root:<QEMU group>
+    (nubes.drivers.hostfiles); nobody else on the node reads guest data.
     """
 
     def __init__(
@@ -221,7 +223,7 @@ class ImageCache:
                     ["qemu-img", "convert", "-f", str(info.format), "-O", "raw", download, stored],
                     timeout=self.convert_timeout,
                 )
-            os.chmod(stored, 0o644)
+            guest_file(stored)  # a backing file QEMU reads: root and QEMU only
             _fsync(stored)
             path = self.base_path(source.sha256)
             _write_atomic(
@@ -423,7 +425,7 @@ class ImageCache:
 
     def _ensure_dirs(self) -> None:
         for d in (self.root, self.base_dir):
-            os.makedirs(d, mode=0o755, exist_ok=True)
+            make_guest_dir(d)
         os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
         os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from nubes.drivers.hostfiles import make_private_dir, private_file
 from nubes.drivers.images.cache import ChecksumMismatch, ImageRejected, sha256_file
 from nubes.drivers.images.fetch import FetchPolicy, fetch
 from nubes.drivers.images.inspect import ImageInspectionError, cross_check, verify_image
@@ -113,7 +114,7 @@ class ImageStore:
         declared_format: str,
         expected_sha256: str | None,
     ) -> StoredImage:
-        os.makedirs(self.root, mode=0o755, exist_ok=True)
+        make_private_dir(self.root)  # read by the components (root) only
         target = self.path_of(image_id)
         if os.path.exists(target):
             return self._describe(target, declared_format, expected_sha256, described)
@@ -126,7 +127,7 @@ class ImageStore:
                 log.warning("image digest mismatch", image=image_id, actual=sha)
                 raise ChecksumMismatch(described, expected_sha256, sha)
             stored = self._inspect(tmp, declared_format, sha, described)
-            os.chmod(tmp, 0o644)
+            private_file(tmp)
             os.replace(tmp, target)
         log.info("image imported", image=image_id, format=stored.format, bytes=stored.size)
         return StoredImage(target, stored.sha256, stored.size, stored.virtual_size, stored.format)

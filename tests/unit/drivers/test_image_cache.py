@@ -103,7 +103,9 @@ def test_raw_image_from_file_url_is_stored_by_digest(
     assert image.path == os.path.join(cache.root, "_base", sha(src))
     assert Path(image.path).read_bytes() == src.read_bytes()
     assert (image.virtual_size, image.source_format) == (2 * MIB, ImageFormat.RAW)
-    assert os.stat(image.path).st_mode & 0o777 == 0o644
+    # Guest data: root and QEMU's group only (nubes.drivers.hostfiles).
+    assert os.stat(image.path).st_mode & 0o777 == 0o640
+    assert os.stat(os.path.dirname(image.path)).st_mode & 0o777 == 0o750
     assert runner.qemu_img("convert") == []
     assert leftovers(cache) == []
     # Every qemu-img call named its format.
