@@ -533,6 +533,13 @@ class _StorageAgent(Reconciler[Any]):
         raise NotImplementedError
 
 
+def granted_size(obj: Volume) -> int:
+    """The size to create or extend to: the spec's, up to what the project's
+    quota granted (an extend over quota waits in the controller)."""
+    granted = obj.status.granted_size_gib
+    return obj.spec.size_gib if granted is None else min(obj.spec.size_gib, granted)
+
+
 class VolumeAgent(_StorageAgent):
     kind = Volume
     workers = 8
@@ -598,7 +605,7 @@ class VolumeAgent(_StorageAgent):
                     source = self.source(obj)
                     if source is not None:
                         what = f"filling volume {obj.name} from {source.described}"
-                    info = await s.run(s.ensure_volume, backend, uid, obj.spec.size_gib, source)
+                    info = await s.run(s.ensure_volume, backend, uid, granted_size(obj), source)
                 except (Problem, StorageError, ImageCacheError, CommandError, OSError) as e:
                     # What is there (if anything) does not hold the source's data.
                     left = await s.run(backend.get_volume, uid)
@@ -615,8 +622,8 @@ class VolumeAgent(_StorageAgent):
                     await s.run(s.exporter.remove_export, uid)
                     s.export_checked.add(uid)
                 status["export"] = None
-                if info.size_gib < obj.spec.size_gib:
-                    info = await s.run(s.extend, backend, uid, obj.spec.size_gib)
+                if info.size_gib < granted_size(obj):
+                    info = await s.run(s.extend, backend, uid, granted_size(obj))
                     status["backing"]["sizeGib"] = info.size_gib
                 return self.succeeded(obj, status)
             secret, creds = await s.chap(obj)

@@ -37,22 +37,35 @@ class Member(ApiModel):
 
 
 class Quotas(ApiModel):
-    """Upper bounds on what the project may hold. Absent means unlimited."""
+    """Upper bounds on what the project may hold; -1 means unlimited, as in
+    OpenStack. Lowering a quota below usage keeps what exists and refuses more."""
 
-    instances: int | None = Field(default=10, ge=0)
+    instances: int | None = Field(default=10, ge=-1)
     """Instances."""
-    cores: int | None = Field(default=20, ge=0)
+    cores: int | None = Field(default=20, ge=-1)
     """vCPUs over all instances."""
-    ram_mib: int | None = Field(default=51200, ge=0)
+    ram_mib: int | None = Field(default=51200, ge=-1)
     """RAM over all instances, MiB."""
-    volumes: int | None = Field(default=10, ge=0)
+    volumes: int | None = Field(default=10, ge=-1)
     """Volumes."""
-    gigabytes: int | None = Field(default=1000, ge=0)
+    gigabytes: int | None = Field(default=1000, ge=-1)
     """Volume, snapshot and backup gigabytes."""
-    ports: int | None = Field(default=500, ge=0)
+    ports: int | None = Field(default=500, ge=-1)
     """Ports."""
-    floating_ips: int | None = Field(default=50, ge=0)
+    floating_ips: int | None = Field(default=50, ge=-1)
     """Floating IPs."""
+    snapshots: int | None = Field(default=10, ge=-1)
+    """Volume snapshots."""
+    backups: int | None = Field(default=10, ge=-1)
+    """Volume backups."""
+    networks: int | None = Field(default=100, ge=-1)
+    """Networks."""
+    subnets: int | None = Field(default=100, ge=-1)
+    """Subnets."""
+    routers: int | None = Field(default=10, ge=-1)
+    """Routers."""
+    security_groups: int | None = Field(default=10, ge=-1)
+    """Security groups."""
 
 
 class ProjectSpec(ApiModel):
@@ -74,9 +87,70 @@ class ProjectSpec(ApiModel):
     """Resource limits."""
 
 
+class UsageItem(ApiModel):
+    """One quota: what the project holds against its limit."""
+
+    used: int = 0
+    """In use (counted objects, or the sum the quota ledger holds)."""
+    limit: int | None = None
+    """The quota; absent: unlimited."""
+    summary: str = ""
+    """`used/limit` (or `used/unlimited`), for kubectl columns."""
+
+
+class ProjectUsage(ApiModel):
+    """Usage against each quota (written by the controller)."""
+
+    instances: UsageItem | None = None
+    """Instances."""
+    cores: UsageItem | None = None
+    """vCPUs of instances not shelved."""
+    ram_mib: UsageItem | None = None
+    """RAM of instances not shelved, MiB."""
+    volumes: UsageItem | None = None
+    """Volumes."""
+    snapshots: UsageItem | None = None
+    """Volume snapshots."""
+    backups: UsageItem | None = None
+    """Volume backups."""
+    gigabytes: UsageItem | None = None
+    """GiB of volumes, snapshots and backups."""
+    ports: UsageItem | None = None
+    """Ports."""
+    floating_ips: UsageItem | None = None
+    """Floating IPs."""
+    networks: UsageItem | None = None
+    """Networks."""
+    subnets: UsageItem | None = None
+    """Subnets."""
+    routers: UsageItem | None = None
+    """Routers."""
+    security_groups: UsageItem | None = None
+    """Security groups."""
+
+
+class Reservation(ApiModel):
+    """What one consumer holds of the project's summed quotas."""
+
+    kind: str
+    """Kind of the consumer (Instance, Volume, VolumeSnapshot, VolumeBackup, InstanceAction)."""
+    cores: int = 0
+    """vCPUs held."""
+    ram_mib: int = 0
+    """RAM held, MiB."""
+    gigabytes: int = 0
+    """Volume, snapshot or backup GiB held."""
+
+
 class ProjectStatus(Status):
     namespace: str | None = None
     """Namespace in use."""
+    usage: ProjectUsage | None = None
+    """Usage against each quota."""
+    reservations: dict[str, Reservation] = Field(default_factory=dict)
+    """The quota ledger of cores, RAM and gigabytes, by consumer uid: written with
+    resourceVersion preconditions, so concurrent controller workers never
+    overshoot a limit."""
 
 
 class Project(Resource[ProjectSpec, ProjectStatus]):
@@ -91,6 +165,11 @@ class Project(Resource[ProjectSpec, ProjectStatus]):
         printer_columns=(
             PrinterColumn("Namespace", ".status.namespace"),
             PrinterColumn("Enabled", ".spec.enabled", "boolean"),
+            PrinterColumn("Instances", ".status.usage.instances.summary"),
+            PrinterColumn("Cores", ".status.usage.cores.summary"),
+            PrinterColumn("RAM-MiB", ".status.usage.ramMib.summary"),
+            PrinterColumn("Volumes", ".status.usage.volumes.summary"),
+            PrinterColumn("GiB", ".status.usage.gigabytes.summary"),
             READY_COLUMN,
             REASON_COLUMN,
             AGE_COLUMN,

@@ -195,6 +195,9 @@ class VolumeStatus(Status):
     """Where it is attached (controller)."""
     bootable: bool | None = None
     """Bootable flag in effect (controller)."""
+    granted_size_gib: int | None = None
+    """Size the project's gigabytes quota holds for the volume (controller); the
+    storage agent creates and extends the volume up to it, never beyond."""
     backing: VolumeBacking | None = None
     """The data on the storage node (storage agent)."""
     export: VolumeExport | None = None

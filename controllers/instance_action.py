@@ -20,6 +20,7 @@ from nubes.controllers.compute_scheduler import Choice, RequestSpec, schedule
 from nubes.controllers.config import ControllerConfig
 from nubes.controllers.image import resolve_image
 from nubes.controllers.instance import host_states, request_for, root_disk_gib
+from nubes.controllers.quota import Amounts, hold, release, requeue_refused, resize_amounts
 from nubes.drivers.images.store import ImageStore
 from nubes.drivers.runner import SubprocessRunner
 from nubes.runtime.kube import path_of
@@ -56,6 +57,7 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
         actions.add_index("flavor", lambda a: [a.spec.flavor] if a.spec.flavor else [])
         op.store(Flavor)
         index_projects(op)
+        requeue_refused(op, InstanceAction)
         # A Resize refused for its flavor's access list goes on once it is granted.
         op.watch(
             Flavor,
@@ -91,11 +93,23 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
 
     async def converge(self, obj: InstanceAction) -> Outcome:
         if obj.status.completed_at:
+            # What a Resize reserved is now the instance's own (or was not needed).
+            await release(self.op, obj)
             return await self._finished(obj)
         inst: Instance | None = self.op.store(Instance).lookup(obj.spec.instance, obj.namespace)
         if inst is None or inst.deleting:
+            await release(self.op, obj)
             raise Stall("InstanceNotFound", f"instance {obj.spec.instance} does not exist")
         plan = self._plan(obj, inst)
+        if obj.spec.action == "Resize":
+            # The growth is reserved before the Resize is accepted (Nova's upsize
+            # check); once accepted it is held until the action completes.
+            old = self.op.store(Flavor).lookup(inst.status.flavor or inst.spec.flavor)
+            new = self.op.store(Flavor).lookup(plan["flavor"])
+            assert new is not None  # _plan checked it
+            grow = resize_amounts(old, new)
+            held = grow if obj.status.flavor else Amounts()
+            await hold(self.op, obj, grow, held=held, what="resize")
         queue = queue_of(self.op, obj)
         if queue and queue[0].uid != obj.uid:
             return Outcome.progressing("Queued", f"waiting behind action {queue[0].name}", plan)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from nubes.api.identity import Project
-from nubes.runtime.kube import NAMESPACES, ROLEBINDINGS
+from nubes.controllers import quota
+from nubes.runtime.kube import NAMESPACES, RESOURCEQUOTAS, ROLEBINDINGS, path_of
+from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Reconciler, Stall
 
 PROJECT_LABEL = "nubes.io/project"
@@ -53,9 +55,36 @@ def role_binding(project: Project, role: str) -> dict[str, Any]:
     }
 
 
+def resource_quota(project: Project) -> dict[str, Any]:
+    """The counted quotas, enforced by the API server's ResourceQuota admission."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {
+            "name": quota.QUOTA_NAME,
+            "namespace": namespace_of(project),
+            "labels": {PROJECT_LABEL: project.name},
+        },
+        "spec": {"hard": quota.hard_limits(project.spec.quotas)},
+    }
+
+
 class ProjectReconciler(Reconciler[Project]):
     kind = Project
     workers = 2
+
+    def setup(self, op: Operator) -> None:
+        super().setup(op)
+        quota.index_consumers(op)
+        projects = op.store(Project)
+        # Usage follows creations and deletions; the ledger follows deletions.
+        for kind in {k for _, k in quota.COUNTED} | set(quota.CONSUMERS):
+            op.watch(
+                kind,
+                Project,
+                lambda o: [p.key for p in projects.by_index("namespace", o.namespace or "")],
+                when=lambda old, new: old is None or new is None,
+            )
 
     async def converge(self, obj: Project) -> Outcome:
         kube = self.op.kube
@@ -91,9 +120,54 @@ class ProjectReconciler(Reconciler[Project]):
                 )
         for role in ROLES:
             await kube.apply_raw(ROLEBINDINGS, role_binding(obj, role))
+        wanted = resource_quota(obj)
+        current = await kube.get_raw(RESOURCEQUOTAS, quota.QUOTA_NAME, name)
+        if current is None or current.get("spec", {}).get("hard", {}) != wanted["spec"]["hard"]:
+            await kube.apply_raw(RESOURCEQUOTAS, wanted)
+        await self._drop_gone(obj, name)
         members = len(obj.spec.members)
         return Outcome.ready(
-            {"namespace": name},
+            {"namespace": name, "usage": self._usage(obj, name)},
             f"namespace {name}, {members} member{'s' if members != 1 else ''}"
             + ("" if obj.spec.enabled else " (disabled: no access)"),
         )
+
+    # --- quota usage and the ledger's deletions ---------------------------------------
+
+    def _usage(self, obj: Project, namespace: str) -> dict[str, Any]:
+        usage = {}
+        quotas = obj.spec.quotas
+        for field, kind in quota.COUNTED:
+            used = len(self.op.store(kind).by_index("quota-namespace", namespace))
+            usage[field] = quota.usage_summary(used, quota.limit_of(quotas, field))
+        sums = quota.totals(obj.status.reservations)
+        for field in quota.SUMMED:
+            usage[field] = quota.usage_summary(sums.get(field), quota.limit_of(quotas, field))
+        return {quota.WIRE.get(k, _camel(k)): v for k, v in usage.items()}
+
+    async def _drop_gone(self, obj: Project, namespace: str) -> None:
+        """Give back what deleted consumers held. The cache suggests who is gone;
+        a live listing confirms it (another shard may have reserved for an
+        object this process has not seen yet)."""
+        missing: dict[str, set[str]] = {}
+        for uid, entry in obj.status.reservations.items():
+            kind = quota.CONSUMER_KINDS.get(entry.kind)
+            if kind is None or not self.op.store(kind).by_index("quota-uid", uid):
+                missing.setdefault(entry.kind, set()).add(uid)
+        if not missing:
+            return
+        gone: set[str] = set()
+        for kind_name, uids in missing.items():
+            kind = quota.CONSUMER_KINDS.get(kind_name)
+            if kind is None:
+                gone |= uids
+                continue
+            live = await self.op.kube.list_raw(path_of(kind), namespace)
+            gone |= uids - {o["metadata"]["uid"] for o in live}
+        if gone:
+            await quota.drop(self.op, obj, gone)
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.title() for p in rest)

@@ -36,6 +36,7 @@ from nubes.api.meta import ProjectRef
 from nubes.api.storage import VOLUME_FINALIZER, Volume, VolumeBackup, VolumeSnapshot, VolumeType
 from nubes.controllers.access import require_volume_type
 from nubes.controllers.image import project_of_namespace, visible
+from nubes.controllers.quota import hold, requeue_refused, volume_amounts
 from nubes.controllers.storage import (
     DEFAULT_VOLUME_TYPE,
     add_indexes,
@@ -87,6 +88,7 @@ class VolumeReconciler(Reconciler[Volume]):
         op.store(VolumeType)
         op.store(Image)
         op.store(Project).add_index("namespace", lambda p: [p.status.namespace or p.name])
+        requeue_refused(op, Volume)
 
         def pending_of(prefix: str, key: str) -> list[str]:
             return [v.key for v in volumes.by_index("storage-source", f"{prefix}:{key}")]
@@ -142,6 +144,11 @@ class VolumeReconciler(Reconciler[Volume]):
         attachment, waiting = self._attachment(obj, grant=True)
         status: dict[str, Any] = {"attachment": merged(obj.status.attachment, attachment)}
         try:
+            # Gigabytes are reserved before placement and before an extend; the
+            # storage agent creates and grows the volume only up to the grant.
+            want, held = volume_amounts(obj)
+            await hold(self.op, obj, want, held=held, what="volume")
+            status["grantedSizeGib"] = obj.spec.size_gib
             status.update(self._placement(obj))
             status["bootable"] = self._bootable(obj)
         except Stall as s:

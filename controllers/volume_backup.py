@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from nubes.api.storage import BACKUP_FINALIZER, Volume, VolumeBackup
+from nubes.controllers.quota import Amounts, hold, requeue_refused
 from nubes.controllers.storage import (
     add_indexes,
     agent_problem,
@@ -37,6 +38,7 @@ class VolumeBackupReconciler(Reconciler[VolumeBackup]):
         backups = op.store(VolumeBackup)
         self.backups = backups
         self.volumes = op.store(Volume)
+        requeue_refused(op, VolumeBackup)
         op.watch(
             Volume,
             VolumeBackup,
@@ -71,7 +73,14 @@ class VolumeBackupReconciler(Reconciler[VolumeBackup]):
         s = obj.status
         if s.node is None or s.volume_uid is None:
             status = self._decide(obj)
+            # A backup holds its volume's size in gigabytes, reserved before it is taken.
+            vol = self.volumes.lookup(obj.spec.volume, obj.namespace)
+            size = vol.spec.size_gib if vol is not None else 0
+            await hold(self.op, obj, Amounts(gigabytes=size), what="backup")
         else:
+            if s.size_gib is not None:
+                taken = Amounts(gigabytes=s.size_gib)
+                await hold(self.op, obj, taken, held=taken, what="backup")
             status = {"node": s.node, "volumeUid": s.volume_uid, "parent": s.parent}
         kind = "incremental backup" if status["parent"] else "full backup"
         where = f"{kind} of volume {obj.spec.volume} on node {status['node']}"

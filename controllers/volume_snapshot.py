@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from nubes.api.storage import SNAPSHOT_FINALIZER, Volume, VolumeSnapshot
+from nubes.controllers.quota import Amounts, hold, requeue_refused
 from nubes.controllers.storage import (
     add_indexes,
     agent_problem,
@@ -44,6 +45,7 @@ class VolumeSnapshotReconciler(Reconciler[VolumeSnapshot]):
             ],
         )
         self.volumes = volumes
+        requeue_refused(op, VolumeSnapshot)
 
     def accepts(self, obj: VolumeSnapshot) -> bool:
         return self.op.owns_shard(obj.uid)
@@ -55,7 +57,12 @@ class VolumeSnapshotReconciler(Reconciler[VolumeSnapshot]):
             vol = copyable_volume(
                 self.op, volume_name, obj.namespace, force=obj.spec.force, what="snapshot"
             )
+            # A snapshot holds its volume's size in gigabytes, reserved before it is taken.
+            await hold(self.op, obj, Amounts(gigabytes=vol.spec.size_gib), what="snapshot")
             node = vol.status.node
+        elif obj.status.size_gib is not None:
+            taken = Amounts(gigabytes=obj.status.size_gib)
+            await hold(self.op, obj, taken, held=taken, what="snapshot")
         status: dict[str, Any] = {"node": node}
         where = f"snapshot of volume {volume_name} on node {node}"
         if obj.status.size_gib is not None:

@@ -134,7 +134,7 @@ up() {
   alive kube-controller-manager || start kube-controller-manager "$bin/kube-controller-manager" \
     --kubeconfig "$state/kcm.kubeconfig" --authentication-kubeconfig "$state/kcm.kubeconfig" \
     --authorization-kubeconfig "$state/kcm.kubeconfig" \
-    --controllers namespace,garbagecollector,serviceaccount,serviceaccount-token \
+    --controllers namespace,garbagecollector,serviceaccount,serviceaccount-token,resourcequota \
     --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
     --bind-address 127.0.0.1 --secure-port "$kcm_port" --leader-elect=false \
     --concurrent-gc-syncs 5 --concurrent-namespace-syncs 5 --v 1
