@@ -29,7 +29,8 @@ from nubes.controllers.compute_scheduler import (
 )
 from nubes.controllers.hypervisor import usable
 from nubes.controllers.image import resolve_image
-from nubes.runtime.kube import path_of
+from nubes.controllers.quota import hold, instance_amounts, quota_refusal, requeue_refused
+from nubes.runtime.kube import ApiError, path_of
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Reconciler, Stall, Wait
 
@@ -159,6 +160,7 @@ class InstanceReconciler(Reconciler[Instance]):
         op.store(Volume)
         op.store(Image)
         index_projects(op)
+        requeue_refused(op, Instance)
 
         op.watch(Flavor, Instance, lambda f: [i.key for i in instances.by_index("flavor", f.name)])
         op.watch(
@@ -220,6 +222,10 @@ class InstanceReconciler(Reconciler[Instance]):
             # Access is checked before the first placement only: as in Nova,
             # removing a project from the list leaves its instances alone.
             require_flavor(self.op, flavor, obj.namespace or "")
+        # Cores and RAM are reserved first (Nova checks them when the request
+        # arrives), so an instance waiting for its image or a node holds them.
+        want, held = instance_amounts(obj, flavor)
+        await hold(self.op, obj, want, held=held, what="instance")
         image: Image | None = None
         if eff.image is not None:
             image = resolve_image(self.op, eff.image, obj.namespace or "")
@@ -335,7 +341,13 @@ class InstanceReconciler(Reconciler[Instance]):
             if existing is not None and existing.spec.device_id != obj.uid:
                 raise Stall("PortNameTaken", f"port {name} exists and belongs to something else")
             if existing is None or existing.spec.wire() != spec.wire():
-                await self.op.kube.apply_raw(path_of(Port), self._port_body(obj, name, spec))
+                try:
+                    await self.op.kube.apply_raw(path_of(Port), self._port_body(obj, name, spec))
+                except ApiError as e:
+                    # The project's ports quota (ResourceQuota admission).
+                    if (refused := quota_refusal(e)) is None:
+                        raise
+                    raise Stall("QuotaExceeded", f"port {name}: {refused}") from e
             if existing is not None:
                 wanted.append(existing)
         for port in store.by_index("device", obj.uid):
