@@ -288,7 +288,10 @@ class Operator:
 
         @kopf.on.login(registry=registry)
         def login(**_: Any) -> kopf.ConnectionInfo:
-            token = configuration.api_key.get("authorization", "")
+            # kubernetes_asyncio keeps a kubeconfig's or a pod's token under
+            # "BearerToken"; without it kopf's watches would go anonymous.
+            keys = configuration.api_key
+            token = keys.get("BearerToken") or keys.get("authorization", "")
             return kopf.ConnectionInfo(
                 server=configuration.host or "",
                 ca_path=configuration.ssl_ca_cert,

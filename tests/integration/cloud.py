@@ -20,6 +20,7 @@ from nubes.drivers.runner import SubprocessRunner
 from nubes.runtime.kube import CONFIGMAPS, Kube
 from tests.helpers import Process, apply, eventually, kubectl
 from tests.integration.conftest import start_process
+from tests.integration.identity import agent_env
 from tests.nodes import Fabric, SimNode, sh
 
 NET = "network.nubes.io/v1alpha1"
@@ -40,8 +41,13 @@ def start_agent(
     image_store: Path | None = None,
     bridge_mappings: tuple[str, ...] = (),
     extra_args: tuple[str, ...] = (),
+    node_identity: bool = True,
 ) -> Process:
-    """A node agent for a simulated node: its own OVS, namespaces and state."""
+    """A node agent for a simulated node: its own OVS, namespaces and state.
+    It acts as the chart's nubes-agent ServiceAccount with a token bound to
+    its node (as in a DaemonSet pod), so the agent role and the
+    nubes-agent-node admission policy apply to everything it writes;
+    `node_identity=False` runs it with the admin credentials instead."""
     state = (state_root or fabric.root) / f"agent-{node.name}"
     state.mkdir(parents=True, exist_ok=True, mode=0o755)
     args = fabric.agent_argv(node, state)
@@ -50,7 +56,12 @@ def start_agent(
     for mapping in bridge_mappings:
         args += ["--bridge-mapping", mapping]
     args += extra_args
-    return start_process(tmp_path_factory, f"agent-{node.name}", *args)
+    env = (
+        agent_env(tmp_path_factory.mktemp("tokens"), node_name(fabric, node))
+        if node_identity
+        else {}
+    )
+    return start_process(tmp_path_factory, f"agent-{node.name}", *args, env=env)
 
 
 def plugger(node: SimNode) -> VifPlugger:

@@ -95,6 +95,17 @@ async def platform(kube: Kube) -> None:
     kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=render_chart())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def node_objects() -> Iterator[None]:
+    """Node objects created for the agents' node-bound tokens (cluster-scoped)
+    are deleted at the end of the session, after the modules' agents stop."""
+    # Imported here: identity imports this module (COMPONENTS_NAMESPACE).
+    from tests.integration.identity import delete_created_nodes
+
+    yield
+    delete_created_nodes()
+
+
 @pytest.fixture
 async def namespace(kube: Kube) -> AsyncIterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"

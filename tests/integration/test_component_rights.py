@@ -12,7 +12,6 @@ status); no answer below comes from system:masters.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ import yaml
 from nubes.runtime.kube import CONFIGMAPS, ApiError, Kube
 from tests.helpers import kubectl, kubectl_bin
 from tests.integration.conftest import COMPONENTS_NAMESPACE
+from tests.integration.identity import sa_token, token_kubeconfig
 
 NODE_EXTRA = "authentication.kubernetes.io/node-name"
 AGENT_USER = f"system:serviceaccount:{COMPONENTS_NAMESPACE}:nubes-agent"
@@ -86,43 +86,6 @@ def refused_by_rbac(result: subprocess.CompletedProcess[str]) -> None:
     assert result.returncode != 0, f"allowed: {result.stdout}"
     assert "Forbidden" in result.stderr or "forbidden" in result.stderr, result.stderr
     assert POLICY not in result.stderr, result.stderr
-
-
-def _admin_cluster() -> tuple[str, str]:
-    path = os.environ.get("KUBECONFIG") or str(Path(".nubes") / "kubeconfig")
-    config = yaml.safe_load(Path(path).read_text())
-    cluster = config["clusters"][0]["cluster"]
-    ca = cluster.get("certificate-authority")
-    if ca and not os.path.isabs(ca):
-        ca = str(Path(path).parent / ca)
-    return cluster["server"], ca or ""
-
-
-def token_kubeconfig(directory: Path, name: str, token: str) -> Path:
-    server, ca = _admin_cluster()
-    path = directory / f"{name}.kubeconfig"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [
-                    {"name": "c", "cluster": {"server": server, "certificate-authority": ca}}
-                ],
-                "users": [{"name": name, "user": {"token": token}}],
-                "contexts": [{"name": "c", "context": {"cluster": "c", "user": name}}],
-                "current-context": "c",
-            }
-        )
-    )
-    path.chmod(0o600)
-    return path
-
-
-def sa_token(account: str, node: str | None = None) -> str:
-    bound = ["--bound-object-kind", "Node", "--bound-object-name", node] if node else []
-    got = kubectl("create", "token", account, "-n", COMPONENTS_NAMESPACE, "--duration=1h", *bound)
-    return got.stdout.strip()
 
 
 @dataclass(frozen=True)

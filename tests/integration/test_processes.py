@@ -15,6 +15,7 @@ from nubes.api.network import Network
 from nubes.runtime.kube import Kube, path_of
 from tests.helpers import Process, apply, eventually
 from tests.integration.conftest import get_condition, start_process
+from tests.integration.identity import agent_env
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
         str(state),
         "--run-dir",
         str(state / "run"),
+        env=agent_env(state, "proc-test-node"),
     )
     yield proc
     proc.stop()
