@@ -32,6 +32,7 @@ from urllib.request import url2pathname
 import structlog
 
 from nubes.agent.actions import ActionRunner, is_move, source_of
+from nubes.agent.binding import Unbound, unbound_ports
 from nubes.agent.config import NODE_LABEL, AgentConfig
 from nubes.agent.network import NodeNetworking
 from nubes.api.compute import Flavor, Instance, InstanceAction
@@ -77,7 +78,6 @@ POWER = {
 CONSOLE_TAIL = 64 * 1024
 SHUTDOWN_TIMEOUT = 30.0
 IMAGE_CACHE_PRUNE_INTERVAL = 3600.0
-VIF_PLUG_TIMEOUT = 30.0  # Nova's vif_plugging_timeout is 300 s; our ports wire in ms
 DATA_TARGETS = [f"vd{c}" for c in "bcdefghijklmnopqrstuvwx"]  # vdy: rescue, vdz: config
 
 
@@ -132,6 +132,7 @@ class InstanceAgent(Reconciler[Instance]):
         self.vifs = VifPlugger(
             networking.links, networking.switch, config.node_netns, self.node_tag
         )
+        self.networking = networking
         self.store_dir = Path(config.image_store)
         self.local: set[str] = set()
         """Uids of instances with something on this node."""
@@ -246,10 +247,12 @@ class InstanceAgent(Reconciler[Instance]):
         if obj.spec.power_state == "Shelved":
             shelved = await asyncio.to_thread(self._shelve, plan)
             return Outcome.observed({"shelvedDisk": shelved, "powerState": "Shelved"})
-        if not await self._vifs_ready(plan):
-            return Outcome.observed({}, requeue_after=1)
+        waiting = await self._ports_gate(plan)
+        if waiting is not None:
+            return waiting
         state = await asyncio.to_thread(self.converge_domain, plan)
         status: dict[str, Any] = {
+            "agentError": None,
             "powerState": POWER.get(state, "Absent"),
             "domain": self.domain_name(obj),
             "attachedVolumes": [v.name for v in plan.volumes]
@@ -263,29 +266,58 @@ class InstanceAgent(Reconciler[Instance]):
         settled = status["powerState"] == obj.spec.power_state
         return Outcome.observed(status, requeue_after=None if settled else 2)
 
-    async def _vifs_ready(self, plan: Plan) -> bool:
-        """Whether the guest may start: like Nova waiting for
-        network-vif-plugged, because a guest started before its ports are
-        wired and in the DHCP server asks for an address nobody gives. Waits
-        VIF_PLUG_TIMEOUT at most, then boots anyway."""
+    async def _ports_gate(self, plan: Plan) -> Outcome | None:
+        """None when the guest may start (or runs already). Like Nova waiting
+        for network-vif-plugged: the VIFs are plugged (isolated), and the guest
+        starts once every port is bound on this node and carries its network,
+        and is Ready (in the DHCP server), because a guest started earlier asks
+        for an address nobody gives. Past the binding timeout a bound port that
+        is not Ready yet no longer holds the boot; an unbound one always does,
+        reported as PortBindingTimeout until it is bound."""
         inst = plan.inst
         if inst.spec.power_state not in ("Running", "Paused") or not plan.ports:
-            return True
-        state = await asyncio.to_thread(self.libvirt.state, self.domain_name(inst))
-        if state not in (DomainState.ABSENT, DomainState.SHUTOFF):
-            return True
-        await asyncio.to_thread(self._plug, plan)
-        ports = self.op.store(Port)
-        fresh = [ports.lookup(p.name, p.namespace) for p in plan.ports]
-        if all(p is not None and p.status.is_true("Ready") for p in fresh):
             self._vif_wait.pop(inst.uid, None)
-            return True
+            return None
+        state = await asyncio.to_thread(self.libvirt.state, self.domain_name(inst))
+        if state not in (DomainState.ABSENT, DomainState.SHUTOFF, DomainState.SAVED):
+            return None  # running: converge_domain checks again before any restart
+        await asyncio.to_thread(self._plug, plan)
+        unbound = await asyncio.to_thread(self.unbound_ports, plan)
+        ports = self.op.store(Port)
+        ready = all(
+            p is not None and p.status.is_true("Ready")
+            for p in (ports.lookup(q.name, q.namespace) for q in plan.ports)
+        )
         since = self._vif_wait.setdefault(inst.uid, time.monotonic())
-        if time.monotonic() - since < VIF_PLUG_TIMEOUT:
-            return False
-        log.warning("ports not ready, booting anyway", instance=inst.key)
-        self._vif_wait.pop(inst.uid, None)
-        return True
+        timeout = self.config.port_binding_timeout
+        late = time.monotonic() - since >= timeout
+        if not unbound and (ready or late):
+            if not ready:
+                log.warning("ports bound but not ready, booting", instance=inst.key)
+            self._vif_wait.pop(inst.uid, None)
+            return None
+        if unbound:
+            self.networking.kick()  # bind what was just plugged without waiting for a resync
+        if not late:
+            return Outcome.observed({}, requeue_after=1)
+        error = {
+            "reason": "PortBindingTimeout",
+            "message": f"not started after {timeout:g} s: "
+            + "; ".join(map(str, unbound))
+            + f". It starts once its ports are bound on {self.node}",
+            "retrying": True,
+        }
+        if inst.status.agent_error is None or inst.status.agent_error.wire() != error:
+            log.warning("ports not bound, not booting", instance=inst.key, why=error["message"])
+        return Outcome.observed(
+            {"agentError": error, "powerState": POWER.get(state, "Absent")}, requeue_after=5
+        )
+
+    def unbound_ports(self, plan: Plan) -> list[Unbound]:
+        """The plan's ports a guest may not run on now (blocking: reads OVS)."""
+        ports = self.op.store(Port)
+        fresh = [(p.name, ports.lookup(p.name, p.namespace)) for p in plan.ports]
+        return unbound_ports(fresh, self.node, self.vifs.switch.vif_ports())
 
     def _plug(self, plan: Plan) -> list[Nic]:
         nics = []
@@ -574,6 +606,16 @@ class InstanceAgent(Reconciler[Instance]):
                 self._prune_secrets(plan.inst, _secret_usages(spec))
         want = plan.inst.spec.power_state
         if want in ("Running", "Paused") and state in (DomainState.SHUTOFF, DomainState.SAVED):
+            # Every start passes here (boot, restart for a new definition,
+            # resume, a move's import): never on a port that is not bound.
+            unbound = self.unbound_ports(plan)
+            if unbound:
+                log.info(
+                    "not starting: ports not bound",
+                    instance=plan.inst.key,
+                    why=[str(u) for u in unbound],
+                )
+                return state
             boot.write_text(wanted_boot)
             self.libvirt.start(name)  # restores a managed save
         if want == "Running" and state == DomainState.PAUSED:

@@ -57,6 +57,10 @@ class AgentConfig(BaseModel):
     secret_namespace: str = "nubes-system"
     """Namespace of the Secrets the agents keep (CHAP credentials of volume
     exports): the components' own, which no tenant can read."""
+    port_binding_timeout: float = 30.0
+    """Seconds a guest waits for its ports to be bound on the node (Nova's
+    vif_plugging_timeout). Past it, the instance reports PortBindingTimeout and
+    still does not start on an unbound port; it starts once they are bound."""
     image_cache_grace: float = 86400.0
     """Seconds a cached base image no local disk uses is kept before pruning
     (Nova's remove_unused_original_minimum_age_seconds)."""
@@ -94,6 +98,12 @@ class AgentConfig(BaseModel):
             help="namespace of the CHAP Secrets (the components' namespace)",
         )
         p.add_argument(
+            "--port-binding-timeout",
+            type=float,
+            default=float(_env("PORT_BINDING_TIMEOUT", "30")),
+            help="seconds before an instance reports ports not bound (it never boots unbound)",
+        )
+        p.add_argument(
             "--image-cache-grace",
             type=float,
             default=float(_env("IMAGE_CACHE_GRACE", "86400")),
@@ -121,5 +131,6 @@ class AgentConfig(BaseModel):
             backup_store=args.backup_store,
             iscsi_portal=args.iscsi_portal,
             image_cache_grace=args.image_cache_grace,
+            port_binding_timeout=args.port_binding_timeout,
             secret_namespace=args.secret_namespace,
         )

@@ -11,25 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
+from nubes.agent.binding import vif_vlans
 from nubes.agent.config import AgentConfig
 from nubes.api.compute import Hypervisor
 from nubes.api.network import Network, Port, Subnet
 from nubes.drivers.network.dhcp import DhcpConfig, DhcpHost, DhcpServers, DhcpSubnet
 from nubes.drivers.network.netns import Links
 from nubes.drivers.network.ovs import DatapathType, Ovs, OvsEndpoint, kernel_datapath_available
-from nubes.drivers.network.switch import NetworkSegment, NodeSwitch
+from nubes.drivers.network.switch import DEAD_VLAN, NetworkSegment, NodeSwitch
 from nubes.drivers.runner import SubprocessRunner
 from nubes.runtime.kube import ApiError, path_of
 from nubes.runtime.operator import Operator
 
 log = structlog.get_logger()
 
-DEAD_VLAN = 4095  # Neutron's tag for ports that must not forward
 PATCH_CONCURRENCY = 16
 
 
@@ -88,13 +89,16 @@ class NodeNetworking:
             node_netns=config.node_netns,
         )
         self._last_layout: tuple[Any, ...] | None = None
+        self.kick: Callable[[], None] = lambda: None
         log.info("node networking", datapath=datapath, node=config.node)
 
     def register(self, op: Operator) -> None:
         self.op = op
         ports = op.store(Port)
         ports.add_index("network-uid", lambda p: [p.status.network_uid or ""])
-        op.loop("networking", self.sync, [Network, Subnet, Port, Hypervisor])
+        # A VIF plugged by the compute agent changes no watched object: it
+        # kicks the loop so that the VIF is bound without waiting for a resync.
+        self.kick = op.loop("networking", self.sync, [Network, Subnet, Port, Hypervisor])
 
     # --- plan ---------------------------------------------------------------------------
 
@@ -194,15 +198,12 @@ class NodeNetworking:
             vlans = self.switch.local_vlans()
         vifs = self.switch.vif_ports()
         plugged: dict[str, str] = {}
+        # Unknown, unbound, disabled or deleted: isolated (dead VLAN).
+        wanted = vif_vlans(list(vifs), plan.bound, self.config.node, vlans)
         for uid, ovs_port in vifs.items():
-            port = plan.bound.get(uid)
-            vlan = vlans.get(port.status.network_uid or "") if port is not None else None
-            if port is None or vlan is None or not port.spec.admin_state_up:
-                # Unknown, unbound or disabled: isolate it.
-                self.switch.bind(ovs_port, DEAD_VLAN)
-                continue
-            self.switch.bind(ovs_port, vlan)
-            plugged[uid] = ovs_port.name
+            self.switch.bind(ovs_port, wanted[uid])
+            if wanted[uid] != DEAD_VLAN:
+                plugged[uid] = ovs_port.name
         served = set()
         errors: dict[str, str] = {}
         for config, _ in plan.dhcp:

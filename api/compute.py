@@ -23,6 +23,7 @@ from .meta import (
     cel,
     validations,
 )
+from .storage import AgentError
 
 GROUP = "compute.nubes.io"
 CATEGORIES = (CATEGORY, "nova")
@@ -267,6 +268,10 @@ class InstanceStatus(Status):
     """ConfigMap holding the tail of the serial console."""
     shelved_disk: DiskTransfer | None = None
     """Root disk kept in the image store while shelved."""
+    agent_error: AgentError | None = None
+    """Why the node agent does not bring the instance to its power state, if
+    it does not (e.g. PortBindingTimeout: a port is not bound on the node, so
+    the guest is not started)."""
 
 
 class Instance(Resource[InstanceSpec, InstanceStatus]):

@@ -30,6 +30,7 @@ from nubes.controllers.compute_scheduler import (
 from nubes.controllers.hypervisor import usable
 from nubes.controllers.image import resolve_image
 from nubes.controllers.quota import hold, instance_amounts, quota_refusal, requeue_refused
+from nubes.controllers.storage import agent_problem
 from nubes.runtime.kube import ApiError, path_of
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Reconciler, Stall, Wait
@@ -264,6 +265,10 @@ class InstanceReconciler(Reconciler[Instance]):
             }
             for p in ports
         ]
+        # What the node agent cannot do (a port not bound in time), with its reason.
+        problem = agent_problem(obj.status.agent_error, f"node {node}", status)
+        if problem is not None:
+            return problem
         waiting = self._waiting_for(obj, ports)
         if waiting:
             return Outcome.progressing(waiting[0], waiting[1], status)

@@ -134,10 +134,12 @@ class Operator:
         *,
         resync: float = 30.0,
         debounce: float = 0.05,
-    ) -> None:
+    ) -> Callable[[], None]:
         """A whole-node converge function: run `sync(full)` after any change
         to the given kinds (changes within `debounce` are merged) and every
-        `resync` seconds with full=True, to repair drift."""
+        `resync` seconds with full=True, to repair drift. Returns a function
+        (for the event loop's thread) that asks for a pass now, for changes
+        on the node the watched kinds do not show."""
         dirty = asyncio.Event()
         dirty.set()  # converge once at start: re-adopt what exists
         for kind in kinds:
@@ -176,6 +178,7 @@ class Operator:
                 RECONCILE_SECONDS.labels(self.name, name).observe(time.monotonic() - started)
 
         self._loops.append((name, run))
+        return dirty.set
 
     def every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
         """Run `job` periodically once started (level-based clean-ups)."""
