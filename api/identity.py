@@ -80,7 +80,9 @@ class ProjectSpec(ApiModel):
     description: str = Field(default="", max_length=255)
     """Free text."""
     enabled: bool = True
-    """Disabled projects keep their resources but members lose access."""
+    """Disabled projects keep their resources but members lose access (their
+    role bindings bind nobody) until re-enabled. The project stays Ready, with
+    reason `Disabled`."""
     members: list[Member] = Field(default_factory=list, max_length=256)
     """Role assignments."""
     quotas: Quotas = Field(default_factory=Quotas)

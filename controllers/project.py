@@ -29,6 +29,9 @@ def owner_reference(project: Project) -> dict[str, Any]:
 
 
 def role_binding(project: Project, role: str) -> dict[str, Any]:
+    # A disabled project keeps its bindings but binds nobody: access goes at
+    # once (RBAC reads bindings from the API server's watch cache) and comes
+    # back with the members' list on re-enabling, without delete rights here.
     subjects = (
         [
             {"apiGroup": "rbac.authorization.k8s.io", "kind": m.kind, "name": m.name}
@@ -126,11 +129,18 @@ class ProjectReconciler(Reconciler[Project]):
             await kube.apply_raw(RESOURCEQUOTAS, wanted)
         await self._drop_gone(obj, name)
         members = len(obj.spec.members)
-        return Outcome.ready(
-            {"namespace": name, "usage": self._usage(obj, name)},
-            f"namespace {name}, {members} member{'s' if members != 1 else ''}"
-            + ("" if obj.spec.enabled else " (disabled: no access)"),
-        )
+        summary = f"namespace {name}, {members} member{'s' if members != 1 else ''}"
+        status = {"namespace": name, "usage": self._usage(obj, name)}
+        if not obj.spec.enabled:
+            # A disabled project is in the state asked for (its members bound to
+            # nothing, its resources kept), so kstatus sees it Current: Ready
+            # True, with the reason saying why nobody can use it.
+            return Outcome.ready(
+                status,
+                f"{summary}; disabled: members have no access, resources are kept",
+                reason="Disabled",
+            )
+        return Outcome.ready(status, summary)
 
     # --- quota usage and the ledger's deletions ---------------------------------------
 
