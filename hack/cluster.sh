@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # A local Kubernetes control plane on loopback: etcd, kube-apiserver (RBAC,
 # ValidatingAdmissionPolicy, service-account token signing) and a
-# kube-controller-manager running only the namespace, garbage-collector and
-# service-account controllers (no kubelet: nothing here runs pods).
+# kube-controller-manager running only the namespace, garbage-collector,
+# service-account, resource-quota and CSR-signing controllers (no kubelet:
+# nothing here runs pods). The CSR signer signs with the cluster CA, so client
+# certificates issued through the CertificateSigningRequest API (`nubes
+# credentials issue`) authenticate to this API server.
 #
 #   hack/cluster.sh up      start, or reuse the one already running
 #   hack/cluster.sh down    stop and wipe etcd data
@@ -134,7 +137,8 @@ up() {
   alive kube-controller-manager || start kube-controller-manager "$bin/kube-controller-manager" \
     --kubeconfig "$state/kcm.kubeconfig" --authentication-kubeconfig "$state/kcm.kubeconfig" \
     --authorization-kubeconfig "$state/kcm.kubeconfig" \
-    --controllers namespace,garbagecollector,serviceaccount,serviceaccount-token,resourcequota \
+    --controllers namespace,garbagecollector,serviceaccount,serviceaccount-token,resourcequota,csrsigning \
+    --cluster-signing-cert-file "$pki/ca.crt" --cluster-signing-key-file "$pki/ca.key" \
     --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
     --bind-address 127.0.0.1 --secure-port "$kcm_port" --leader-elect=false \
     --concurrent-gc-syncs 5 --concurrent-namespace-syncs 5 --v 1
