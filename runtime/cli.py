@@ -1,4 +1,4 @@
-"""`nubes`: the controller, the node agent and the CRD generator."""
+"""`nubes`: the controller, the node agent, the CRD generator and credentials."""
 
 from __future__ import annotations
 
@@ -104,6 +104,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("action", choices=["write", "check"])
     g.add_argument("directory", nargs="?", default="crds")
     g.set_defaults(func=crds)
+
+    from nubes.runtime.credentials_cli import add_parsers
+
+    add_parsers(sub)
     return top
 
 
