@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +24,7 @@ from nubes.api.compute import Instance, InstanceAction
 from nubes.api.image import Image
 from nubes.api.meta import now_precise
 from nubes.drivers.compute.libvirt import DomainState
+from nubes.drivers.hostfiles import private_file
 from nubes.drivers.images.cache import ImageSource
 from nubes.drivers.images.store import internal_path, internal_ref
 from nubes.runtime.kube import path_of
@@ -157,7 +157,7 @@ class ActionRunner:
             snap = self.cache.snapshot_disk(
                 str(self.agent.instance_dir(inst) / "disk"), str(target), force_share=True
             )
-            os.chmod(target, 0o644)
+            private_file(target)  # store files: the components' only
         finally:
             if was_running:
                 self.libvirt.unpause(name)
@@ -173,7 +173,7 @@ class ActionRunner:
         ref = internal_ref("transfers", action.uid)
         target = internal_path(str(self.agent.store_dir), ref)
         snap = self.cache.snapshot_disk(str(self.agent.instance_dir(inst) / "disk"), target)
-        os.chmod(target, 0o644)
+        private_file(target)  # store files: the components' only
         return {"ref": ref, "sha256": snap.sha256}
 
     def _import(self, inst: Instance, action: InstanceAction, plan: Plan) -> dict[str, Any]:

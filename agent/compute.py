@@ -26,14 +26,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
-from urllib.request import url2pathname
 
 import structlog
 
-from nubes.agent.actions import ActionRunner, is_move, source_of
+from nubes.agent.actions import ActionRunner, is_move
 from nubes.agent.binding import Unbound, unbound_ports
 from nubes.agent.config import NODE_LABEL, AgentConfig
+from nubes.agent.image_source import source_of
 from nubes.agent.network import NodeNetworking
 from nubes.api.compute import Flavor, Instance, InstanceAction
 from nubes.api.image import Image
@@ -57,9 +56,10 @@ from nubes.drivers.compute.domain import (
 )
 from nubes.drivers.compute.libvirt import DomainState, LibvirtCompute
 from nubes.drivers.host import VirtType, detect_virt_type
-from nubes.drivers.hostfiles import guest_file, make_guest_dir
+from nubes.drivers.hostfiles import guest_file, make_guest_dir, private_file
 from nubes.drivers.images.cache import ImageCache, ImageSource
 from nubes.drivers.images.inspect import ImageInspectionError, inspect_image
+from nubes.drivers.images.store import internal_path, internal_ref
 from nubes.drivers.network.vif import VifPlugger
 from nubes.drivers.runner import SubprocessRunner
 from nubes.runtime.kube import CONFIGMAPS, SECRETS, ApiError
@@ -261,7 +261,7 @@ class InstanceAgent(Reconciler[Instance]):
         }
         if obj.status.shelved_disk and state == DomainState.RUNNING:
             # Unshelved: the disk is local again, the store copy can go.
-            await asyncio.to_thread(_unlink_url, obj.status.shelved_disk.url)
+            await asyncio.to_thread(self._drop_shelved, obj.status.shelved_disk.ref)
             status["shelvedDisk"] = None
         settled = status["powerState"] == obj.spec.power_state
         return Outcome.observed(status, requeue_after=None if settled else 2)
@@ -389,10 +389,11 @@ class InstanceAgent(Reconciler[Instance]):
             )
         root: ImageSource | None = None
         shelved = inst.status.shelved_disk
-        if shelved is not None and shelved.url.startswith("file:"):
-            root = ImageSource(shelved.url, shelved.sha256, "qcow2")
+        if shelved is not None and not shelved.ref.startswith("volume:"):
+            path = internal_path(str(self.store_dir), shelved.ref)
+            root = ImageSource(path, shelved.sha256, "qcow2")
         elif image is not None:
-            root = source_of(image)
+            root = source_of(image, self.store_dir)
         disk_gib = found.spec.disk_gib
         if not disk_gib and image is not None:
             disk_gib = max(1, -(-(image.status.virtual_size_bytes or 0) // GIB))
@@ -649,15 +650,20 @@ class InstanceAgent(Reconciler[Instance]):
         if plan.boot_volume is not None:
             # The root disk is the volume: stopping is all it takes to offload.
             self.libvirt.shutdown(name, timeout=SHUTDOWN_TIMEOUT)
-            return {"url": f"volume:{plan.boot_volume.name}", "sha256": ""}
+            return {"ref": f"volume:{plan.boot_volume.name}", "sha256": ""}
         disk = self.instance_dir(inst) / "disk"
         if not disk.exists():
             return None
         self.libvirt.shutdown(name, timeout=SHUTDOWN_TIMEOUT)
-        target = self.store_dir / "shelved" / f"{inst.uid}.qcow2"
-        snap = self.cache.snapshot_disk(str(disk), str(target))
-        os.chmod(target, 0o644)
-        return {"url": target.as_uri(), "sha256": snap.sha256}
+        ref = internal_ref("shelved", inst.uid)
+        target = internal_path(str(self.store_dir), ref)
+        snap = self.cache.snapshot_disk(str(disk), target)
+        private_file(target)  # store files: the components' only
+        return {"ref": ref, "sha256": snap.sha256}
+
+    def _drop_shelved(self, ref: str) -> None:
+        if not ref.startswith("volume:"):
+            Path(internal_path(str(self.store_dir), ref)).unlink(missing_ok=True)
 
     def _teardown(self, inst: Instance) -> None:
         """Remove everything of the instance from this node."""
@@ -763,13 +769,6 @@ def _tail(path: Path, size: int) -> str | None:
             return f.read().decode(errors="replace")
     except OSError:
         return None
-
-
-def _unlink_url(url: str) -> None:
-    """Remove a file:// URL's file (other URLs name nothing to remove)."""
-    parts = urlsplit(url)
-    if parts.scheme == "file":
-        Path(url2pathname(parts.path)).unlink(missing_ok=True)
 
 
 def _port_facts_changed(old: Port | None, new: Port | None) -> bool:
