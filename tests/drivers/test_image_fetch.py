@@ -5,11 +5,8 @@ size, stall and deadline limits."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import ipaddress
 import os
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,61 +21,23 @@ from nubes.drivers.images.fetch import (
     fetch,
     parse_networks,
 )
+from tests.image_server import Handler, serve
 
 ALLOWED = "127.0.0.2"  # the "public" server of these tests
 INTERNAL = "127.0.0.1"  # stands for the control plane's own services
 DATA = os.urandom(256 * 1024)
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
-    trickle_delay = 0.0
-
-    def do_GET(self) -> None:
-        if self.path == "/trickle":
-            self.send_response(200)
-            self.end_headers()
-            for _ in range(10_000):
-                self.wfile.write(b"x")
-                self.wfile.flush()
-                time.sleep(self.trickle_delay)
-            return
-        if self.path == "/silent":
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.flush()
-            time.sleep(5)
-            return
-        status, headers, body = self.routes.get(self.path, (404, {}, b""))
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def serve(address: str) -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer((address, 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.fixture
 def allowed_port() -> Iterator[int]:
-    yield from serve(ALLOWED)
+    for url in serve(ALLOWED):
+        yield int(url.rsplit(":", 1)[1])
 
 
 @pytest.fixture
 def internal_port() -> Iterator[int]:
-    yield from serve(INTERNAL)
+    for url in serve(INTERNAL):
+        yield int(url.rsplit(":", 1)[1])
 
 
 def policy(**kw: object) -> FetchPolicy:

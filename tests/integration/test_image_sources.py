@@ -7,9 +7,7 @@ does not hold up other imports. The digest of rejected data is not shown."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import os
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -22,6 +20,7 @@ from nubes.api.identity import Project
 from nubes.api.image import Image
 from nubes.runtime.kube import Kube
 from tests.helpers import Process, apply, eventually, kubectl
+from tests.image_server import Handler, serve
 from tests.integration.cloud import IMAGE, condition
 from tests.integration.conftest import (
     IMAGE_SERVER_ADDRESS,
@@ -34,41 +33,6 @@ SLOW_ADDRESS = "127.0.0.3"  # a second "public" server: the endless one
 MAX_BYTES = 2 * 2**20
 DEADLINE = 20
 GOOD = os.urandom(256 * 1024)
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
-
-    def do_GET(self) -> None:
-        if self.path.startswith("/endless"):
-            self.send_response(200)
-            self.end_headers()
-            try:
-                while True:  # a byte a second: never stalls, never ends
-                    self.wfile.write(b"\0")
-                    self.wfile.flush()
-                    time.sleep(1)
-            except OSError:
-                return
-        status, headers, body = self.routes.get(self.path, (404, {}, b""))
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def serve(address: str) -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer((address, 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://{address}:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +215,9 @@ async def test_an_endless_source_does_not_hold_up_other_imports(
 ) -> None:
     ns = project
     Handler.routes = {"/good.raw": (200, {}, GOOD)}
+    Handler.trickle_delay = 1.0  # a byte a second: never stalls, never ends
     for i in range(3):  # more than the per-source limit, as many as the pool
-        assert as_user("mallory", image(ns, f"endless-{i}", f"{slow_server}/endless{i}"))[0] == 0
+        assert as_user("mallory", image(ns, f"endless-{i}", f"{slow_server}/trickle{i}"))[0] == 0
     time.sleep(1)
     started = time.monotonic()
     assert as_user("mallory", image(ns, "good", f"{good_server}/good.raw"))[0] == 0
