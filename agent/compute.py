@@ -236,6 +236,12 @@ class InstanceAgent(Reconciler[Instance]):
                 await self._drop_console(obj)
                 await self._drop_finalizer(obj)
             return Outcome.observed({})
+        if obj.status.node != self.node:
+            # A move here completed and the controller has not recorded it
+            # yet. Only the node in status.node may write the instance
+            # (nubes-agent-node policy), and the guest starts only once the
+            # move is recorded anyway: the record's watch event brings it back.
+            return Outcome.observed({}, requeue_after=2)
         await self._add_finalizer(obj)
         self.local.add(obj.uid)
         plan = await self._plan(obj)
