@@ -1,4 +1,28 @@
-"""Project: the tenant's namespace and the role bindings of its members."""
+"""Project: the tenant's namespace and the role bindings of its members.
+
+Disabling a project empties its RoleBindings (see role_binding); enabling it
+binds the members again. Nothing in the namespace is touched.
+
+Deleting a project deletes its namespace (owner reference, garbage
+collector), and the namespace controller deletes every object in it at once,
+in no particular order. The order that matters is kept by the finalizers,
+not by this controller, so a project needs no finalizer of its own:
+- an Instance keeps its compute agent's finalizer until the guest is torn
+  down; the agent unplugs the guest's NICs from its own record on the node
+  (ports.json), so it does not matter that the Ports may go first;
+- a Volume waits (controller finalizer) for its snapshots, for the instances
+  using it and for its clones, then its storage agent's finalizer wipes the
+  data and the export; snapshots and backups likewise wait for dependants;
+- a Subnet waits until no port holds an address in it; a Network waits for
+  its ports, then deletes its DHCP port and releases its own Allocations
+  (cluster-scoped IPAM ledger); a Port's claims are released when it goes
+  (and by the orphan sweep after a crash);
+- the network agent is level-based: a DHCP server (namespace, dnsmasq) or a
+  switch port whose objects are gone is removed at its next plan.
+tests/integration/test_project_lifecycle.py deletes a project holding a
+network, subnet, ports, a volume and its snapshot and checks that nothing is
+left in the API server or on the nodes.
+"""
 
 from __future__ import annotations
 
