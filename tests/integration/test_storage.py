@@ -31,6 +31,7 @@ from nubes.runtime.kube import SECRETS, Kube, path_of
 from tests.drivers.storage_helpers import tgt_accounts, tgt_show, tgtd_running, write_at
 from tests.helpers import Process, apply, eventually, kubectl
 from tests.integration.conftest import COMPONENTS_NAMESPACE, start_process
+from tests.integration.identity import agent_env
 
 STORAGE = "storage.nubes.io/v1alpha1"
 COMPUTE = "compute.nubes.io/v1alpha1"
@@ -76,7 +77,11 @@ class StorageNode:
         return found
 
 
-def start_storage_agent(tmp_path_factory: pytest.TempPathFactory, name: str, root: Path) -> Process:
+def start_storage_agent(
+    tmp_path_factory: pytest.TempPathFactory, name: str, root: Path, image_store: Path
+) -> Process:
+    # The chart's agent identity, its token bound to this node's Node.
+    env = agent_env(tmp_path_factory.mktemp("tokens"), name)
     return start_process(
         tmp_path_factory,
         f"agent-{name}",
@@ -97,14 +102,17 @@ def start_storage_agent(tmp_path_factory: pytest.TempPathFactory, name: str, roo
         f"{name}-slow:file:{root / 'slow'}",
         "--backup-store",
         str(root / "backups"),
+        "--image-store",
+        str(image_store),
+        env=env,
     )
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageNode]:
+def node(tmp_path_factory: pytest.TempPathFactory, image_store: Path) -> Iterator[StorageNode]:
     name = f"stor-{uuid.uuid4().hex[:6]}"
     root = tmp_path_factory.mktemp("storage-node")
-    proc = start_storage_agent(tmp_path_factory, name, root)
+    proc = start_storage_agent(tmp_path_factory, name, root, image_store)
     storage = StorageNode(name, root, proc)
     yield storage
     storage.proc.stop()
@@ -283,7 +291,8 @@ async def no_leaks(kube: Kube, node: StorageNode, ns: str, volume_uids: list[str
     for uid in volume_uids:
         assert uid not in targets, f"tgt target of volume {uid} left"
         assert not [a for a in tgt_accounts() if uid in a], f"CHAP account of {uid} left"
-    secrets = await kube.list_raw(SECRETS, namespace)
+    for namespace in (ns, COMPONENTS_NAMESPACE):
+        secrets = await kube.list_raw(SECRETS, namespace)
         left = [s["metadata"]["name"] for s in secrets if s["type"] == CHAP_SECRET_TYPE]
         assert not [name for name in left if any(uid in name for uid in volume_uids)]
         if namespace == ns:
@@ -461,7 +470,11 @@ async def test_attachment_export_detach_extend_and_in_use(
 
 
 async def test_detach_hands_over_to_the_next_instance_and_extends_between(
-    kube: Kube, ready_node: StorageNode, namespace: str, tmp_path_factory: pytest.TempPathFactory
+    kube: Kube,
+    ready_node: StorageNode,
+    namespace: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    image_store: Path,
 ) -> None:
     node, ns = ready_node, namespace
     try:
@@ -488,7 +501,7 @@ async def test_detach_hands_over_to_the_next_instance_and_extends_between(
         path = node.volume_file(vol)
         inode = path.stat().st_ino
         node.proc.stop()
-        node.proc = start_storage_agent(tmp_path_factory, node.name, node.root)
+        node.proc = start_storage_agent(tmp_path_factory, node.name, node.root, image_store)
         vol = await state(kube, Volume, "boot", ns)
         assert path.stat().st_ino == inode and old_iqn in tgt_show()
 
