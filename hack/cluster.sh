@@ -89,7 +89,16 @@ KC
 
 start() { # name command...
   local name=$1; shift
-  nohup "$@" >"$logs/$name.log" 2>&1 &
+  # The daemons outlive this script: they must not inherit its open files
+  # beyond stdio (`flock /tmp/nubes-test.lock hack/with-cluster.sh ...` would
+  # otherwise leave the test lock held by etcd and the API server for good).
+  (
+    for fd in /proc/$BASHPID/fd/*; do
+      fd=${fd##*/}
+      if ((fd > 2)); then eval "exec $fd>&-"; fi
+    done
+    exec nohup "$@" >"$logs/$name.log" 2>&1
+  ) &
   echo $! > "$run/$name.pid"
 }
 
