@@ -150,7 +150,18 @@ class ProjectReconciler(Reconciler[Project]):
         wanted = resource_quota(obj)
         current = await kube.get_raw(RESOURCEQUOTAS, quota.QUOTA_NAME, name)
         if current is None or current.get("spec", {}).get("hard", {}) != wanted["spec"]["hard"]:
-            await kube.apply_raw(RESOURCEQUOTAS, wanted)
+            current = await kube.apply_raw(RESOURCEQUOTAS, wanted)
+        counted = (current or {}).get("status", {})
+        hard = wanted["spec"]["hard"]
+        if hard and (set(counted.get("hard", {})) != set(hard) or "used" not in counted):
+            # Until the quota controller has counted, the API server refuses
+            # every creation the quota covers ("status unknown for quota"):
+            # the project is not usable yet.
+            return Outcome.progressing(
+                "CountingUsage",
+                f"waiting for the quota controller to count namespace {name}",
+                requeue_after=1,
+            )
         await self._drop_gone(obj, name)
         members = len(obj.spec.members)
         summary = f"namespace {name}, {members} member{'s' if members != 1 else ''}"
