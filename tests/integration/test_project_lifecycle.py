@@ -52,11 +52,13 @@ async def ready_reason(kube: Kube, name: str) -> str | None:
     return str(cond["reason"]) if cond and cond["status"] == "True" else None
 
 
+# A project is Ready once the API server's quota controller has counted its
+# namespace; right after the control plane starts that can take a minute or two.
 @pytest.fixture
 async def project(kube: Kube, controller: Process) -> AsyncIterator[str]:
     name = f"lc-{uuid.uuid4().hex[:6]}"
     apply(project_manifest(name))
-    await eventually(lambda: ready_reason(kube, name), what="project Ready")
+    await eventually(lambda: ready_reason(kube, name), timeout=180, what="project Ready")
     yield name
     kubectl("delete", "project", name, "--wait=false", "--ignore-not-found")
 
@@ -123,7 +125,9 @@ async def test_project_created_disabled_grants_nothing(kube: Kube, controller: P
     name = f"lc-{uuid.uuid4().hex[:6]}"
     apply(project_manifest(name, enabled=False))
     try:
-        await eventually(lambda: _is(ready_reason(kube, name), "Disabled"), what="Disabled")
+        await eventually(
+            lambda: _is(ready_reason(kube, name), "Disabled"), timeout=90, what="Disabled"
+        )
         assert not can_list(MEMBER, name)
         set_enabled(name, True)
         await eventually(lambda: can_list(MEMBER, name), timeout=10, what="member allowed")
@@ -180,7 +184,7 @@ async def test_deleting_a_project_leaves_nothing(
 ) -> None:
     name = f"lc-{uuid.uuid4().hex[:6]}"
     apply(project_manifest(name))
-    await eventually(lambda: ready_reason(kube, name), what="project Ready")
+    await eventually(lambda: ready_reason(kube, name), timeout=180, what="project Ready")
     ns = name
     host = node_name(fabric, fabric.nodes[0])
     await eventually(lambda: _hv_ready(kube, host), timeout=60, what=f"hypervisor {host}")
