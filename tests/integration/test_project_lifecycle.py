@@ -52,13 +52,15 @@ async def ready_reason(kube: Kube, name: str) -> str | None:
     return str(cond["reason"]) if cond and cond["status"] == "True" else None
 
 
-# A project is Ready once the API server's quota controller has counted its
-# namespace; right after the control plane starts that can take a minute or two.
+# A project is Ready once the quota controller (kube-controller-manager) has
+# counted its namespace. In a control plane started moments before the CRDs
+# were installed, its first count of custom resources can wait for a resync
+# (minutes); the API server refuses counted creations until then.
 @pytest.fixture
 async def project(kube: Kube, controller: Process) -> AsyncIterator[str]:
     name = f"lc-{uuid.uuid4().hex[:6]}"
     apply(project_manifest(name))
-    await eventually(lambda: ready_reason(kube, name), timeout=180, what="project Ready")
+    await eventually(lambda: ready_reason(kube, name), timeout=360, what="project Ready")
     yield name
     kubectl("delete", "project", name, "--wait=false", "--ignore-not-found")
 
@@ -184,7 +186,7 @@ async def test_deleting_a_project_leaves_nothing(
 ) -> None:
     name = f"lc-{uuid.uuid4().hex[:6]}"
     apply(project_manifest(name))
-    await eventually(lambda: ready_reason(kube, name), timeout=180, what="project Ready")
+    await eventually(lambda: ready_reason(kube, name), timeout=360, what="project Ready")
     ns = name
     host = node_name(fabric, fabric.nodes[0])
     await eventually(lambda: _hv_ready(kube, host), timeout=60, what=f"hypervisor {host}")
