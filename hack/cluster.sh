@@ -150,7 +150,7 @@ up() {
     --cluster-signing-cert-file "$pki/ca.crt" --cluster-signing-key-file "$pki/ca.key" \
     --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
     --bind-address 127.0.0.1 --secure-port "$kcm_port" --leader-elect=false \
-    --concurrent-gc-syncs 5 --concurrent-namespace-syncs 5 --v 1
+    --concurrent-gc-syncs 5 --concurrent-namespace-syncs 5 --resource-quota-sync-period 10s --v 1
   log "control plane up: export KUBECONFIG=$kubeconfig"
 }
 

@@ -72,7 +72,9 @@ up() {
 
   say "quickstart (examples/quickstart)"
   kubectl apply -f examples/quickstart/00-project.yaml
-  kubectl wait --for=condition=Ready project/demo --timeout=60s
+  # Ready once the API server's quota system counts the project's kinds (the
+  # resourcequota controller finds new CRDs on its 30 s discovery resync).
+  kubectl wait --for=condition=Ready project/demo --timeout=180s
   kubectl apply -f examples/quickstart/
   kubectl wait --for=condition=Ready -n demo image/nubes-guest network/private subnet/private-v4 --timeout=180s
   kubectl wait --for=condition=Ready -n demo instance/demo-vm --timeout=300s

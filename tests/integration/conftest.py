@@ -21,6 +21,7 @@ from nubes.runtime.kube import NAMESPACES, ApiError, KindPath, Kube
 from tests.helpers import ROOT, Process, eventually, free_port, kubectl
 
 CRDS = KindPath("apiextensions.k8s.io", "v1", "customresourcedefinitions", False)
+RESOURCEQUOTAS = KindPath("", "v1", "resourcequotas", True)
 COMPONENTS_NAMESPACE = "nubes-system"
 """Where the chart's ServiceAccounts and the agents' CHAP Secrets live."""
 
@@ -93,6 +94,31 @@ async def platform(kube: Kube) -> None:
                 },
             )
     kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=render_chart())
+    await quota_counts_custom_resources(kube)
+
+
+async def quota_counts_custom_resources(kube: Kube) -> None:
+    """Wait until the API server's quota system counts Nubes kinds: the
+    resourcequota controller learns of new CRDs on its discovery resync
+    (about 30 s after they appear), and until then a project's quota has no
+    usage and member creations are refused as 'status unknown for quota'."""
+    probe = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "nubes-tests-probe", "namespace": COMPONENTS_NAMESPACE},
+        "spec": {"hard": {"count/instances.compute.nubes.io": "0"}},
+    }
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(probe))
+
+    async def counted() -> bool:
+        got = await kube.get_raw(RESOURCEQUOTAS, "nubes-tests-probe", COMPONENTS_NAMESPACE)
+        used = (got or {}).get("status", {}).get("used", {})
+        return "count/instances.compute.nubes.io" in used
+
+    try:
+        await eventually(counted, timeout=180, what="the quota controller counting Nubes kinds")
+    finally:
+        kubectl("delete", "resourcequota", "nubes-tests-probe", "-n", COMPONENTS_NAMESPACE)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -200,9 +226,20 @@ def controller_argv(image_store: Path, *extra: str) -> list[str]:
     ]
 
 
+def start_controller(
+    tmp_path_factory: pytest.TempPathFactory, *argv: str, name: str = "controller"
+) -> Process:
+    """A controller acting as the chart's nubes-controller ServiceAccount, so
+    every test also proves the chart's controller role is enough."""
+    from tests.integration.identity import controller_env  # imports this module
+
+    env = controller_env(tmp_path_factory.mktemp("tokens"))
+    return start_process(tmp_path_factory, name, *argv, env=env)
+
+
 @pytest.fixture(scope="module")
 def controller(tmp_path_factory: pytest.TempPathFactory, image_store: Path) -> Iterator[Process]:
-    proc = start_process(tmp_path_factory, "controller", *controller_argv(image_store))
+    proc = start_controller(tmp_path_factory, *controller_argv(image_store))
     yield proc
     proc.stop()
     proc.assert_no_crash()

@@ -15,6 +15,7 @@ from tests.helpers import kubectl
 from tests.integration.conftest import COMPONENTS_NAMESPACE
 
 AGENT_ACCOUNT = "nubes-agent"
+CONTROLLER_ACCOUNT = "nubes-controller"
 # Long enough for any test session (the API server sets no maximum here:
 # hack/cluster.sh passes no --service-account-max-token-expiration). The
 # agent does not re-read its token, as a pod's would be refreshed.
@@ -104,3 +105,10 @@ def agent_kubeconfig(directory: Path, node: str) -> Path:
 def agent_env(directory: Path, node: str) -> dict[str, str]:
     """Environment for an agent process acting with its node's identity."""
     return {"KUBECONFIG": str(agent_kubeconfig(directory, node))}
+
+
+def controller_env(directory: Path) -> dict[str, str]:
+    """Environment for a controller process acting as the chart's
+    nubes-controller ServiceAccount (its ClusterRole and nothing more)."""
+    token = sa_token(CONTROLLER_ACCOUNT, None, AGENT_TOKEN_DURATION)
+    return {"KUBECONFIG": str(token_kubeconfig(directory, "controller", token))}

@@ -26,7 +26,7 @@ from tests.integration.conftest import (
     IMAGE_SERVER_ADDRESS,
     controller_argv,
     namespace_gone,
-    start_process,
+    start_controller,
 )
 
 SLOW_ADDRESS = "127.0.0.3"  # a second "public" server: the endless one
@@ -69,7 +69,7 @@ def controller(
         "5",
     )
     argv[argv.index("--image-import-dir") + 1] = str(import_dir)
-    proc = start_process(tmp_path_factory, "controller", *argv)
+    proc = start_controller(tmp_path_factory, *argv)
     yield proc
     proc.stop()
     proc.assert_no_crash()

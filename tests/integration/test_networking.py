@@ -27,7 +27,7 @@ from tests.integration.cloud import (
     start_agent,
     subnet,
 )
-from tests.integration.conftest import start_process
+from tests.integration.conftest import start_controller
 from tests.nodes import Fabric, dhcp_lease, ping, sh
 
 
@@ -303,14 +303,14 @@ async def test_concurrent_ports_across_two_controller_workers(
     """No duplicate IP, MAC or segmentation id when two controller workers
     allocate from the same subnet and ranges at once."""
     workers = [
-        start_process(
+        start_controller(
             tmp_path_factory,
-            f"worker-{i}",
             "controller",
             "--shard",
             f"{i}/2",
             "--vxlan-range",
             "5000:5999",
+            name=f"worker-{i}",
         )
         for i in range(2)
     ]

@@ -23,7 +23,7 @@ from nubes.api.storage import Volume
 from nubes.runtime.kube import RESOURCEQUOTAS, Kube
 from tests.helpers import ROOT, Process, apply, eventually, free_port, kubectl
 from tests.integration.cloud import COMPUTE, NET, flavor
-from tests.integration.conftest import controller_argv, start_process
+from tests.integration.conftest import controller_argv, start_controller
 
 QUOTA = "nubes-project-quotas"
 STORAGE = "storage.nubes.io/v1alpha1"
@@ -76,8 +76,10 @@ def shards(
     """Two controller processes, each with its own workers, splitting the
     objects by uid: the ledger must hold against both at once."""
     procs = [
-        start_process(
-            tmp_path_factory, f"controller-{i}", *controller_argv(image_store, "--shard", f"{i}/2")
+        start_controller(
+            tmp_path_factory,
+            *controller_argv(image_store, "--shard", f"{i}/2"),
+            name=f"controller-{i}",
         )
         for i in range(2)
     ]
