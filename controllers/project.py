@@ -1,7 +1,9 @@
 """Project: the tenant's namespace and the role bindings of its members.
 
-Disabling a project empties its RoleBindings (see role_binding); enabling it
-binds the members again. Nothing in the namespace is touched.
+Disabling a project empties its RoleBindings (see role_binding), and those
+its admins made to the project roles (members they added, application
+credentials; see suspension_patch); enabling it binds them all again.
+Nothing else in the namespace is touched.
 
 Deleting a project deletes its namespace (owner reference, garbage
 collector), and the namespace controller deletes every object in it at once,
@@ -26,6 +28,7 @@ left in the API server or on the nodes.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from nubes.api.identity import Project
@@ -35,6 +38,7 @@ from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Reconciler, Stall
 
 PROJECT_LABEL = "nubes.io/project"
+SUSPENDED = "nubes.io/suspended-subjects"
 ROLES = ("admin", "member", "reader")
 
 
@@ -80,6 +84,29 @@ def role_binding(project: Project, role: str) -> dict[str, Any]:
         },
         "subjects": subjects,
     }
+
+
+def suspension_patch(binding: dict[str, Any], enabled: bool) -> dict[str, Any] | None:
+    """A merge patch that takes away (disabled) or gives back (enabled) what a
+    RoleBinding made by a project admin grants: members they added and
+    application credentials. The subjects wait in an annotation meanwhile.
+    None when the binding is as it should be, or is not about project roles."""
+    role = binding.get("roleRef", {}).get("name", "")
+    name = binding.get("metadata", {}).get("name", "")
+    if not role.startswith("nubes:project-") or name.startswith("nubes-project-"):
+        return None  # not a project role, or one of ours (role_binding above)
+    annotations = binding.get("metadata", {}).get("annotations") or {}
+    held = annotations.get(SUSPENDED)
+    subjects = binding.get("subjects") or []
+    if not enabled and subjects:
+        kept = json.loads(held) if held else []
+        return {
+            "metadata": {"annotations": {SUSPENDED: json.dumps(kept + subjects)}},
+            "subjects": [],
+        }
+    if enabled and held is not None:
+        return {"metadata": {"annotations": {SUSPENDED: None}}, "subjects": json.loads(held)}
+    return None
 
 
 def resource_quota(project: Project) -> dict[str, Any]:
@@ -147,6 +174,10 @@ class ProjectReconciler(Reconciler[Project]):
                 )
         for role in ROLES:
             await kube.apply_raw(ROLEBINDINGS, role_binding(obj, role))
+        for binding in await kube.list_raw(ROLEBINDINGS, name):
+            patch = suspension_patch(binding, obj.spec.enabled)
+            if patch is not None:
+                await kube.patch_raw(ROLEBINDINGS, binding["metadata"]["name"], patch, name)
         wanted = resource_quota(obj)
         current = await kube.get_raw(RESOURCEQUOTAS, quota.QUOTA_NAME, name)
         if current is None or current.get("spec", {}).get("hard", {}) != wanted["spec"]["hard"]:

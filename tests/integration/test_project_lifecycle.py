@@ -123,6 +123,33 @@ async def test_disabling_takes_access_away_and_enabling_gives_it_back(
     assert apply(net_manifest(ns, "more"), user=MEMBER).returncode == 0
 
 
+async def test_disabling_also_suspends_bindings_project_admins_made(
+    kube: Kube, project: str
+) -> None:
+    """Members a project admin added and application credentials are
+    RoleBindings to the project roles outside the Project's spec: they are
+    suspended with the project and come back with it."""
+    ns, added = project, "dave"
+    apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "added-by-admin", "namespace": ns},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "nubes:project-reader",
+            },
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": added}],
+        }
+    )
+    await eventually(lambda: can_list(added, ns), timeout=10, what="added reader allowed")
+    set_enabled(project, False)
+    await eventually(lambda: not can_list(added, ns), timeout=15, what="added reader refused")
+    set_enabled(project, True)
+    await eventually(lambda: can_list(added, ns), timeout=15, what="added reader allowed again")
+
+
 async def test_project_created_disabled_grants_nothing(kube: Kube, controller: Process) -> None:
     name = f"lc-{uuid.uuid4().hex[:6]}"
     apply(project_manifest(name, enabled=False))
