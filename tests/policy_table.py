@@ -34,6 +34,7 @@ class Kind:
     group: str
     resource: str
     namespaced: bool
+    """Whether the roles are checked in a namespace (else cluster-wide)."""
 
 
 @cache
@@ -57,7 +58,9 @@ def kinds() -> list[Kind]:
     for rule in policy()["rules"]:
         for group in rule["groups"]:
             for resource in rule["resources"]:
-                kind = Kind(group, resource, resource != "clusterroles")
+                # Checked in a project's namespace, clusterroles too: RBAC
+                # asks for `bind` in the namespace of the RoleBinding made.
+                kind = Kind(group, resource, True)
                 if group not in nubes and kind not in found:
                     found.append(kind)
     return found
