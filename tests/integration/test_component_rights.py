@@ -168,6 +168,8 @@ RIGHTS: list[tuple[str, str, str, str | None, bool]] = [
     ("controller", "delete", "hypervisors.compute.nubes.io", None, False),
     ("controller", "patch", "networks.network.nubes.io", "tenant", True),
     ("controller", "create", "rolebindings.rbac.authorization.k8s.io", "tenant", True),
+    ("controller", "list", "rolebindings.rbac.authorization.k8s.io", "tenant", True),
+    ("controller", "delete", "rolebindings.rbac.authorization.k8s.io", "tenant", False),
     ("controller", "create", "roles.rbac.authorization.k8s.io", "tenant", False),
     ("controller", "create", "events", "tenant", True),
     # The agent: Secrets only in the components' namespace, never a tenant's.
@@ -185,7 +187,9 @@ RIGHTS: list[tuple[str, str, str, str | None, bool]] = [
     ("agent-a", "patch", "ports.network.nubes.io", "tenant", False),
     ("agent-a", "create", "ports.network.nubes.io", "tenant", False),
     ("agent-a", "delete", "ports.network.nubes.io", "tenant", False),
-    ("agent-a", "patch", "networks.network.nubes.io/status", "tenant", False),
+    # The DHCP state of networks its DHCP server serves (admission: status.dhcpNode).
+    ("agent-a", "patch", "networks.network.nubes.io/status", "tenant", True),
+    ("agent-a", "patch", "networks.network.nubes.io", "tenant", False),
     ("agent-a", "patch", "hypervisors.compute.nubes.io/status", None, True),
     ("agent-a", "create", "hypervisors.compute.nubes.io", None, True),
     ("agent-a", "delete", "hypervisors.compute.nubes.io", None, False),
