@@ -55,7 +55,12 @@ start() {
 }
 
 stop() {
-  local name
+  local name dev bridges=""
+  # The userspace datapath makes a tap device per bridge (and ovs-netdev);
+  # they outlive ovs-vswitchd, so remember the bridges while OVSDB answers.
+  if grep -qx ovs-vswitchd "$started" 2>/dev/null; then
+    bridges=$(timeout 5 ovs-vsctl --timeout=3 list-br 2>/dev/null || true)
+  fi
   for name in tgtd ovs-vswitchd ovsdb-server libvirtd virtlogd; do
     if grep -qx "$name" "$started"; then
       pkill -x "$name" || true
@@ -63,6 +68,9 @@ stop() {
       pkill -9 -x "$name" 2>/dev/null || true
       log "stopped $name"
     fi
+  done
+  for dev in ovs-netdev $bridges; do
+    if ip -d link show dev "$dev" 2>/dev/null | grep -q ' tun '; then ip link delete "$dev" || true; fi
   done
   : > "$started"
 }
