@@ -7,7 +7,7 @@ packages=(
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
   openvswitch-switch dnsmasq-base dnsmasq-utils tgt libiscsi-bin open-iscsi lvm2
   busybox-static linux-image-cloud-amd64 extlinux syslinux syslinux-common mtools genisoimage
-  iptables ethtool iproute2 procps psmisc cpio gzip xz-utils parted dosfstools
+  iptables ipset conntrack ethtool iproute2 procps psmisc cpio gzip xz-utils parted dosfstools
   e2fsprogs kmod curl
 )
 missing=()
