@@ -1,1 +1,1 @@
-"""Node-local drivers. They never import kopf or the Kubernetes client."""
+"""Node-local drivers. They never import the Kubernetes client."""

@@ -12,6 +12,7 @@ import asyncio
 import builtins
 import json
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -180,6 +181,75 @@ class Kube:
         data = await self.request("GET", kp.collection(namespace), query=query, timeout=120)
         items: list[dict[str, Any]] = data.get("items", [])
         return items
+
+    async def list_with_version(
+        self,
+        kp: KindPath,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        page: int = 500,
+    ) -> tuple[builtins.list[dict[str, Any]], str]:
+        """Every object of a kind (in pages, so a large collection never sits
+        in one response) and the collection's resourceVersion to watch from."""
+        items: list[dict[str, Any]] = []
+        query = {"limit": str(page)}
+        if label_selector:
+            query["labelSelector"] = label_selector
+        if field_selector:
+            query["fieldSelector"] = field_selector
+        while True:
+            data = await self.request("GET", kp.collection(), query=query, timeout=120)
+            items.extend(data.get("items", []))
+            meta = data.get("metadata", {})
+            if not meta.get("continue"):
+                return items, str(meta.get("resourceVersion", ""))
+            query["continue"] = meta["continue"]
+
+    async def watch_raw(
+        self,
+        kp: KindPath,
+        resource_version: str,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        timeout: int = 290,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The watch events of a kind after `resource_version`, with bookmarks,
+        until the server ends the stream (after about `timeout` seconds). The
+        client gives up 15 s later, so a stream that goes silent ends too."""
+        query = [
+            ("watch", "1"),
+            ("resourceVersion", resource_version),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", str(timeout)),
+        ]
+        if label_selector:
+            query.append(("labelSelector", label_selector))
+        if field_selector:
+            query.append(("fieldSelector", field_selector))
+        response = await self._api.call_api(
+            kp.collection(),
+            "GET",
+            query_params=query,
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=timeout + 15,
+        )
+        try:
+            if response.status != 200:
+                raw = await response.read()
+                try:
+                    body: Any = json.loads(raw)
+                except json.JSONDecodeError:
+                    body = raw.decode(errors="replace")
+                raise ApiError(response.status, body if isinstance(body, dict) else str(body))
+            while line := await response.content.readline():
+                event: dict[str, Any] = json.loads(line)
+                yield event
+        finally:
+            response.release()
 
     async def create_raw(
         self, kp: KindPath, body: dict[str, Any], namespace: str | None = None

@@ -1,4 +1,4 @@
-"""structlog set-up: key=value lines on stderr, stdlib logging (kopf) included."""
+"""structlog set-up: key=value lines on stderr, stdlib logging included."""
 
 from __future__ import annotations
 
@@ -41,6 +41,4 @@ def configure(level: str = "info", *, json: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # kopf is chatty at INFO about every handler; our own logs say what matters.
-    logging.getLogger("kopf").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

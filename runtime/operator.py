@@ -1,10 +1,10 @@
 """The runtime shared by the controller and the node agent.
 
-kopf watches every kind (`on.event` handlers, so kopf keeps no per-object
-state in annotations) and feeds the stores; store changes queue keys for the
-reconcilers; workers take keys, run the converge function against the latest
-cached object and write status only when it changed. Finalizers and status
-are ours, written with optimistic concurrency.
+An informer per kind lists and watches it into a store (runtime/informer.py);
+store changes queue keys for the reconcilers; workers take keys, run the
+converge function against the latest cached object and write status only
+when it changed. Finalizers and status are written with optimistic
+concurrency.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import kopf
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 from nubes.api.meta import Resource
-from nubes.runtime.kube import ApiError, Kube, path_of
+from nubes.runtime.informer import Informer, Selector
+from nubes.runtime.kube import ApiError, Kube
 from nubes.runtime.reconcile import (
     Outcome,
     Reconciler,
@@ -72,6 +72,8 @@ class Operator:
         self.health_port = health_port
         self.health_host = health_host
         self.stores: dict[type[Resource[Any, Any]], Store[Any]] = {}
+        self.selectors: dict[type[Resource[Any, Any]], Selector] = {}
+        self.informers: dict[type[Resource[Any, Any]], Informer] = {}
         self._registered: dict[type[Resource[Any, Any]], _Registered] = {}
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -86,6 +88,11 @@ class Operator:
         if kind not in self.stores:
             self.stores[kind] = Store(kind)
         return self.stores[kind]
+
+    def select(self, kind: type[Resource[Any, Any]], selector: Selector) -> None:
+        """Cache only the objects of `kind` that match (set before running)."""
+        self.store(kind)
+        self.selectors[kind] = selector
 
     def register(self, reconciler: Reconciler[Any]) -> None:
         kind = reconciler.kind
@@ -201,25 +208,8 @@ class Operator:
         await self._initial_sync()
         for hook in self._on_start:
             await hook()
-        registry = self._kopf_registry()
-        settings = kopf.OperatorSettings()
-        settings.posting.enabled = False
-        settings.watching.server_timeout = 290
-        settings.watching.client_timeout = 300
-        settings.watching.connect_timeout = 10
-        settings.batching.batch_window = 0.05
-        settings.persistence.diffbase_storage = _NoDiffBase()
-        kopf_task = asyncio.create_task(
-            kopf.operator(
-                registry=registry,
-                settings=settings,
-                standalone=True,
-                clusterwide=True,
-                stop_flag=stop,
-            ),
-            name="kopf",
-        )
-        self._tasks.append(kopf_task)
+        for kind, informer in self.informers.items():
+            self._tasks.append(asyncio.create_task(informer.run(), name=f"watch-{kind.crd.plural}"))
         for kind, reg in self._registered.items():
             for key in [o.key for o in self.stores[kind]]:
                 reg.queue.add(key)
@@ -237,17 +227,10 @@ class Operator:
         self._ready.set()
         self.log.info("operator started", kinds=[k.crd.kind for k in self._registered])
         try:
-            # kopf installs its own signal handlers and may end first.
-            stopping = asyncio.create_task(stop.wait())
-            await asyncio.wait({stopping, kopf_task}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            stop.set()
+            await stop.wait()
         finally:
             for task in self._tasks:
-                if task is not kopf_task:
-                    task.cancel()
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(kopf_task, timeout=10)
+                task.cancel()
             for task in self._tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
@@ -273,60 +256,20 @@ class Operator:
         """List every watched kind before reconciling anything, so converge
         functions never mistake a not-yet-loaded cache for an absent object."""
         for kind, store in self.stores.items():
+            informer = Informer(self.kube, kind, store, self.selectors.get(kind))
+            self.informers[kind] = informer
             for attempt in range(60):
                 try:
-                    raw = await self.kube.list_raw(path_of(kind))
+                    await informer.list()
                     break
                 except ApiError as e:
                     if e.status != 404 or attempt == 59:
                         raise
                     self.log.warning("waiting for CRD", kind=kind.crd.kind)
                     await asyncio.sleep(1)
-            store.replace_all(kind.model_validate(item) for item in raw)
-            OBJECTS.labels(self.name, kind.crd.kind).set(len(store))
-
-    def _kopf_registry(self) -> kopf.OperatorRegistry:
-        registry = kopf.OperatorRegistry()
-        configuration = self.kube._api.configuration
-
-        @kopf.on.login(registry=registry)
-        def login(**_: Any) -> kopf.ConnectionInfo:
-            # kubernetes_asyncio keeps a kubeconfig's or a pod's token under
-            # "BearerToken"; without it kopf's watches would go anonymous.
-            keys = configuration.api_key
-            token = keys.get("BearerToken") or keys.get("authorization", "")
-            return kopf.ConnectionInfo(
-                server=configuration.host or "",
-                ca_path=configuration.ssl_ca_cert,
-                insecure=not configuration.verify_ssl,
-                certificate_path=configuration.cert_file,
-                private_key_path=configuration.key_file,
-                token=token.removeprefix("Bearer ").strip() or None,
-            )
-
-        for kind, store in self.stores.items():
-            info = kind.crd
-            kopf.on.event(
-                info.group, info.version, info.plural, registry=registry, id=f"cache-{info.plural}"
-            )(self._cache_feeder(kind, store))
-        return registry
-
-    def _cache_feeder(
-        self, kind: type[Resource[Any, Any]], store: Store[Any]
-    ) -> Callable[..., Awaitable[None]]:
-        # async: kopf would run a sync handler in a thread, and the stores
-        # and queues belong to the event loop.
-        async def on_event(event: kopf.RawEvent, **_: Any) -> None:
-            raw = event.get("object") or {}
-            if event.get("type") == "DELETED":
-                meta = raw.get("metadata", {})
-                namespace = meta.get("namespace")
-                store.remove(f"{namespace}/{meta['name']}" if namespace else meta["name"])
-            else:
-                store.upsert(kind.model_validate(raw))
-            OBJECTS.labels(self.name, kind.crd.kind).set(len(store))
-
-        return on_event
+            gauge = OBJECTS.labels(self.name, kind.crd.kind)
+            gauge.set(len(store))
+            store.add_listener(_count_into(gauge, store))
 
     async def _worker(self, kind: type[Resource[Any, Any]], reg: _Registered) -> None:
         queue = reg.queue
@@ -484,15 +427,8 @@ class Operator:
         return runner
 
 
-class _NoDiffBase(kopf.DiffBaseStorage):
-    """kopf deep-copies and diffs every object on every event for its change
-    handlers; we use none (stores and work queues instead), so skip that."""
+def _count_into(gauge: Any, store: Store[Any]) -> Callable[[Any, Any], None]:
+    def count(_old: Any, _new: Any) -> None:
+        gauge.set(len(store))
 
-    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
-        return None
-
-    def fetch(self, *, body: Any) -> Any:
-        return None
-
-    def store(self, *, body: Any, patch: Any, essence: Any) -> None:
-        pass
+    return count
