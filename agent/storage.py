@@ -310,10 +310,7 @@ class NodeStorage:
         mine = {v.id for b in self.backends for v in b.list_volumes()}
         if not mine - wanted:
             return []  # nothing here could be exported by mistake: leave tgtd alone
-        stale = [e.volume_id for e in self.exporter.list_exports() if e.volume_id in mine - wanted]
-        for volume_id in stale:
-            self.exporter.remove_export(volume_id)
-        return stale
+        return self.exporter.remove_exports_of(mine - wanted)
 
     # --- lookups ------------------------------------------------------------------------
 

@@ -133,7 +133,7 @@ class NetworkSpec(ApiModel):
     """Provider network name (flat and vlan only), mapped to a bridge on each node."""
     mtu: int | None = Field(default=None, ge=576, le=9000)
     """Requested MTU. Must not exceed what the type allows on the underlay
-    (e.g. 1450 for vxlan and 1462 for gre over a 1500-byte underlay)."""
+    (e.g. 1450 for vxlan and 1458 for gre over a 1500-byte underlay)."""
     shared: bool = False
     """Visible to and usable by every project."""
     external: bool = False

@@ -75,19 +75,6 @@ class IscsiConnection:
             opts += [f"file.user={self.chap.username}", f"file.password={self.chap.password}"]
         return ",".join(opts)
 
-    def libvirt_disk(self, target_dev: str, *, secret_usage: str | None = None) -> ET.Element:
-        """`<disk type='network'>` for a domain; CHAP goes through a libvirt
-        secret of usage type iscsi (see `libvirt_secret`), never inline."""
-        disk = ET.Element("disk", type="network", device="disk")
-        ET.SubElement(disk, "driver", name="qemu", type="raw", cache="none", io="native")
-        source = ET.SubElement(disk, "source", protocol="iscsi", name=self.source_name)
-        ET.SubElement(source, "host", name=self.portal_host, port=str(self.portal_port))
-        if self.chap is not None:
-            auth = ET.SubElement(disk, "auth", username=self.chap.username)
-            ET.SubElement(auth, "secret", type="iscsi", usage=secret_usage or self.iqn)
-        ET.SubElement(disk, "target", dev=target_dev, bus="virtio")
-        return disk
-
 
 def libvirt_secret(usage: str, description: str = "") -> ET.Element:
     """A private, non-ephemeral iSCSI secret; set its value with the CHAP password."""

@@ -234,15 +234,14 @@ class TgtExporter:
             self._delete_account(user)
         log.info("export removed", volume=volume_id, tid=export.target.tid)
 
-    def prune_exports(self, keep: Iterable[str]) -> list[str]:
-        """Remove our exports of volumes not in keep (after a restart, say);
-        returns the volume ids removed."""
-        wanted = set(keep)
-        removed = []
-        for export in self.list_exports():
-            if export.volume_id not in wanted:
-                self.remove_export(export.volume_id)
-                removed.append(export.volume_id)
+    def remove_exports_of(self, volume_ids: Iterable[str]) -> list[str]:
+        """Remove the exports of these volumes that exist (stale ones after a
+        restart, say); returns the volume ids whose export was removed. The
+        caller names the volumes: one tgtd may serve several agents."""
+        stale = set(volume_ids)
+        removed = [e.volume_id for e in self.list_exports() if e.volume_id in stale]
+        for volume_id in removed:
+            self.remove_export(volume_id)
         return removed
 
     def _ensure_target(self, iqn: str) -> TargetState:

@@ -195,12 +195,12 @@ def test_remove_deletes_the_target_by_force_then_its_accounts() -> None:
     assert changes(runner) == []
 
 
-def test_list_exports_only_ours_and_prune_keeps_what_is_wanted() -> None:
+def test_list_exports_only_ours_and_remove_only_the_named() -> None:
     runner = shows(REAL_SHOW)
     exporter = TgtExporter(runner, portal_host="127.0.0.1")
     assert [e.volume_id for e in exporter.list_exports()] == ["abc"]
-    assert exporter.prune_exports(keep=["abc"]) == []
-    assert exporter.prune_exports(keep=[]) == ["abc"]
+    assert exporter.remove_exports_of(["other"]) == []
+    assert exporter.remove_exports_of(["abc", "other"]) == ["abc"]
 
 
 def test_errors_never_show_the_password_and_exports_need_an_initiator() -> None:
