@@ -18,3 +18,7 @@ async def build_agent(op: Operator, config: AgentConfig) -> None:
     networking = NodeNetworking(config)
     networking.register(op)
     op.register(InstanceAgent(config, networking))
+    if config.l3:
+        from nubes.agent.l3 import NodeRouters
+
+        NodeRouters(config, networking).register(op)

@@ -61,6 +61,9 @@ class AgentConfig(BaseModel):
     """Seconds a guest waits for its ports to be bound on the node (Nova's
     vif_plugging_timeout). Past it, the instance reports PortBindingTimeout and
     still does not start on an unbound port; it starts once they are bound."""
+    l3: bool = False
+    """Host routers (Neutron's L3 agent role); shown on the Hypervisor as
+    status.l3Agent, where the controller places routers."""
     image_cache_grace: float = 86400.0
     """Seconds a cached base image no local disk uses is kept before pruning
     (Nova's remove_unused_original_minimum_age_seconds)."""
@@ -104,6 +107,12 @@ class AgentConfig(BaseModel):
             help="seconds before an instance reports ports not bound (it never boots unbound)",
         )
         p.add_argument(
+            "--l3",
+            action="store_true",
+            default=_env("L3", "") in ("1", "true"),
+            help="host routers (the controller places routers on such nodes)",
+        )
+        p.add_argument(
             "--image-cache-grace",
             type=float,
             default=float(_env("IMAGE_CACHE_GRACE", "86400")),
@@ -131,6 +140,7 @@ class AgentConfig(BaseModel):
             backup_store=args.backup_store,
             iscsi_portal=args.iscsi_portal,
             image_cache_grace=args.image_cache_grace,
+            l3=args.l3,
             port_binding_timeout=args.port_binding_timeout,
             secret_namespace=args.secret_namespace,
         )

@@ -84,6 +84,7 @@ class HypervisorReporter(Reconciler[Hypervisor]):
             log.warning("no hypervisor found", error=str(e))
         if self.config.tunnel_ip:
             facts["hostIp"] = self.config.tunnel_ip
+        facts["l3Agent"] = self.config.l3
         return facts
 
     def usage(self) -> dict[str, int]:

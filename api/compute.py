@@ -479,6 +479,8 @@ class HypervisorStatus(Status):
     """Volume pools this node serves."""
     iscsi_portal: str | None = None
     """host:port of this node's iSCSI target."""
+    l3_agent: bool | None = None
+    """The node hosts routers (agent flag --l3), as Neutron's L3 agents."""
 
 
 class Hypervisor(Resource[HypervisorSpec, HypervisorStatus]):

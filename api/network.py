@@ -414,6 +414,17 @@ class AllowedAddressPair(ApiModel):
 class PortSpec(ApiModel):
     """A virtual switch port: a MAC and fixed IPs on a network."""
 
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.portSecurityEnabled) || self.portSecurityEnabled"
+                " || !has(self.securityGroups) || size(self.securityGroups) == 0",
+                "securityGroups must be empty when portSecurityEnabled is false",
+                field_path=".securityGroups",
+            ),
+        )
+    )
+
     network: Annotated[ProjectRef, Immutable("network")]
     """Network of the port; another project's network only if shared."""
     mac_address: Annotated[MAC | None, Immutable("macAddress")] = None
@@ -489,6 +500,12 @@ class PortStatus(Status):
     """Node-side binding, reported by the bound node's agent."""
     dhcp: PortDhcpStatus | None = None
     """DHCP host entry in place, reported by the DHCP node's agent."""
+    port_security_enabled: bool | None = None
+    """Port security in effect: the port's setting, or its network's
+    (controller)."""
+    security_groups: list[str] = Field(default_factory=list)
+    """Security groups in effect: the port's list, the project's `default`
+    when it names none, nothing when port security is off (controller)."""
 
 
 class Port(Resource[PortSpec, PortStatus]):
@@ -547,8 +564,15 @@ class RouterSpec(ApiModel):
 
     external_gateway: ExternalGateway | None = None
     """Uplink with SNAT."""
-    interfaces: list[RouterInterface] = Field(default_factory=list, max_length=64)
-    """Attached subnets."""
+    interfaces: list[RouterInterface] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["subnet"],
+        },
+    )
+    """Attached subnets (each at most once)."""
     routes: list[Route] = Field(default_factory=list, max_length=64)
     """Extra static routes."""
     admin_state_up: bool = True
@@ -557,11 +581,53 @@ class RouterSpec(ApiModel):
     """Free text."""
 
 
+class RouterPortStatus(ApiModel):
+    """A port the router holds (controller): the agent plugs it as is."""
+
+    name: str
+    """Port name."""
+    namespace: str
+    """Port namespace: the router's, or the external network's for the gateway."""
+    subnet: str
+    """Subnet of the port's address."""
+    cidr: str
+    """The subnet's CIDR."""
+    ip_address: str
+    """The router's address on that subnet."""
+    gateway_ip: str | None = None
+    """Upstream gateway (the external subnet's gateway; gateway port only)."""
+
+
+class RouterL3Status(ApiModel):
+    """Written by the agent of the router's node."""
+
+    node: str
+    """Node that reports."""
+    ready: bool = False
+    """True once namespace, ports, routes and NAT rules are in place."""
+    error: str = ""
+    """Why the router could not be set up on the node."""
+    floating_ips: list[str] = Field(default_factory=list)
+    """Floating addresses whose NAT rules are in place."""
+
+
 class RouterStatus(Status):
     node: str | None = None
-    """Node hosting the router namespace."""
+    """Node hosting the router namespace (an L3 node; moved when it dies)."""
     gateway_ip: str | None = None
     """Address on the external network."""
+    external_network_uid: str | None = None
+    """Uid of the external network of the gateway."""
+    enable_snat: bool | None = None
+    """SNAT in effect on the gateway."""
+    gateway_port: RouterPortStatus | None = None
+    """The gateway port on the external network (controller)."""
+    interfaces: list[RouterPortStatus] = Field(default_factory=list)
+    """Interface ports in effect, one per attached subnet (controller)."""
+    routes: list[Route] = Field(default_factory=list)
+    """Static routes in effect (controller)."""
+    l3: RouterL3Status | None = None
+    """State on the router's node, reported by its agent."""
 
 
 class Router(Resource[RouterSpec, RouterStatus]):
@@ -605,10 +671,16 @@ class FloatingIPSpec(ApiModel):
 class FloatingIPStatus(Status):
     floating_ip_address: str | None = None
     """Allocated address."""
+    subnet: str | None = None
+    """External subnet the address is from."""
     fixed_ip_address: str | None = None
     """Mapped port address."""
+    port_uid: str | None = None
+    """Uid of the associated port."""
     router: str | None = None
     """Router doing the NAT."""
+    node: str | None = None
+    """Node of that router."""
 
 
 class FloatingIP(Resource[FloatingIPSpec, FloatingIPStatus]):
@@ -623,7 +695,10 @@ class FloatingIP(Resource[FloatingIPSpec, FloatingIPStatus]):
             PrinterColumn("Address", ".status.floatingIpAddress"),
             PrinterColumn("Port", ".spec.port"),
             PrinterColumn("Fixed", ".status.fixedIpAddress"),
+            PrinterColumn("Router", ".status.router", priority=1),
+            PrinterColumn("Node", ".status.node", priority=1),
             READY_COLUMN,
+            REASON_COLUMN,
             AGE_COLUMN,
         ),
     )
@@ -653,6 +728,25 @@ class SecurityGroupRule(ApiModel):
                 "!(has(self.remoteIpPrefix) && has(self.remoteGroup))",
                 "remoteIpPrefix and remoteGroup are mutually exclusive",
             ),
+            cel(
+                "!(has(self.icmpType) || has(self.icmpCode))"
+                " || self.protocol in ['icmp', 'icmpv6', '1', '58']",
+                "icmpType and icmpCode need protocol icmp or icmpv6",
+            ),
+            cel(
+                "!has(self.icmpCode) || has(self.icmpType)",
+                "icmpCode needs icmpType",
+            ),
+            cel(
+                "!has(self.remoteIpPrefix) || !isCIDR(self.remoteIpPrefix)"
+                " || cidr(self.remoteIpPrefix).ip().family()"
+                " == (self.ethertype == 'IPv4' ? 4 : 6)",
+                "remoteIpPrefix must be of the rule's ethertype",
+            ),
+            cel(
+                "!self.protocol.matches('^[0-9]+$') || int(self.protocol) <= 255",
+                "a protocol number must be within 0..255",
+            ),
         )
     )
 
@@ -660,8 +754,15 @@ class SecurityGroupRule(ApiModel):
     """Traffic direction, seen from the guest."""
     ethertype: Literal["IPv4", "IPv6"] = "IPv4"
     """IP family."""
-    protocol: Literal["any", "tcp", "udp", "sctp", "icmp", "icmpv6"] = "any"
-    """Protocol."""
+    protocol: str = Field(
+        default="any", pattern=r"^(any|tcp|udp|sctp|icmp|icmpv6|[0-9]{1,3})$", max_length=6
+    )
+    """Protocol: any, tcp, udp, sctp, icmp, icmpv6 or an IP protocol number
+    (0..255). In an IPv6 rule icmp means ICMPv6, as in Neutron."""
+    icmp_type: int | None = Field(default=None, ge=0, le=255)
+    """ICMP type (icmp/icmpv6 only); absent means every type."""
+    icmp_code: int | None = Field(default=None, ge=0, le=255)
+    """ICMP code (needs icmpType); absent means every code."""
     port_range_min: int | None = Field(default=None, ge=1, le=65535)
     """First port (tcp/udp/sctp)."""
     port_range_max: int | None = Field(default=None, ge=1, le=65535)
@@ -687,6 +788,9 @@ class SecurityGroupSpec(ApiModel):
 class SecurityGroupStatus(Status):
     ports: int | None = None
     """Number of ports using the group."""
+    members: list[str] = Field(default_factory=list)
+    """Addresses of the ports using the group (controller): what rules of
+    other groups naming this one as remoteGroup match."""
 
 
 class SecurityGroup(Resource[SecurityGroupSpec, SecurityGroupStatus]):

@@ -11,6 +11,7 @@ from nubes.runtime.reconcile import Reconciler
 
 async def build_controller(op: Operator, config: ControllerConfig) -> None:
     from nubes.controllers.flavor import FlavorReconciler
+    from nubes.controllers.floating_ip import FloatingIPReconciler
     from nubes.controllers.hypervisor import HypervisorReconciler
     from nubes.controllers.image import ImageReconciler
     from nubes.controllers.instance import InstanceReconciler
@@ -19,6 +20,8 @@ async def build_controller(op: Operator, config: ControllerConfig) -> None:
     from nubes.controllers.pending import register_pending
     from nubes.controllers.port import PortReconciler
     from nubes.controllers.project import ProjectReconciler
+    from nubes.controllers.security_group import SecurityGroupReconciler
+    from nubes.controllers.router import RouterReconciler
     from nubes.controllers.subnet import SubnetReconciler
     from nubes.controllers.volume import VolumeReconciler
     from nubes.controllers.volume_backup import VolumeBackupReconciler
@@ -31,6 +34,9 @@ async def build_controller(op: Operator, config: ControllerConfig) -> None:
         NetworkReconciler(config),
         SubnetReconciler(),
         PortReconciler(),
+        SecurityGroupReconciler(),
+        RouterReconciler(),
+        FloatingIPReconciler(),
         FlavorReconciler(),
         ImageReconciler(config),
         InstanceReconciler(),

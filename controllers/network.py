@@ -21,6 +21,8 @@ from nubes.runtime.reconcile import Outcome, Reconciler, Stall
 log = structlog.get_logger()
 
 DHCP_OWNER = "network:dhcp"
+ROUTER_INTERFACE = "network:router_interface"
+ROUTER_GATEWAY = "network:router_gateway"
 
 
 def dhcp_port_name(network: Network) -> str:

@@ -11,10 +11,10 @@ import structlog
 
 from nubes.api.compute import Instance
 from nubes.api.meta import seconds_since
-from nubes.api.network import Allocation, Network, Port, Subnet
+from nubes.api.network import Allocation, Network, Port, Router, Subnet
 from nubes.controllers.allocations import Ledger
 from nubes.controllers.ipam import SubnetPlan, random_mac
-from nubes.controllers.network import DHCP_OWNER
+from nubes.controllers.network import DHCP_OWNER, ROUTER_INTERFACE
 from nubes.controllers.subnet import ip_pool, plan_of
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Reconciler, Stall, Wait
@@ -111,7 +111,10 @@ class PortReconciler(Reconciler[Port]):
         net: Network | None = self.op.store(Network).lookup(ref.name, namespace)
         if net is None or net.deleting:
             raise Wait("NetworkNotFound", f"network {namespace}/{ref.name} does not exist", 5)
-        if namespace != port.namespace and not (net.spec.shared or net.spec.external):
+        # External is not enough: other projects reach an external network
+        # through router gateways and floating IPs only, never with ports of
+        # their own (as in Neutron, unless it is also shared).
+        if namespace != port.namespace and not net.spec.shared:
             raise Stall(
                 "NetworkNotShared",
                 f"network {namespace}/{ref.name} belongs to another project and is not shared",
@@ -202,7 +205,7 @@ class PortReconciler(Reconciler[Port]):
         pool = ip_pool(subnet)
         if wanted is not None:
             address = ipaddress.ip_address(wanted)
-            if not plan.usable(address):
+            if not plan.usable(address) and not self._router_takes_gateway(port, plan, address):
                 raise Stall(
                     "InvalidIpAddress",
                     f"{wanted} cannot be assigned on subnet {subnet.name} ({subnet.spec.cidr}):"
@@ -230,6 +233,15 @@ class PortReconciler(Reconciler[Port]):
             f"subnet {subnet.name} ({subnet.spec.cidr}) has no free address: "
             f"{len(used)} of {plan.capacity} in use",
         )
+
+    def _router_takes_gateway(self, port: Port, plan: SubnetPlan, address: Any) -> bool:
+        """A router's interface port holds its subnet's gateway address; the
+        port must be the router controller's own (a Router with that uid in
+        the port's namespace), so no tenant port can take a gateway."""
+        if port.spec.device_owner != ROUTER_INTERFACE or address != plan.gateway:
+            return False
+        router = self.op.store(Router).lookup(_owner_name(port), port.namespace)
+        return router is not None and router.uid == port.spec.device_id
 
     async def _fixed_ips(self, port: Port, subnets: list[Subnet]) -> list[dict[str, str]]:
         result = []
@@ -269,6 +281,7 @@ class PortReconciler(Reconciler[Port]):
             "networkUid": net.uid,
             "host": host,
             "dhcpNode": net.status.dhcp_node,
+            **security_of(obj, net),
         }
         addresses = ", ".join(f["ipAddress"] for f in fixed) or "no address"
         if net.status.mtu is None:
@@ -335,6 +348,11 @@ class PortReconciler(Reconciler[Port]):
                 await self.ledger.release(alloc)
 
 
+def _owner_name(port: Port) -> str:
+    refs = port.metadata.owner_references or []
+    return next((str(r.get("name", "")) for r in refs if r.get("kind") == "Router"), "")
+
+
 def _age(alloc: Allocation) -> float | None:
     return seconds_since(alloc.metadata.creation_timestamp)
 
@@ -342,7 +360,33 @@ def _age(alloc: Allocation) -> float | None:
 def _network_facts(net: Network | None) -> tuple[Any, ...] | None:
     if net is None:
         return None
-    return (net.status.mtu, net.status.dhcp_node, net.uid, net.deleting)
+    return (
+        net.status.mtu,
+        net.status.dhcp_node,
+        net.uid,
+        net.deleting,
+        net.spec.port_security_enabled,
+    )
+
+
+def security_of(port: Port, net: Network) -> dict[str, Any]:
+    """Port security and security groups in effect, resolved once here so
+    the agents and the SecurityGroup reconciler read one answer: the port's
+    setting or its network's; the port's groups, or the project's
+    `default`; none at all with port security off (Neutron's rules).
+    The network's own ports (DHCP, router) are infrastructure, not guests:
+    they are not filtered and belong to no group."""
+    enabled = port.spec.port_security_enabled
+    if enabled is None:
+        enabled = net.spec.port_security_enabled
+    if port.spec.device_owner.startswith("network:"):
+        enabled = False
+    groups = port.spec.security_groups
+    if not enabled:
+        groups = []
+    elif groups is None:
+        groups = ["default"]
+    return {"portSecurityEnabled": enabled, "securityGroups": sorted(set(groups))}
 
 
 def _subnet_facts(subnet: Subnet | None) -> tuple[Any, ...] | None:

@@ -190,6 +190,10 @@ RIGHTS: list[tuple[str, str, str, str | None, bool]] = [
     # The DHCP state of networks its DHCP server serves (admission: status.dhcpNode).
     ("agent-a", "patch", "networks.network.nubes.io/status", "tenant", True),
     ("agent-a", "patch", "networks.network.nubes.io", "tenant", False),
+    # The L3 state of routers placed on its node (admission: status.node).
+    ("agent-a", "patch", "routers.network.nubes.io/status", "tenant", True),
+    ("agent-a", "patch", "routers.network.nubes.io", "tenant", False),
+    ("agent-a", "patch", "floatingips.network.nubes.io/status", "tenant", False),
     ("agent-a", "patch", "hypervisors.compute.nubes.io/status", None, True),
     ("agent-a", "create", "hypervisors.compute.nubes.io", None, True),
     ("agent-a", "delete", "hypervisors.compute.nubes.io", None, False),
@@ -305,6 +309,50 @@ def test_an_agent_binds_only_ports_of_its_node(cast: Cast, namespace: str) -> No
     )
     got = json.loads(kubectl("get", "port", "port-b", "-n", ns, "-o", "json").stdout)["status"]
     assert (got["host"], got["binding"]["node"], got["dhcp"]["node"]) == (b, b, a)
+
+
+def test_an_agent_writes_only_the_l3_state_of_routers_of_its_node(
+    cast: Cast, namespace: str
+) -> None:
+    a, b, ns = cast.node_a, cast.node_b, namespace
+    for name, node in (("router-a", a), ("router-b", b)):
+        kubectl(
+            "create",
+            "-f",
+            "-",
+            input=yaml.safe_dump(
+                {
+                    "apiVersion": "network.nubes.io/v1alpha1",
+                    "kind": "Router",
+                    "metadata": {"name": name, "namespace": ns},
+                }
+            ),
+        )
+        # What the controller writes: the router's node and its gateway.
+        kubectl(
+            "patch",
+            "router",
+            name,
+            "-n",
+            ns,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps({"status": {"node": node, "gatewayIp": "203.0.113.5"}}),
+        )
+
+    def l3(node: str) -> dict[str, Any]:
+        return {"l3": {"node": node, "ready": True, "floatingIps": ["203.0.113.9"]}}
+
+    allowed(cast.agent_a.patch_status("router", "router-a", ns, l3(a)))
+    refused_by_policy(cast.agent_a.patch_status("router", "router-b", ns, l3(a)), "router-b")
+    # No agent moves a router or changes what the controller decided.
+    refused_by_policy(cast.agent_a.patch_status("router", "router-a", ns, {"node": b}))
+    refused_by_policy(
+        cast.agent_a.patch_status("router", "router-a", ns, {"gatewayIp": "203.0.113.6"})
+    )
+    got = json.loads(kubectl("get", "router", "router-a", "-n", ns, "-o", "json").stdout)
+    assert got["status"]["node"] == a and got["status"]["gatewayIp"] == "203.0.113.5"
 
 
 def _instance(ns: str, name: str) -> dict[str, Any]:
