@@ -66,6 +66,10 @@ class Quotas(ApiModel):
     """Routers."""
     security_groups: int | None = Field(default=10, ge=-1)
     """Security groups."""
+    security_group_rules: int | None = Field(default=100, ge=-1)
+    """Rules over all security groups (the default group's four included);
+    a group that would go over is Stalled with reason QuotaExceeded and not
+    enforced."""
 
 
 class ProjectSpec(ApiModel):

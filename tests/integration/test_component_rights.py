@@ -163,6 +163,10 @@ RIGHTS: list[tuple[str, str, str, str | None, bool]] = [
     ("controller", "create", "ports.network.nubes.io", "tenant", True),
     ("controller", "delete", "ports.network.nubes.io", "tenant", True),
     ("controller", "create", "allocations.network.nubes.io", None, True),
+    # A project's `default` security group, and its members in the status.
+    ("controller", "create", "securitygroups.network.nubes.io", "tenant", True),
+    ("controller", "patch", "securitygroups.network.nubes.io/status", "tenant", True),
+    ("controller", "delete", "securitygroups.network.nubes.io", "tenant", False),
     ("controller", "create", "instances.compute.nubes.io", "tenant", False),
     ("controller", "delete", "instances.compute.nubes.io", "tenant", False),
     ("controller", "delete", "hypervisors.compute.nubes.io", None, False),
@@ -194,6 +198,9 @@ RIGHTS: list[tuple[str, str, str, str | None, bool]] = [
     ("agent-a", "patch", "routers.network.nubes.io/status", "tenant", True),
     ("agent-a", "patch", "routers.network.nubes.io", "tenant", False),
     ("agent-a", "patch", "floatingips.network.nubes.io/status", "tenant", False),
+    # Security groups: read (the node's firewall), never written.
+    ("agent-a", "watch", "securitygroups.network.nubes.io", "*", True),
+    ("agent-a", "patch", "securitygroups.network.nubes.io/status", "tenant", False),
     ("agent-a", "patch", "hypervisors.compute.nubes.io/status", None, True),
     ("agent-a", "create", "hypervisors.compute.nubes.io", None, True),
     ("agent-a", "delete", "hypervisors.compute.nubes.io", None, False),

@@ -303,7 +303,8 @@ async def test_each_count_refused_at_its_limit(kube: Kube, project: ProjectFacto
         "networks": 1,
         "subnets": 1,
         "routers": 1,
-        "securityGroups": 1,
+        # The project's `default` group holds one.
+        "securityGroups": 2,
     }
     ns = await project(**limits)
 
@@ -345,8 +346,9 @@ async def test_each_count_refused_at_its_limit(kube: Kube, project: ProjectFacto
         second = as_member(make(f"{prefix}-1"))
         assert second.returncode != 0, resource
         assert "exceeded quota: nubes-project-quotas" in second.stderr, second.stderr
-        assert f"limited: count/{resource}=1" in second.stderr, second.stderr
-    project_obj = await usage(kube, ns, "security_groups", "1/1")
+        limit = 2 if resource.startswith("securitygroups.") else 1
+        assert f"limited: count/{resource}={limit}" in second.stderr, second.stderr
+    project_obj = await usage(kube, ns, "security_groups", "2/2")
     assert project_obj.status.usage is not None
     assert project_obj.status.usage.networks is not None
     assert project_obj.status.usage.networks.summary == "1/1"

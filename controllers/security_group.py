@@ -1,0 +1,164 @@
+"""SecurityGroup: membership and validity, for the agents that enforce it.
+
+The agents enforce security groups on the nodes (agent/firewall.py); this
+reconciler gives them what only a cluster-wide view knows:
+- `status.members`: the fixed addresses of the ports using the group (the
+  Port reconciler resolves each port's groups into `status.securityGroups`),
+  which rules of other groups naming this one as `remoteGroup` match. An
+  agent turns it into one ipset, so a port joining a group is one set swap
+  on every node that filters against it.
+- `Stalled`: a rule naming a remote group that does not exist in the
+  project (`RemoteGroupNotFound`; another project's group cannot be named at
+  all, remoteGroup is a name in the group's own namespace), or more rules in
+  the project than its `securityGroupRules` quota (`QuotaExceeded`). Agents
+  enforce a group only while it is not stalled, and a port using a group
+  that is not enforceable gets none of its rules (fail closed).
+
+Every project gets a `default` group with its namespace (controllers/
+project.py, `default_group`), with Neutron's default rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nubes.api.identity import Project
+from nubes.api.network import Port, SecurityGroup
+from nubes.controllers import quota
+from nubes.runtime.operator import Operator
+from nubes.runtime.reconcile import Outcome, Reconciler
+
+DEFAULT_GROUP = "default"
+QUOTA_FIELD = "security_group_rules"
+
+
+def default_group(namespace: str) -> dict[str, Any]:
+    """Neutron's default group: egress anywhere, ingress from its members."""
+    rules = [
+        {"direction": "egress", "ethertype": "IPv4"},
+        {"direction": "egress", "ethertype": "IPv6"},
+        {"direction": "ingress", "ethertype": "IPv4", "remoteGroup": DEFAULT_GROUP},
+        {"direction": "ingress", "ethertype": "IPv6", "remoteGroup": DEFAULT_GROUP},
+    ]
+    return {
+        "apiVersion": SecurityGroup.crd.api_version,
+        "kind": "SecurityGroup",
+        "metadata": {"name": DEFAULT_GROUP, "namespace": namespace},
+        "spec": {"description": "Default security group", "rules": rules},
+    }
+
+
+def members_of(ports: list[Port]) -> list[str]:
+    addresses = {
+        f.ip_address for p in ports if not p.deleting for f in p.status.fixed_ips if f.ip_address
+    }
+    return sorted(addresses)
+
+
+def rules_before(group: SecurityGroup, groups: list[SecurityGroup]) -> int:
+    """Rules of the project's groups that came before this one (creation
+    time, then name): they keep their place under the quota, the newest
+    group is the one refused."""
+
+    def order(g: SecurityGroup) -> tuple[str, str]:
+        return (g.metadata.creation_timestamp or "", g.name)
+
+    return sum(
+        len(g.spec.rules)
+        for g in groups
+        if g.uid != group.uid and not g.deleting and order(g) < order(group)
+    )
+
+
+def _member_facts(port: Port | None) -> tuple[Any, ...] | None:
+    if port is None:
+        return None
+    return (
+        tuple(port.status.security_groups),
+        tuple(f.ip_address for f in port.status.fixed_ips),
+        port.deleting,
+    )
+
+
+class SecurityGroupReconciler(Reconciler[SecurityGroup]):
+    kind = SecurityGroup
+    workers = 2
+
+    def setup(self, op: Operator) -> None:
+        super().setup(op)
+        ports = op.store(Port)
+        ports.add_index(
+            "security-group", lambda p: [f"{p.namespace}/{g}" for g in p.status.security_groups]
+        )
+        groups = op.store(SecurityGroup)
+        groups.add_index("sg-namespace", lambda g: [g.namespace or ""])
+        op.watch(
+            Port,
+            SecurityGroup,
+            lambda p: [f"{p.namespace}/{g}" for g in p.status.security_groups],
+            when=lambda old, new: _member_facts(old) != _member_facts(new),
+        )
+        # A group appearing, going or changing its rules changes the verdict
+        # (remote groups, rule quota) of its project's other groups.
+        op.watch(
+            SecurityGroup,
+            SecurityGroup,
+            lambda g: [x.key for x in groups.by_index("sg-namespace", g.namespace or "")],
+            when=lambda old, new: (
+                old is None or new is None or len(old.spec.rules) != len(new.spec.rules)
+            ),
+        )
+        quota.index_consumers(op)
+        projects = op.store(Project)
+        op.watch(
+            Project,
+            SecurityGroup,
+            lambda p: [
+                x.key for x in groups.by_index("sg-namespace", p.status.namespace or p.name)
+            ],
+            when=lambda old, new: (
+                old is None
+                or new is None
+                or old.spec.quotas.security_group_rules != new.spec.quotas.security_group_rules
+            ),
+        )
+        self.projects = projects
+
+    def _rule_limit(self, namespace: str) -> int | None:
+        for project in self.projects.by_index("namespace", namespace):
+            return quota.limit_of(project.spec.quotas, QUOTA_FIELD)
+        return None
+
+    async def converge(self, obj: SecurityGroup) -> Outcome:
+        namespace = obj.namespace or ""
+        using = self.op.store(Port).by_index("security-group", obj.key)
+        status: dict[str, Any] = {
+            "ports": len([p for p in using if not p.deleting]),
+            "members": members_of(using),
+        }
+        siblings = self.op.store(SecurityGroup).by_index("sg-namespace", namespace)
+        known = {g.name for g in siblings if not g.deleting}
+        for index, rule in enumerate(obj.spec.rules):
+            if rule.remote_group and rule.remote_group not in known:
+                return Outcome.stalled(
+                    "RemoteGroupNotFound",
+                    f"rules[{index}]: remoteGroup {rule.remote_group} does not exist in"
+                    f" project namespace {namespace}",
+                    status,
+                )
+        limit = self._rule_limit(namespace)
+        if limit is not None:
+            used = rules_before(obj, siblings)
+            if used + len(obj.spec.rules) > limit:
+                return Outcome.stalled(
+                    "QuotaExceeded",
+                    f"securityGroupRules: {used} of {limit} in use, this group needs"
+                    f" {len(obj.spec.rules)}",
+                    status,
+                )
+        rules = len(obj.spec.rules)
+        return Outcome.ready(
+            status,
+            f"{rules} rule{'s' if rules != 1 else ''}, {status['ports']} port"
+            f"{'s' if status['ports'] != 1 else ''}",
+        )
