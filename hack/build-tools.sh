@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build kube-apiserver, kubectl, etcd and helm from the Go module proxy into a
+# Build kube-apiserver, kube-controller-manager, kube-scheduler, kubelet,
+# kubectl, etcd and helm from the Go module proxy into a
 # cache outside the work tree, keyed by version. Rebuilds only what is missing.
 # Prints the bin directory on its last line.
 set -euo pipefail
@@ -14,7 +15,7 @@ log() { echo "build-tools: $*" >&2; }
 
 build_kube() {
   local out=$cache/tools/kubernetes-$KUBE_VERSION
-  local cmds=(kube-apiserver kube-controller-manager kubectl) missing=() c
+  local cmds=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl) missing=() c
   for c in "${cmds[@]}"; do [[ -x $out/$c ]] || missing+=("$c"); done
   ((${#missing[@]})) || return 0
   local minor=${KUBE_VERSION#v1.}            # e.g. 35.4
@@ -75,6 +76,8 @@ link_bin() {
   ln -sf "$cache/tools/kubernetes-$KUBE_VERSION/kube-apiserver" "$bin/kube-apiserver"
   ln -sf "$cache/tools/kubernetes-$KUBE_VERSION/kubectl" "$bin/kubectl"
   ln -sf "$cache/tools/kubernetes-$KUBE_VERSION/kube-controller-manager" "$bin/kube-controller-manager"
+  ln -sf "$cache/tools/kubernetes-$KUBE_VERSION/kube-scheduler" "$bin/kube-scheduler"
+  ln -sf "$cache/tools/kubernetes-$KUBE_VERSION/kubelet" "$bin/kubelet"
   ln -sf "$cache/tools/etcd-$ETCD_VERSION/etcd" "$bin/etcd"
   ln -sf "$cache/tools/helm-$HELM_VERSION/helm" "$bin/helm"
   echo "$bin"

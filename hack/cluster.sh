@@ -7,6 +7,11 @@
 # certificates issued through the CertificateSigningRequest API (`nubes
 # credentials issue`) authenticate to this API server.
 #
+# With NUBES_NODE=1 (the default) the cluster also gets a node (hack/node.sh:
+# containerd, kubelet, kube-scheduler) and the controller-manager runs the
+# workload controllers (Deployments, ReplicaSets, StatefulSets, DaemonSets),
+# so `helm install` runs Pods. NUBES_NODE=0 keeps the bare control plane.
+#
 #   hack/cluster.sh up      start, or reuse the one already running
 #   hack/cluster.sh down    stop and wipe etcd data
 #   hack/cluster.sh status
@@ -25,6 +30,7 @@ pki=$state/pki
 logs=$state/logs
 run=$state/run
 kubeconfig=$state/kubeconfig
+with_node=${NUBES_NODE:-1}
 
 log() { echo "cluster: $*" >&2; }
 
@@ -118,6 +124,11 @@ up() {
   mkdir -p "$logs" "$run"
   if alive kube-apiserver && api_ready; then
     log "reusing the running control plane ($kubeconfig)"
+    # Only a control plane started with the node's flags (Node authorizer,
+    # workload controllers) gets the node back.
+    if ((with_node)) && [[ -f $run/with-node ]] && ! alive kubelet; then
+      NUBES_TOOLS_BIN=$(tools_bin) "$root/hack/node.sh" up
+    fi
     return
   fi
   local bin; bin=$(tools_bin)
@@ -133,8 +144,10 @@ up() {
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
     --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
     --client-ca-file "$pki/ca.crt" \
-    --authorization-mode RBAC \
-    --enable-admission-plugins NamespaceLifecycle,ServiceAccount,ValidatingAdmissionPolicy,ValidatingAdmissionWebhook,MutatingAdmissionWebhook,ResourceQuota \
+    --authorization-mode Node,RBAC \
+    --enable-admission-plugins NamespaceLifecycle,ServiceAccount,NodeRestriction,ValidatingAdmissionPolicy,ValidatingAdmissionWebhook,MutatingAdmissionWebhook,ResourceQuota \
+    --kubelet-client-certificate "$pki/admin.crt" --kubelet-client-key "$pki/admin.key" \
+    --kubelet-preferred-address-types Hostname,InternalIP \
     --service-account-issuer https://kubernetes.default.svc \
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
     --service-cluster-ip-range 10.96.0.0/24 \
@@ -146,16 +159,27 @@ up() {
   alive kube-controller-manager || start kube-controller-manager "$bin/kube-controller-manager" \
     --kubeconfig "$state/kcm.kubeconfig" --authentication-kubeconfig "$state/kcm.kubeconfig" \
     --authorization-kubeconfig "$state/kcm.kubeconfig" \
-    --controllers namespace,garbagecollector,serviceaccount,serviceaccount-token,resourcequota,csrsigning \
+    --controllers "namespace,garbagecollector,serviceaccount,serviceaccount-token,resourcequota,csrsigning$(
+      if ((with_node)); then echo ,deployment,replicaset,statefulset,daemonset,podgc,root-ca-cert-publisher,nodelifecycle; fi)" \
     --cluster-signing-cert-file "$pki/ca.crt" --cluster-signing-key-file "$pki/ca.key" \
     --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
     --bind-address 127.0.0.1 --secure-port "$kcm_port" --leader-elect=false \
     --concurrent-gc-syncs 5 --concurrent-namespace-syncs 5 --resource-quota-sync-period 10s --v 1
+  rm -f "$run/with-node"
+  if ((with_node)); then touch "$run/with-node"; NUBES_TOOLS_BIN=$bin "$root/hack/node.sh" up; fi
   log "control plane up: export KUBECONFIG=$kubeconfig"
 }
 
 down() {
   local name
+  # The workload controllers stop before the node, so that the pods the node
+  # deletes are not recreated; the API server stays up for the node's down.
+  for name in kube-controller-manager; do
+    if alive "$name"; then kill "$(cat "$run/$name.pid")" 2>/dev/null || true; fi
+  done
+  if [[ -f $run/kubelet.pid || -f $run/containerd.pid ]]; then
+    NUBES_TOOLS_BIN=${NUBES_CACHE:-$HOME/.cache/nubes}/bin "$root/hack/node.sh" down
+  fi
   for name in kube-controller-manager kube-apiserver etcd; do
     if alive "$name"; then
       local pid; pid=$(cat "$run/$name.pid")
@@ -166,6 +190,7 @@ down() {
     rm -f "$run/$name.pid"
   done
   rm -rf "$state/etcd"
+  rm -f "$run/with-node"
   log "control plane stopped"
 }
 
@@ -174,6 +199,9 @@ status() {
   for name in etcd kube-apiserver kube-controller-manager; do
     if alive "$name"; then echo "$name: running (pid $(cat "$run/$name.pid"))"; else echo "$name: stopped"; fi
   done
+  if [[ -f $run/with-node || -f $run/kubelet.pid || -f $run/containerd.pid ]]; then
+    NUBES_TOOLS_BIN=${NUBES_CACHE:-$HOME/.cache/nubes}/bin "$root/hack/node.sh" status
+  fi
 }
 
 case ${1:-} in

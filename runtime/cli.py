@@ -24,6 +24,7 @@ def _run(
     *,
     shard: int = 0,
     shards: int = 1,
+    health_host: str = "127.0.0.1",
 ) -> int:
     async def main() -> None:
         stop = asyncio.Event()
@@ -32,7 +33,14 @@ def _run(
             loop.add_signal_handler(sig, stop.set)
         kube = await Kube.connect(kubeconfig, field_manager=name)
         try:
-            op = Operator(name, kube, health_port=health_port, shard=shard, shards=shards)
+            op = Operator(
+                name,
+                kube,
+                health_port=health_port,
+                health_host=health_host,
+                shard=shard,
+                shards=shards,
+            )
             await build(op)
             await op.run(stop)
         finally:
@@ -56,6 +64,7 @@ def controller(args: argparse.Namespace) -> int:
         lambda op: build_controller(op, config),
         shard=config.shard,
         shards=config.shards,
+        health_host=args.health_host,
     )
 
 
@@ -70,6 +79,7 @@ def agent(args: argparse.Namespace) -> int:
         args.kubeconfig,
         args.health_port,
         lambda op: build_agent(op, config),
+        health_host=args.health_host,
     )
 
 
@@ -91,12 +101,15 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("controller", help="cluster-wide reconcilers")
     c.add_argument("--kubeconfig")
     c.add_argument("--health-port", type=int, default=8081)
+    # A Pod on the pod network is probed on its own address, not on loopback.
+    c.add_argument("--health-host", default="127.0.0.1")
     ControllerConfig.add_arguments(c)
     c.set_defaults(func=controller)
 
     a = sub.add_parser("agent", help="node agent")
     a.add_argument("--kubeconfig")
     a.add_argument("--health-port", type=int, default=8082)
+    a.add_argument("--health-host", default="127.0.0.1")
     AgentConfig.add_arguments(a)
     a.set_defaults(func=agent)
 

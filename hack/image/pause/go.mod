@@ -1,0 +1,3 @@
+module nubes.local/pause
+
+go 1.25
