@@ -19,6 +19,7 @@ import structlog
 
 from nubes.agent.binding import vif_vlans
 from nubes.agent.config import AgentConfig
+from nubes.agent.firewall import FirewallIntent, NodeFirewall
 from nubes.api.compute import Hypervisor
 from nubes.api.network import Network, Port, Subnet
 from nubes.drivers.network.dhcp import DhcpConfig, DhcpHost, DhcpServers, DhcpSubnet
@@ -46,6 +47,8 @@ class Plan:
     """DHCP servers to run, with the ports each serves."""
     dhcp_networks: dict[str, Network] = field(default_factory=dict)
     """Networks whose DHCP server this node runs, by uid."""
+    firewall: FirewallIntent = field(default_factory=FirewallIntent)
+    """Security groups and port security of the bound ports."""
 
 
 @dataclass
@@ -88,6 +91,7 @@ class NodeNetworking:
             netns_prefix=config.netns_prefix,
             node_netns=config.node_netns,
         )
+        self.firewall = NodeFirewall(config, runner)
         self._last_layout: tuple[Any, ...] | None = None
         self.kick: Callable[[], None] = lambda: None
         log.info("node networking", datapath=datapath, node=config.node)
@@ -99,6 +103,7 @@ class NodeNetworking:
         # A VIF plugged by the compute agent changes no watched object: it
         # kicks the loop so that the VIF is bound without waiting for a resync.
         self.kick = op.loop("networking", self.sync, [Network, Subnet, Port, Hypervisor])
+        self.firewall.register(op)
 
     # --- plan ---------------------------------------------------------------------------
 
@@ -128,6 +133,7 @@ class NodeNetworking:
                     uid, net.spec.type, net.status.segmentation_id, net.spec.physical_network
                 )
             )
+        plan.firewall = self.firewall.intent(plan.bound)
         plan.peers = sorted(
             hv.status.host_ip
             for hv in self.op.store(Hypervisor)
@@ -200,6 +206,16 @@ class NodeNetworking:
         plugged: dict[str, str] = {}
         # Unknown, unbound, disabled or deleted: isolated (dead VLAN).
         wanted = vif_vlans(list(vifs), plan.bound, self.config.node, vlans)
+        # A filtered port carries its network only once its rules are in
+        # force; a firewall failure leaves the previous rules in force.
+        try:
+            in_force = self.firewall.converge(plan.firewall, vifs, verify=full)
+        except Exception as e:
+            log.warning("firewall failed", error=str(e) or type(e).__name__)
+            in_force = self.firewall.in_force
+        for uid in {p.uid for p in plan.firewall.ports} - in_force:
+            if uid in wanted:
+                wanted[uid] = DEAD_VLAN
         for uid, ovs_port in vifs.items():
             self.switch.bind(ovs_port, wanted[uid])
             if wanted[uid] != DEAD_VLAN:

@@ -20,8 +20,8 @@ async def build_controller(op: Operator, config: ControllerConfig) -> None:
     from nubes.controllers.pending import register_pending
     from nubes.controllers.port import PortReconciler
     from nubes.controllers.project import ProjectReconciler
-    from nubes.controllers.security_group import SecurityGroupReconciler
     from nubes.controllers.router import RouterReconciler
+    from nubes.controllers.security_group import SecurityGroupReconciler
     from nubes.controllers.subnet import SubnetReconciler
     from nubes.controllers.volume import VolumeReconciler
     from nubes.controllers.volume_backup import VolumeBackupReconciler

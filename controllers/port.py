@@ -15,6 +15,7 @@ from nubes.api.network import Allocation, Network, Port, Router, Subnet
 from nubes.controllers.allocations import Ledger
 from nubes.controllers.ipam import SubnetPlan, random_mac
 from nubes.controllers.network import DHCP_OWNER, ROUTER_INTERFACE
+from nubes.controllers.security_group import ensure_default_group
 from nubes.controllers.subnet import ip_pool, plan_of
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Reconciler, Stall, Wait
@@ -283,6 +284,8 @@ class PortReconciler(Reconciler[Port]):
             "dhcpNode": net.status.dhcp_node,
             **security_of(obj, net),
         }
+        if "default" in status["securityGroups"]:
+            await ensure_default_group(self.op, obj.namespace or "")
         addresses = ", ".join(f["ipAddress"] for f in fixed) or "no address"
         if net.status.mtu is None:
             return Outcome.progressing(

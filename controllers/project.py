@@ -32,10 +32,9 @@ import json
 from typing import Any
 
 from nubes.api.identity import Project
-from nubes.api.network import SecurityGroup
 from nubes.controllers import quota
-from nubes.controllers.security_group import DEFAULT_GROUP, default_group
-from nubes.runtime.kube import NAMESPACES, RESOURCEQUOTAS, ROLEBINDINGS, ApiError, path_of
+from nubes.controllers.security_group import ensure_default_group
+from nubes.runtime.kube import NAMESPACES, RESOURCEQUOTAS, ROLEBINDINGS, path_of
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Reconciler, Stall
 
@@ -195,7 +194,7 @@ class ProjectReconciler(Reconciler[Project]):
                 f"waiting for the quota controller to count namespace {name}",
                 requeue_after=1,
             )
-        await self._ensure_default_group(name)
+        await ensure_default_group(self.op, name)
         await self._drop_gone(obj, name)
         members = len(obj.spec.members)
         summary = f"namespace {name}, {members} member{'s' if members != 1 else ''}"
@@ -210,21 +209,6 @@ class ProjectReconciler(Reconciler[Project]):
                 reason="Disabled",
             )
         return Outcome.ready(status, summary)
-
-    async def _ensure_default_group(self, namespace: str) -> None:
-        """Every project has a `default` security group (Neutron's); made
-        again if deleted, left as its users changed it otherwise."""
-        groups = path_of(SecurityGroup)
-        if self.op.store(SecurityGroup).lookup(DEFAULT_GROUP, namespace) is not None:
-            return
-        if await self.op.kube.get_raw(groups, DEFAULT_GROUP, namespace) is not None:
-            return
-        try:
-            await self.op.kube.create_raw(groups, default_group(namespace), namespace)
-        except ApiError as e:
-            # 403: a securityGroups quota of 0 leaves no room for it.
-            if not e.conflict and e.status != 403:
-                raise
 
     # --- quota usage and the ledger's deletions ---------------------------------------
 

@@ -15,7 +15,9 @@ reconciler gives them what only a cluster-wide view knows:
   that is not enforceable gets none of its rules (fail closed).
 
 Every project gets a `default` group with its namespace (controllers/
-project.py, `default_group`), with Neutron's default rules.
+project.py), with Neutron's default rules; like Neutron, the Port
+reconciler also makes it on first use where it is missing (a namespace
+that is not a project's, a deleted default).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 from nubes.api.identity import Project
 from nubes.api.network import Port, SecurityGroup
 from nubes.controllers import quota
+from nubes.runtime.kube import ApiError, path_of
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Reconciler
 
@@ -46,6 +49,22 @@ def default_group(namespace: str) -> dict[str, Any]:
         "metadata": {"name": DEFAULT_GROUP, "namespace": namespace},
         "spec": {"description": "Default security group", "rules": rules},
     }
+
+
+async def ensure_default_group(op: Operator, namespace: str) -> None:
+    """The namespace's `default` group, made if missing; left as its users
+    changed it otherwise."""
+    groups = path_of(SecurityGroup)
+    if op.store(SecurityGroup).lookup(DEFAULT_GROUP, namespace) is not None:
+        return
+    if await op.kube.get_raw(groups, DEFAULT_GROUP, namespace) is not None:
+        return
+    try:
+        await op.kube.create_raw(groups, default_group(namespace), namespace)
+    except ApiError as e:
+        # 403: a securityGroups quota of 0 leaves no room for it.
+        if not e.conflict and e.status != 403:
+            raise
 
 
 def members_of(ports: list[Port]) -> list[str]:

@@ -4,8 +4,10 @@ Instances use the hybrid plug of Neutron's OVS agent: the tap libvirt creates
 joins a per-port Linux bridge (qbr), which a veth (qvb/qvo) joins to br-int.
 The Linux bridge is where iptables security groups can see the traffic, and
 the veth lets the integration bridge live in another namespace than QEMU.
-Namespace guests (tests, or anything that is a netns) get a veth whose far
-end is the guest's NIC.
+Namespace guests (tests, or anything that is a netns) get the same qbr hop:
+a veth whose far end is the guest's NIC and whose near end, named like the
+tap, joins the qbr, so security groups and port security (firewall.py) see
+their traffic exactly as an instance's.
 
 A VIF is plugged isolated (NodeSwitch.add_vif): it carries nothing until the
 node's networking loop binds it to its network's local VLAN.
@@ -58,12 +60,15 @@ class VifPlugger:
     def plug_netns(
         self, port_uid: str, mac: str, mtu: int, guest_netns: str, ifname: str = "eth0"
     ) -> VifNames:
-        """A namespace guest: `ifname` in `guest_netns` with the port's MAC."""
+        """A namespace guest: `ifname` in `guest_netns` with the port's MAC,
+        through qbr like an instance's tap."""
         names = vif_names(port_uid, self.node_tag)
-        self.links.ensure_veth(
-            ifname, guest_netns, names.guest_peer, self.node_netns, mtu=mtu, mac=mac
-        )
-        self.switch.add_vif(names.guest_peer, port_uid, mac)
+        self.links.ensure_bridge(names.qbr, mtu=mtu)
+        self.links.ensure_veth(ifname, guest_netns, names.tap, None, mtu=mtu, mac=mac)
+        self.links.set_master(names.tap, names.qbr)
+        self.links.ensure_veth(names.qvb, None, names.qvo, self.node_netns, mtu=mtu)
+        self.links.set_master(names.qvb, names.qbr)
+        self.switch.add_vif(names.qvo, port_uid, mac)
         return names
 
     def unplug(self, port_uid: str) -> None:
@@ -71,5 +76,6 @@ class VifPlugger:
         self.switch.remove_vif(names.qvo)
         self.switch.remove_vif(names.guest_peer)
         self.links.delete(names.qvb)  # takes qvo with it
+        self.links.delete(names.tap)  # a namespace guest's (QEMU's goes with it)
         self.links.delete(names.guest_peer, self.node_netns)
         self.links.delete(names.qbr)
