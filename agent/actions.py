@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from nubes.agent.image_source import source_of
-from nubes.api.compute import Instance, InstanceAction
+from nubes.api.compute import ActionError, Instance, InstanceAction
 from nubes.api.image import Image
 from nubes.api.meta import now_precise
 from nubes.drivers.compute.libvirt import DomainState
 from nubes.drivers.hostfiles import private_file
 from nubes.drivers.images.cache import ImageSource
 from nubes.drivers.images.store import internal_path, internal_ref
+from nubes.drivers.problem import fail, problem_of
 from nubes.runtime.kube import path_of
 
 if TYPE_CHECKING:
@@ -83,14 +84,10 @@ class ActionRunner:
         try:
             outcome: dict[str, Any] = await asyncio.to_thread(fn, *args)
         except Exception as e:  # reported on the action; the instance stays as it was
-            reason = getattr(e, "reason", "ActionFailed")
-            log.warning("action failed", action=action.key, error=str(e))
-            outcome = {
-                "error": {
-                    "reason": reason if reason[:1].isupper() else "ActionFailed",
-                    "message": str(e) or type(e).__name__,
-                }
-            }
+            problem = problem_of(e)
+            log.warning("action failed", action=action.key, reason=problem.reason, error=str(e))
+            error = ActionError(reason=problem.reason, message=problem.message)
+            outcome = {"error": error.wire()}
         await self._patch(action, {"completedAt": now_precise(), **outcome})
 
     # --- blocking work -------------------------------------------------------------
@@ -103,13 +100,14 @@ class ActionRunner:
         name = self._name(inst)
         if kind in ("SoftReboot", "HardReboot"):
             if self.libvirt.state(name) != DomainState.RUNNING:
-                raise ActionError("InstanceNotRunning", f"instance {inst.name} is not running")
+                raise fail(
+                    "InstanceNotRunning", f"instance {inst.name} is not running", retryable=False
+                )
             # A rebooted guest starts afresh on its ports: only on bound ones.
             unbound = self.agent.unbound_ports(plan)
             if unbound:
-                raise ActionError(
-                    "PortNotBound", "; ".join(map(str, unbound)) + f": {kind} not done"
-                )
+                why = "; ".join(map(str, unbound)) + f": {kind} not done"
+                raise fail("PortNotBound", why, retryable=False)
             self.libvirt.reboot(name, hard=kind == "HardReboot")
             return {"result": f"{kind} done"}
         if kind == "Snapshot":
@@ -135,13 +133,13 @@ class ActionRunner:
         if kind == "Resize":
             self.libvirt.shutdown(name, timeout=SHUTDOWN_TIMEOUT)
             return {"result": f"resized to {action.status.flavor} on {self.agent.node}"}
-        raise ActionError("UnsupportedAction", f"{kind} cannot run in place")
+        raise fail("UnsupportedAction", f"{kind} cannot run in place", retryable=False)
 
     def _image_source(self, key: str | None) -> ImageSource:
         image: Image | None = self.agent.op.store(Image).get(key or "")
         source = source_of(image, self.agent.store_dir) if image is not None else None
         if source is None:
-            raise ActionError("ImageNotUsable", f"image {key} is not in the image store")
+            raise fail("ImageNotReady", f"image {key} is not imported into the image store")
         return source
 
     def _snapshot(self, inst: Instance, action: InstanceAction) -> dict[str, Any]:
@@ -192,9 +190,3 @@ class ActionRunner:
         # The node's cache holds the base now; the store copy can go.
         Path(path).unlink(missing_ok=True)
         return {"result": f"moved from {action.status.source_node} to {self.agent.node}"}
-
-
-class ActionError(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason

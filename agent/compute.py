@@ -34,6 +34,7 @@ from nubes.agent.binding import Unbound, unbound_ports
 from nubes.agent.config import NODE_LABEL, AgentConfig
 from nubes.agent.image_source import source_of
 from nubes.agent.network import NodeNetworking
+from nubes.agent.problems import node_problem
 from nubes.api.compute import Flavor, Instance, InstanceAction
 from nubes.api.image import Image
 from nubes.api.lifecycle import effective, pending, placement
@@ -61,6 +62,7 @@ from nubes.drivers.images.cache import ImageCache, ImageSource
 from nubes.drivers.images.inspect import ImageInspectionError, inspect_image
 from nubes.drivers.images.store import internal_path, internal_ref
 from nubes.drivers.network.vif import VifPlugger
+from nubes.drivers.problem import Failure, Problem, fail, problem_of
 from nubes.drivers.runner import SubprocessRunner
 from nubes.runtime.kube import CONFIGMAPS, SECRETS, ApiError
 from nubes.runtime.operator import Operator
@@ -139,6 +141,7 @@ class InstanceAgent(Reconciler[Instance]):
         self._seen: dict[str, Instance] = {}
         self.actions = ActionRunner(self)
         self._console_digest: dict[str, str] = {}
+        self._failures: dict[str, int] = {}
 
     def setup(self, op: Operator) -> None:
         super().setup(op)
@@ -244,6 +247,32 @@ class InstanceAgent(Reconciler[Instance]):
             return Outcome.observed({}, requeue_after=2)
         await self._add_finalizer(obj)
         self.local.add(obj.uid)
+        try:
+            return await self._converge_here(obj, action)
+        except (Failure, OSError) as e:
+            # One tenant's broken instance is reported on it (the controller
+            # shows the reason in its conditions); the node keeps going.
+            return await self._failed(obj, problem_of(e, f"instance {obj.name}"))
+
+    async def _failed(self, obj: Instance, problem: Problem) -> Outcome:
+        failures = self._failures.get(obj.uid, 0) + 1
+        self._failures[obj.uid] = failures
+        delay = min(60.0, 2.0 * 2 ** min(failures, 4))
+        log.warning(
+            "instance not converged",
+            instance=obj.key,
+            reason=problem.reason,
+            error=problem.message,
+            retry_in=delay,
+        )
+        state = await asyncio.to_thread(self.libvirt.state, self.domain_name(obj))
+        status = {
+            "nodeProblem": node_problem(problem, self.node),
+            "powerState": POWER.get(state, "Absent"),
+        }
+        return Outcome.observed(status, requeue_after=delay)
+
+    async def _converge_here(self, obj: Instance, action: InstanceAction | None) -> Outcome:
         plan = await self._plan(obj)
         if plan is None:
             return Outcome.observed({}, requeue_after=5)
@@ -252,13 +281,16 @@ class InstanceAgent(Reconciler[Instance]):
             return Outcome.observed({"powerState": POWER.get(state, "Absent")}, requeue_after=2)
         if obj.spec.power_state == "Shelved":
             shelved = await asyncio.to_thread(self._shelve, plan)
-            return Outcome.observed({"shelvedDisk": shelved, "powerState": "Shelved"})
+            return Outcome.observed(
+                {"shelvedDisk": shelved, "powerState": "Shelved", "nodeProblem": None}
+            )
         waiting = await self._ports_gate(plan)
         if waiting is not None:
             return waiting
         state = await asyncio.to_thread(self.converge_domain, plan)
+        self._failures.pop(obj.uid, None)
         status: dict[str, Any] = {
-            "agentError": None,
+            "nodeProblem": None,
             "powerState": POWER.get(state, "Absent"),
             "domain": self.domain_name(obj),
             "attachedVolumes": [v.name for v in plan.volumes]
@@ -306,17 +338,17 @@ class InstanceAgent(Reconciler[Instance]):
             self.networking.kick()  # bind what was just plugged without waiting for a resync
         if not late:
             return Outcome.observed({}, requeue_after=1)
-        error = {
-            "reason": "PortBindingTimeout",
-            "message": f"not started after {timeout:g} s: "
+        problem = Problem(
+            "PortBindingTimeout",
+            f"not started after {timeout:g} s: "
             + "; ".join(map(str, unbound))
             + f". It starts once its ports are bound on {self.node}",
-            "retrying": True,
-        }
-        if inst.status.agent_error is None or inst.status.agent_error.wire() != error:
-            log.warning("ports not bound, not booting", instance=inst.key, why=error["message"])
+        )
+        error = node_problem(problem, self.node)
+        if inst.status.node_problem is None or inst.status.node_problem.wire() != error:
+            log.warning("ports not bound, not booting", instance=inst.key, why=problem.message)
         return Outcome.observed(
-            {"agentError": error, "powerState": POWER.get(state, "Absent")}, requeue_after=5
+            {"nodeProblem": error, "powerState": POWER.get(state, "Absent")}, requeue_after=5
         )
 
     def unbound_ports(self, plan: Plan) -> list[Unbound]:
@@ -483,7 +515,7 @@ class InstanceAgent(Reconciler[Instance]):
                     self.cache.grow_disk(str(disk), plan.disk_bytes)
             return str(disk)
         if plan.root_source is None:
-            raise RuntimeError("no image to create the root disk from")
+            raise fail("ImageNotReady", "no imported image to create the root disk from")
         self.overlay_disk(plan.root_source, disk, plan.disk_bytes)
         return str(disk)
 
@@ -684,6 +716,7 @@ class InstanceAgent(Reconciler[Instance]):
         delete_config_drive(str(directory / "config.iso"))
         shutil.rmtree(directory, ignore_errors=True)
         self._console_digest.pop(inst.uid, None)
+        self._failures.pop(inst.uid, None)
         log.info("instance removed from node", instance=inst.key, node=self.node)
         self._prune_image_cache()
 

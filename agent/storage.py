@@ -16,8 +16,8 @@ storage thread pool, never on the event loop):
 - Pool statistics go into this node's Hypervisor status through the
   HypervisorReporter (`report()`), refreshed after changes.
 
-Failures are reported in status.agentError (reason, message, whether the
-agent retries by itself); the controller turns them into conditions.
+Failures are reported in status.nodeProblem (reason, message, whether the
+agent retries by itself, the node); the controller turns them into conditions.
 
 Initial contents that are written into an existing volume (image, backup)
 are bracketed by a marker file, so that a volume whose copy was interrupted
@@ -45,6 +45,7 @@ import structlog
 
 from nubes.agent.config import NODE_LABEL, AgentConfig
 from nubes.agent.image_source import source_of
+from nubes.agent.problems import node_problem
 from nubes.api.compute import Hypervisor
 from nubes.api.image import Image
 from nubes.api.meta import ApiModel
@@ -57,7 +58,7 @@ from nubes.api.storage import (
     VolumeBackup,
     VolumeSnapshot,
 )
-from nubes.drivers.backup.posix import BackupError, BackupInUse, CorruptBackup, PosixBackupStore
+from nubes.drivers.backup.posix import PosixBackupStore
 from nubes.drivers.backup.workflow import (
     backup_volume,
     restore_to_new_volume,
@@ -65,23 +66,17 @@ from nubes.drivers.backup.workflow import (
 )
 from nubes.drivers.images.cache import (
     ImageCache,
-    ImageCacheError,
-    ImageFetchError,
     ImageSource,
 )
 from nubes.drivers.iscsi.connection import ChapCredentials
-from nubes.drivers.iscsi.tgt import ExportError, TgtExporter
-from nubes.drivers.runner import CommandError, Runner, SubprocessRunner
+from nubes.drivers.iscsi.tgt import TgtExporter
+from nubes.drivers.problem import Failure, Problem, fail, problem_of
+from nubes.drivers.runner import Runner, SubprocessRunner
 from nubes.drivers.volumes.base import (
     ImageImport,
-    ImageRejected,
-    NoSpace,
-    NotFound,
     PoolStats,
-    ShrinkRefused,
     StorageError,
     VolumeBackend,
-    VolumeBusy,
     VolumeInfo,
 )
 from nubes.drivers.volumes.file import FileBackend
@@ -160,48 +155,10 @@ def pool_report(stats: PoolStats) -> dict[str, Any]:
 # --- failures -------------------------------------------------------------------------
 
 
-class Problem(Exception):
-    """Something the agent reports in status.agentError."""
-
-    def __init__(self, reason: str, message: str, *, retrying: bool = True) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.retrying = retrying
-
-
-def classify(error: Exception, what: str) -> Problem:
-    """A driver error as a report: reason, message naming `what`, retried or not."""
-    if isinstance(error, Problem):
-        return error
-    text = f"{what}: {error}"
-    if isinstance(error, ImageFetchError):
-        return Problem("ImageFetchFailed", text)
-    if isinstance(error, ImageCacheError):
-        return Problem(error.reason, text, retrying=False)  # checksum, inspection
-    table: list[tuple[type[Exception], str, bool]] = [
-        (CorruptBackup, "BackupCorrupt", False),
-        (BackupInUse, "BackupInUse", True),
-        (BackupError, "BackupFailed", False),
-        (NoSpace, "InsufficientSpace", False),
-        (ShrinkRefused, "ShrinkRefused", False),
-        (ImageRejected, "ImageRejected", False),
-        (VolumeBusy, "VolumeBusy", True),
-        (NotFound, "SourceMissing", True),
-        (ExportError, "ExportFailed", True),
-        (CommandError, "CommandFailed", True),
-        (StorageError, "StorageError", True),
-    ]
-    for kind, reason, retrying in table:
-        if isinstance(error, kind):
-            return Problem(reason, text, retrying=retrying)
-    return Problem("NodeError", text)
-
-
-def error_status(problem: Problem | None) -> dict[str, Any] | None:
-    if problem is None:
-        return None
-    return {"reason": problem.reason, "message": problem.message, "retrying": problem.retrying}
+def classify(error: BaseException, what: str) -> Problem:
+    """A driver error as a report: reason, message naming `what`, retried or
+    not (each driver error class carries its reason, see nubes.drivers.problem)."""
+    return problem_of(error, what)
 
 
 # --- the node's storage -----------------------------------------------------------------
@@ -353,10 +310,10 @@ class NodeStorage:
         else:
             assert source.image is not None
             if not isinstance(backend, ImageImport):
-                raise Problem(
+                raise fail(
                     "ImageImportUnsupported",
                     f"backend {backend.backend_name} cannot copy images into volumes",
-                    retrying=False,
+                    retryable=False,
                 )
             cached = self.images.ensure_image(source.image)
             backend.create_volume(volume_id, size_gib)
@@ -400,11 +357,11 @@ class NodeStorage:
             if raw is not None:
                 labels = raw.get("metadata", {}).get("labels") or {}
                 if labels.get(VOLUME_UID_LABEL) != vol.uid:
-                    raise Problem(
+                    raise fail(
                         "ChapSecretNameTaken",
                         f"Secret {namespace}/{name} exists and does not belong to volume"
                         f" {vol.name}",
-                        retrying=False,
+                        retryable=False,
                     )
                 data = raw.get("data") or {}
                 return name, ChapCredentials(
@@ -436,7 +393,7 @@ class NodeStorage:
                 raise
             log.info("chap secret created", volume=vol.key, secret=f"{namespace}/{name}")
             return name, creds
-        raise Problem("ChapSecretConflict", f"could not settle Secret {namespace}/{name}")
+        raise fail("ChapSecretConflict", f"could not settle Secret {namespace}/{name}")
 
     async def delete_chap(self, vol: Volume) -> None:
         name, namespace = chap_secret_name(vol.uid), self.secret_namespace
@@ -492,9 +449,9 @@ class _StorageAgent(Reconciler[Any]):
         waits for a change)."""
         failures = self._failures.get(obj.uid, 0) + 1
         self._failures[obj.uid] = failures
-        if not problem.retrying:
+        if not problem.retryable:
             self._stuck[obj.uid] = (self.facts(obj), time.monotonic())
-        delay = min(60.0, 2.0 * 2 ** min(failures, 5)) if problem.retrying else STUCK_RETRY_SECONDS
+        delay = min(60.0, 2.0 * 2 ** min(failures, 5)) if problem.retryable else STUCK_RETRY_SECONDS
         log.warning(
             "storage operation failed",
             kind=obj.crd.kind,
@@ -503,13 +460,13 @@ class _StorageAgent(Reconciler[Any]):
             error=problem.message,
             retry_in=delay,
         )
-        status["agentError"] = error_status(problem)
+        status["nodeProblem"] = node_problem(problem, self.storage.node)
         return Outcome.observed(status, requeue_after=delay)
 
     def succeeded(self, obj: Any, status: dict[str, Any], **kw: Any) -> Outcome:
         self._failures.pop(obj.uid, None)
         self._stuck.pop(obj.uid, None)
-        status["agentError"] = None
+        status["nodeProblem"] = None
         return Outcome.observed(status, **kw)
 
     async def finalize(self, obj: Any) -> Outcome | None:
@@ -517,7 +474,7 @@ class _StorageAgent(Reconciler[Any]):
             return Outcome.observed({}, requeue_after=30)
         try:
             await self.remove(obj)
-        except (StorageError, CommandError, OSError) as e:
+        except (Failure, OSError) as e:
             what = f"deleting {obj.crd.kind} {obj.name}"
             return self.failed(obj, classify(e, what), {})
         self._failures.pop(obj.uid, None)
@@ -555,24 +512,24 @@ class VolumeAgent(_StorageAgent):
         if src.snapshot:
             snap = self.op.store(VolumeSnapshot).lookup(src.snapshot, ns)
             if snap is None:
-                raise Problem("SourceMissing", f"snapshot {src.snapshot} does not exist")
+                raise fail("SourceMissing", f"snapshot {src.snapshot} does not exist")
             return Source("snapshot", snap.uid, described=f"snapshot {src.snapshot}")
         if src.volume:
             origin = self.op.store(Volume).lookup(src.volume, ns)
             if origin is None:
-                raise Problem("SourceMissing", f"volume {src.volume} does not exist")
+                raise fail("SourceMissing", f"volume {src.volume} does not exist")
             return Source("volume", origin.uid, described=f"volume {src.volume}")
         if src.backup:
             backup = self.op.store(VolumeBackup).lookup(src.backup, ns)
             if backup is None:
-                raise Problem("SourceMissing", f"backup {src.backup} does not exist")
+                raise fail("SourceMissing", f"backup {src.backup} does not exist")
             return Source("backup", backup.uid, described=f"backup {ns}/{src.backup}")
         assert src.image is not None
         image_ns = src.image.namespace or ns
         image: Image | None = self.op.store(Image).lookup(src.image.name, image_ns)
         source = source_of(image, self.storage.image_store) if image is not None else None
         if image is None or source is None:
-            raise Problem("SourceMissing", f"image {image_ns}/{src.image.name} is not available")
+            raise fail("ImageNotReady", f"image {image_ns}/{src.image.name} is not imported")
         return Source(
             "image",
             source.sha256,
@@ -589,7 +546,7 @@ class VolumeAgent(_StorageAgent):
             problem = Problem(
                 "PoolNotServed",
                 f"node {s.node} serves no pool {obj.status.backend}/{obj.status.pool}",
-                retrying=False,
+                retryable=False,
             )
             return self.failed(obj, problem, {})
         uid = obj.uid
@@ -603,7 +560,7 @@ class VolumeAgent(_StorageAgent):
                     if source is not None:
                         what = f"filling volume {obj.name} from {source.described}"
                     info = await s.run(s.ensure_volume, backend, uid, granted_size(obj), source)
-                except (Problem, StorageError, ImageCacheError, CommandError, OSError) as e:
+                except (Failure, OSError) as e:
                     # What is there (if anything) does not hold the source's data.
                     left = await s.run(backend.get_volume, uid)
                     status["backing"] = (
@@ -643,7 +600,7 @@ class VolumeAgent(_StorageAgent):
             }
             status["export"] = merged(obj.status.export, export)
             return self.succeeded(obj, status, requeue_after=EXPORT_RECHECK_SECONDS)
-        except (Problem, StorageError, CommandError, OSError, ApiError) as e:
+        except (Failure, OSError, ApiError) as e:
             if isinstance(e, ApiError) and e.conflict:
                 raise
             return self.failed(obj, classify(e, f"volume {obj.name}"), status)
@@ -667,20 +624,24 @@ class SnapshotAgent(_StorageAgent):
             found = await s.run(_find_snapshot, s.backends, obj.uid)
             if found is None:
                 if obj.status.size_gib is not None:
-                    raise Problem(
+                    raise fail(
                         "SnapshotLost",
                         f"snapshot {obj.name} is gone from node {s.node}",
-                        retrying=False,
+                        retryable=False,
                     )
                 vol = self.op.store(Volume).lookup(obj.spec.volume, obj.namespace)
                 if vol is None:
-                    raise Problem("SourceMissing", f"volume {obj.spec.volume} does not exist")
+                    raise fail("SourceMissing", f"volume {obj.spec.volume} does not exist")
                 backend = s.backend(vol.status.backend, vol.status.pool)
                 if backend is None:
-                    raise Problem("PoolNotServed", f"volume {vol.name} is in no pool of this node")
+                    raise fail(
+                        "PoolNotServed",
+                        f"volume {vol.name} is in no pool of this node",
+                        retryable=False,
+                    )
                 found = await s.run(backend.create_snapshot, obj.uid, vol.uid)
             return self.succeeded(obj, {"sizeGib": found.size_gib})
-        except (Problem, StorageError, OSError) as e:
+        except (Failure, OSError) as e:
             return self.failed(obj, classify(e, f"snapshot {obj.name}"), {})
 
     async def remove(self, obj: VolumeSnapshot) -> None:
@@ -706,16 +667,16 @@ class BackupAgent(_StorageAgent):
                 if obj.status.parent:
                     parent = self.op.store(VolumeBackup).lookup(obj.status.parent, obj.namespace)
                     if parent is None:
-                        raise Problem(
+                        raise fail(
                             "ParentMissing", f"parent backup {obj.status.parent} does not exist"
                         )
                     parent_id = parent.uid
                 backend = await s.run(s.holding, volume_uid)
                 if backend is None:
-                    raise Problem(
+                    raise fail(
                         "SourceMissing",
                         f"volume {obj.spec.volume} ({volume_uid}) is not on node {s.node}",
-                        retrying=False,
+                        retryable=False,
                     )
                 info = await s.run(
                     functools.partial(
@@ -735,7 +696,7 @@ class BackupAgent(_StorageAgent):
                 "storedBytes": info.stored_bytes,
             }
             return self.succeeded(obj, status)
-        except (Problem, StorageError, OSError) as e:
+        except (Failure, OSError) as e:
             return self.failed(obj, classify(e, f"backup {obj.name}"), {})
 
     async def remove(self, obj: VolumeBackup) -> None:

@@ -15,6 +15,7 @@ from .meta import (
     CrdInfo,
     Immutable,
     LocalRef,
+    NodeProblem,
     PrinterColumn,
     ProjectRef,
     Resource,
@@ -23,7 +24,6 @@ from .meta import (
     cel,
     validations,
 )
-from .storage import AgentError
 
 GROUP = "compute.nubes.io"
 CATEGORIES = (CATEGORY, "nova")
@@ -268,10 +268,11 @@ class InstanceStatus(Status):
     """ConfigMap holding the tail of the serial console."""
     shelved_disk: DiskTransfer | None = None
     """Root disk kept in the image store while shelved."""
-    agent_error: AgentError | None = None
+    node_problem: NodeProblem | None = None
     """Why the node agent does not bring the instance to its power state, if
     it does not (e.g. PortBindingTimeout: a port is not bound on the node, so
-    the guest is not started)."""
+    the guest is not started; ImageFetchFailed: the image is not in the
+    store)."""
 
 
 class Instance(Resource[InstanceSpec, InstanceStatus]):

@@ -132,6 +132,22 @@ class Condition(ApiModel):
     """When status last changed."""
 
 
+class NodeProblem(ApiModel):
+    """Written by a node agent: why it cannot do what the object asks. The
+    controller shows it in the object's conditions (Reconciling while the
+    agent retries, Stalled when it waits for a change). Reasons are listed in
+    the README's table of problems."""
+
+    reason: str = Field(pattern=r"^[A-Z][A-Za-z0-9]*$")
+    """A CamelCase token, one per failure cause, e.g. ImageFetchFailed."""
+    message: str
+    """What went wrong, for people."""
+    retryable: bool = True
+    """The agent tries again by itself; false means it waits for a change."""
+    node: str | None = None
+    """The node whose agent reports it."""
+
+
 CONDITIONS_SCHEMA_EXTRA: dict[str, Any] = {
     "x-kubernetes-list-type": "map",
     "x-kubernetes-list-map-keys": ["type"],

@@ -14,6 +14,7 @@ from .meta import (
     ApiModel,
     CrdInfo,
     Immutable,
+    NodeProblem,
     PrinterColumn,
     ProjectRef,
     Resource,
@@ -173,17 +174,6 @@ class VolumeExport(ApiModel):
     """Node whose initiator the target admits."""
 
 
-class AgentError(ApiModel):
-    """Written by the storage node's agent: why it cannot do what the object asks."""
-
-    reason: str = Field(pattern=r"^[A-Z][A-Za-z0-9]*$")
-    """A CamelCase token, e.g. BackupCorrupt or InsufficientSpace."""
-    message: str
-    """What went wrong, for people."""
-    retrying: bool = True
-    """The agent tries again by itself; false means it waits for a change."""
-
-
 class VolumeStatus(Status):
     backend: str | None = None
     """Backend holding the volume (controller)."""
@@ -202,7 +192,7 @@ class VolumeStatus(Status):
     """The data on the storage node (storage agent)."""
     export: VolumeExport | None = None
     """iSCSI export for the attached instance (storage agent)."""
-    agent_error: AgentError | None = None
+    node_problem: NodeProblem | None = None
     """Why the storage agent is stuck, if it is (storage agent)."""
 
 
@@ -244,7 +234,7 @@ class VolumeSnapshotStatus(Status):
     """Storage node (controller: the volume's)."""
     size_gib: int | None = Field(default=None)
     """Size of the source volume when taken (storage agent, once taken)."""
-    agent_error: AgentError | None = None
+    node_problem: NodeProblem | None = None
     """Why the storage agent is stuck, if it is (storage agent)."""
 
 
@@ -302,7 +292,7 @@ class VolumeBackupStatus(Status):
     """Chunks this backup wrote (fewer than chunks when incremental)."""
     stored_bytes: int | None = None
     """Compressed bytes this backup wrote."""
-    agent_error: AgentError | None = None
+    node_problem: NodeProblem | None = None
     """Why the storage agent is stuck, if it is (storage agent)."""
 
 

@@ -266,7 +266,10 @@ class InstanceReconciler(Reconciler[Instance]):
             for p in ports
         ]
         # What the node agent cannot do (a port not bound in time), with its reason.
-        problem = agent_problem(obj.status.agent_error, f"node {node}", status)
+        reported = obj.status.node_problem
+        if reported is not None and reported.node not in (None, node):
+            reported = None  # from the node the instance left
+        problem = agent_problem(reported, f"node {node}", status)
         if problem is not None:
             return problem
         waiting = self._waiting_for(obj, ports)

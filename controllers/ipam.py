@@ -8,6 +8,8 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from nubes.drivers.problem import Failure
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -15,11 +17,11 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAC_PREFIX = "fa:16:3e"
 
 
-class IpamError(Exception):
+class IpamError(Failure):
+    """A subnet's addresses cannot be planned: waits for a new spec."""
+
     def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
+        super().__init__(message, reason=reason, retryable=False)
 
 
 @dataclass(frozen=True)

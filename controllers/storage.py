@@ -4,7 +4,7 @@ nodes report, and how the storage agent's reports turn into conditions.
 Status ownership (see api/storage.py): the controller writes placement
 (backend/node/pool), attachment, bootable, and for snapshots and backups the
 node, volume uid and parent; the storage node's agent writes what exists
-there (backing, export, sizes, backup facts) and `agentError`.
+there (backing, export, sizes, backup facts) and `nodeProblem`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from nubes.api.compute import Hypervisor, Instance
-from nubes.api.meta import ApiModel
-from nubes.api.storage import AgentError, Volume, VolumeBackup, VolumeSnapshot
+from nubes.api.meta import ApiModel, NodeProblem
+from nubes.api.storage import Volume, VolumeBackup, VolumeSnapshot
 from nubes.controllers.volume_scheduler import PoolState
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Stall, Wait
@@ -71,13 +71,14 @@ def merged(current: ApiModel | None, wanted: dict[str, Any] | None) -> dict[str,
     return out
 
 
-def agent_problem(error: AgentError | None, where: str, status: dict[str, Any]) -> Outcome | None:
-    """The storage agent's report as the object's state: Stalled when it
-    waits for a change, Reconciling while it retries."""
+def agent_problem(error: NodeProblem | None, where: str, status: dict[str, Any]) -> Outcome | None:
+    """A node agent's report (status.nodeProblem) as the object's state, with
+    the agent's reason: Stalled when it waits for a change, Reconciling while
+    it retries."""
     if error is None:
         return None
     message = f"{where}: {error.message}"
-    if error.retrying:
+    if error.retryable:
         return Outcome.progressing(error.reason, message, status, requeue_after=30)
     return Outcome.stalled(error.reason, message, status)
 

@@ -167,7 +167,7 @@ class VolumeReconciler(Reconciler[Volume]):
         name, size = obj.name, obj.spec.size_gib
         where = f"node {status['node']}, pool {status['backend']}/{status['pool']}"
         backing = obj.status.backing
-        problem = agent_problem(obj.status.agent_error, where, status)
+        problem = agent_problem(obj.status.node_problem, where, status)
         hv = self.op.store(Hypervisor).lookup(status["node"])
         down = "" if hv is not None and node_usable(hv) else " (the node's agent is not ready)"
         if backing is None or not backing.source_done:

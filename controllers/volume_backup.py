@@ -91,7 +91,7 @@ class VolumeBackupReconciler(Reconciler[VolumeBackup]):
                 f"{s.size_gib} GiB {where}{parent}: {s.chunks_stored} of {s.chunks} chunks"
                 f" written, {s.stored_bytes} bytes",
             )
-        problem = agent_problem(s.agent_error, where, status)
+        problem = agent_problem(s.node_problem, where, status)
         if problem:
             return problem
         return Outcome.progressing("BackingUp", f"taking the {where}", status)

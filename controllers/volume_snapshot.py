@@ -67,7 +67,7 @@ class VolumeSnapshotReconciler(Reconciler[VolumeSnapshot]):
         where = f"snapshot of volume {volume_name} on node {node}"
         if obj.status.size_gib is not None:
             return Outcome.ready(status, f"{obj.status.size_gib} GiB {where}")
-        problem = agent_problem(obj.status.agent_error, where, status)
+        problem = agent_problem(obj.status.node_problem, where, status)
         if problem:
             return problem
         return Outcome.progressing("Creating", f"taking the {where}", status)

@@ -14,6 +14,8 @@ from typing import Protocol
 
 import structlog
 
+from nubes.drivers.problem import Failure
+
 log = structlog.get_logger()
 
 
@@ -31,7 +33,9 @@ def redact(argv: Sequence[str]) -> list[str]:
     return out
 
 
-class CommandError(Exception):
+class CommandError(Failure):
+    reason = "CommandFailed"
+
     def __init__(self, argv: Sequence[str], returncode: int, stdout: str, stderr: str):
         self.argv = redact(argv)
         self.returncode = returncode

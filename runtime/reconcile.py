@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from nubes.api.meta import Condition, Resource, now_rfc3339
+from nubes.drivers.problem import Failure
 
 if TYPE_CHECKING:
     from nubes.runtime.operator import Operator
@@ -74,23 +75,19 @@ class Outcome:
         return cls(status, None, requeue_after=requeue_after)
 
 
-class Stall(Exception):
+class Stall(Failure):
     """Raised from deep inside a converge function: the object cannot make
     progress until someone changes it (bad input, exhausted pool)."""
 
     def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
+        super().__init__(message, reason=reason, retryable=False)
 
 
-class Wait(Exception):
+class Wait(Failure):
     """Raised when something the object needs is not there yet."""
 
     def __init__(self, reason: str, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
+        super().__init__(message, reason=reason, retryable=True)
         self.retry_after = retry_after
 
 

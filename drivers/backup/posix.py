@@ -58,10 +58,14 @@ class Compression(StrEnum):
 
 
 class BackupError(StorageError):
-    pass
+    reason = "BackupFailed"
+    retryable = False
 
 
 class BackupInUse(BackupError):
+    reason = "BackupInUse"
+    retryable = True
+
     def __init__(self, backup_id: str, children: list[str]) -> None:
         self.backup_id = backup_id
         self.children = children
@@ -72,6 +76,8 @@ class BackupInUse(BackupError):
 
 
 class CorruptBackup(BackupError):
+    reason = "BackupCorrupt"
+
     def __init__(self, backup_id: str, index: int, obj: str, why: str) -> None:
         self.backup_id = backup_id
         self.index = index

@@ -35,6 +35,7 @@ from nubes.drivers.compute.domain import (
     domain_xml,
     iscsi_secret_xml,
 )
+from nubes.drivers.problem import Failure
 
 log = structlog.get_logger()
 
@@ -49,10 +50,10 @@ class DomainState(StrEnum):
     ABSENT = "absent"
 
 
-class ComputeError(Exception):
+class ComputeError(Failure):
     """Base of the driver's errors; `str(e)` is a message for people."""
 
-    reason = "ComputeError"
+    reason = "ComputeFailed"
 
 
 class DomainNotFound(ComputeError):
@@ -82,7 +83,7 @@ class DeviceBusy(ComputeError):
 
 
 class LibvirtFailure(ComputeError):
-    reason = "LibvirtError"
+    reason = "LibvirtFailed"
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from nubes.drivers.images.inspect import (
     sector_aligned,
     verify_image,
 )
+from nubes.drivers.problem import Failure
 from nubes.drivers.runner import CommandError, Runner
 
 log = structlog.get_logger()
@@ -49,10 +50,12 @@ CHUNK = 1024 * 1024
 STALE_TMP_SECONDS = 3600
 
 
-class ImageCacheError(Exception):
-    """Base of the cache's errors; `str(e)` is a message for people."""
+class ImageCacheError(Failure):
+    """Base of the cache's errors; `str(e)` is a message for people. Bad
+    data (checksum, inspection, size) waits for a new image: not retried."""
 
-    reason = "ImageCacheError"
+    reason = "ImageCacheFailed"
+    retryable = False
 
 
 class InvalidImageSource(ImageCacheError, ValueError):
@@ -63,6 +66,7 @@ class ImageFetchError(ImageCacheError):
     """The store copy could not be read (missing, unreadable)."""
 
     reason = "ImageFetchFailed"
+    retryable = True
 
 
 class ChecksumMismatch(ImageCacheError):

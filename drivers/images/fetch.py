@@ -39,6 +39,8 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from nubes.drivers.problem import Failure
+
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -46,7 +48,7 @@ CHUNK = 1024 * 1024
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
-class FetchError(Exception):
+class FetchError(Failure):
     """A fetch that may work later (network error, server error)."""
 
     reason = "ImageFetchFailed"

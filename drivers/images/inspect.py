@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, BinaryIO, Literal
 
+from nubes.drivers.problem import Failure
 from nubes.drivers.runner import CommandError, Runner
 
 
@@ -50,10 +51,11 @@ DEFAULT_ALLOWED: frozenset[ImageFormat] = frozenset({ImageFormat.RAW, ImageForma
 QEMU_IMG_LIMITS = ("prlimit", "--as=1073741824", "--cpu=30", "--")
 
 
-class ImageInspectionError(Exception):
+class ImageInspectionError(Failure):
     """Base of every refusal; `str(e)` names the file and the problem."""
 
     reason = "ImageRejected"
+    retryable = False
 
     def __init__(self, path: str, problem: str) -> None:
         self.path = path

@@ -28,6 +28,7 @@ from nubes.drivers.hostfiles import make_private_dir, private_file
 from nubes.drivers.images.cache import ChecksumMismatch, ImageRejected, sha256_file
 from nubes.drivers.images.fetch import FetchPolicy, fetch
 from nubes.drivers.images.inspect import ImageInspectionError, cross_check, verify_image
+from nubes.drivers.problem import Failure
 from nubes.drivers.runner import Runner
 
 log = structlog.get_logger()
@@ -35,8 +36,9 @@ log = structlog.get_logger()
 INTERNAL_REF = re.compile(r"^(snapshots|transfers|shelved)/[0-9a-f][0-9a-f-]{0,63}\.qcow2$")
 
 
-class InvalidStoreRef(ValueError):
+class InvalidStoreRef(Failure, ValueError):
     reason = "InvalidStoreRef"
+    retryable = False
 
 
 def internal_path(root: str, ref: str) -> str:

@@ -45,6 +45,8 @@ _TID_RETRIES = 20
 class ExportError(StorageError):
     """tgtd refused a change; the message carries tgtadm's words."""
 
+    reason = "ExportFailed"
+
 
 def iqn_for(volume_id: str, prefix: str = IQN_PREFIX) -> str:
     """IQNs are lowercase letters, digits, '.', '-' and ':' (RFC 3720)."""

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from nubes.drivers.problem import Failure
+
 GIB = 1024**3
 MIB = 1024**2
 
@@ -26,11 +28,16 @@ MIB = 1024**2
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
-class StorageError(Exception):
+class StorageError(Failure):
     """Base of every typed storage error; `str(e)` is a message for people."""
+
+    reason = "StorageFailed"
 
 
 class InvalidId(StorageError, ValueError):
+    reason = "InvalidId"
+    retryable = False
+
     def __init__(self, kind: str, value: str) -> None:
         self.kind = kind
         self.value = value
@@ -41,6 +48,10 @@ class InvalidId(StorageError, ValueError):
 
 
 class NotFound(StorageError):
+    """What the work needs (a source snapshot or volume) is not there."""
+
+    reason = "SourceMissing"
+
     def __init__(self, kind: str, ident: str, where: str = "") -> None:
         self.kind = kind
         self.ident = ident
@@ -48,6 +59,8 @@ class NotFound(StorageError):
 
 
 class VolumeBusy(StorageError):
+    reason = "VolumeBusy"
+
     def __init__(self, volume_id: str, why: str) -> None:
         self.volume_id = volume_id
         self.why = why
@@ -55,6 +68,9 @@ class VolumeBusy(StorageError):
 
 
 class NoSpace(StorageError):
+    reason = "InsufficientSpace"
+    retryable = False
+
     def __init__(self, what: str, needed_gib: float, free_gib: float, pool: str) -> None:
         self.needed_gib = needed_gib
         self.free_gib = free_gib
@@ -65,6 +81,9 @@ class NoSpace(StorageError):
 
 
 class ShrinkRefused(StorageError):
+    reason = "ShrinkRefused"
+    retryable = False
+
     def __init__(self, volume_id: str, current_gib: int, requested_gib: int) -> None:
         self.current_gib = current_gib
         self.requested_gib = requested_gib
@@ -77,9 +96,14 @@ class ShrinkRefused(StorageError):
 class ImageRejected(StorageError):
     """An image that must not be copied into a volume (unsafe or too large)."""
 
+    reason = "ImageRejected"
+    retryable = False
+
 
 class BackendUnavailable(StorageError):
     """The backend cannot work on this node (missing kernel feature, tool, pool)."""
+
+    reason = "BackendUnavailable"
 
 
 def check_id(kind: str, value: str) -> str:

@@ -211,7 +211,7 @@ async def test_an_instance_whose_port_is_not_bound_does_not_boot(
         assert cond is not None and "port vm-nic" in cond.message, cond
         assert f"bound to node {nowhere}" in cond.message
         assert not vm.status.is_true("Ready")
-        assert vm.status.agent_error and vm.status.agent_error.reason == "PortBindingTimeout"
+        assert vm.status.node_problem and vm.status.node_problem.reason == "PortBindingTimeout"
         assert domain_state(domain) in (DomainState.ABSENT, DomainState.SHUTOFF)
         assert vm.status.power_state != "Running"
 
@@ -228,7 +228,7 @@ async def test_an_instance_whose_port_is_not_bound_does_not_boot(
             '[{"op": "remove", "path": "/spec/binding/host"}]',
         )
         vm = await condition(kube, Instance, "vm", ns, timeout=180)
-        assert vm.status.power_state == "Running" and vm.status.agent_error is None
+        assert vm.status.power_state == "Running" and vm.status.node_problem is None
         assert domain_state(domain) == DomainState.RUNNING
         ip = vm.status.addresses[0].ip_addresses[0]
         await wait_console(kube, "vm", ns, f"lease eth0 ip={ip}/24")

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from nubes.api.compute import Hypervisor, Instance
+from nubes.api.image import Image
 from nubes.api.storage import Volume, VolumeBackup, VolumeSnapshot, VolumeType
 from nubes.runtime.kube import SECRETS, Kube, path_of
 from tests.drivers.storage_helpers import tgt_accounts, tgt_show, tgtd_running, write_at
@@ -598,7 +599,7 @@ async def test_backup_incremental_restore_byte_identical_and_corruption(
         index = int(chunk.name.split("-")[1].split(".")[0])
         assert f"chunk {index}" in message(bad) and "bad-restore" in message(bad)
         assert bad.status.backing is None or not bad.status.backing.source_done
-        assert bad.status.agent_error is not None and not bad.status.agent_error.retrying
+        assert bad.status.node_problem is not None and not bad.status.node_problem.retryable
 
         delete("volume", "bad-restore", "restored", ns=ns)
         delete("volumebackup", "incr", ns=ns)
@@ -767,3 +768,60 @@ async def _attached_to(kube: Kube, ns: str, name: str, inst: str) -> bool:
 async def _placed(kube: Kube, ns: str, name: str) -> bool:
     vol = await kube.get(Volume, name, ns)
     return vol is not None and vol.status.node is not None
+
+
+async def test_a_node_failure_shows_on_the_volume(
+    kube: Kube, ready_node: StorageNode, namespace: str, workdir: Path, image_store: Path
+) -> None:
+    """The storage node cannot fill a volume (the image's store copy vanished
+    after the import): the volume says so, with the node's reason, within
+    the failing pass; once the copy is back the agent's retry fills it."""
+    node, ns = ready_node, namespace
+    raw = workdir / f"{ns}-vanishing.raw"
+    data = os.urandom(2 * MIB)
+    raw.write_bytes(data)
+    raw.chmod(0o644)
+    try:
+        apply(
+            {
+                "apiVersion": "image.nubes.io/v1alpha1",
+                "kind": "Image",
+                "metadata": {"name": "vanishing", "namespace": ns},
+                "spec": {
+                    "source": {"url": f"file://{raw}"},
+                    "diskFormat": "raw",
+                    "sha256": sha256_of(raw),
+                },
+            }
+        )
+
+        async def imported() -> Image | None:
+            img = await kube.get(Image, "vanishing", ns)
+            return img if img is not None and img.status.is_true("Ready") else None
+
+        img = await eventually(imported, timeout=90, what="image imported")
+        stored = image_store / img.uid
+        assert stored.is_file()
+        stored.unlink()
+
+        volume(ns, "orphan", 1, node.zone, source={"image": {"name": "vanishing"}})
+        vol = await state(kube, Volume, "orphan", ns, "ImageFetchFailed", timeout=60)
+        problem = vol.status.node_problem
+        assert problem is not None and problem.node == node.name and problem.retryable
+        assert "filling volume orphan from image" in problem.message
+        assert f"node {node.name}" in message(vol)
+        reconciling = vol.status.condition("Reconciling")
+        assert reconciling is not None and reconciling.reason == "ImageFetchFailed"
+
+        stored.write_bytes(raw.read_bytes())
+        stored.chmod(0o600)
+        vol = await state(kube, Volume, "orphan", ns, timeout=120)
+        assert vol.status.node_problem is None
+        assert read_at(node.volume_file(vol), 0, 2 * MIB) == data
+        delete("volume", "orphan", ns=ns)
+        await gone(kube, Volume, "orphan", ns)
+        await no_leaks(kube, node, ns, [vol.uid])
+    finally:
+        delete("volumes", "--all", ns=ns)
+        delete("images", "--all", ns=ns)
+        raw.unlink(missing_ok=True)

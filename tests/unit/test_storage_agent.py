@@ -12,7 +12,6 @@ from nubes.agent.config import AgentConfig
 from nubes.agent.storage import (
     BackendSpec,
     NodeStorage,
-    Problem,
     chap_secret_name,
     classify,
     parse_portal,
@@ -22,6 +21,7 @@ from nubes.api.storage import VolumeExport
 from nubes.controllers.storage import merged
 from nubes.drivers.backup.posix import BackupInUse, CorruptBackup
 from nubes.drivers.images.cache import ChecksumMismatch, ImageFetchError
+from nubes.drivers.problem import Problem, fail
 from nubes.drivers.runner import Result
 from nubes.drivers.volumes.base import NoSpace, PoolStats, VolumeBusy
 from nubes.runtime.operator import Operator
@@ -51,17 +51,17 @@ def test_chap_secret_names_are_per_volume_uid() -> None:
 
 def test_driver_errors_become_reasons_people_can_act_on() -> None:
     corrupt = classify(CorruptBackup("b1", 12, "/s/chunk-00000012.zlib", "bad"), "restoring")
-    assert (corrupt.reason, corrupt.retrying) == ("BackupCorrupt", False)
+    assert (corrupt.reason, corrupt.retryable) == ("BackupCorrupt", False)
     assert corrupt.message.startswith("restoring: backup b1 chunk 12")
     assert classify(NoSpace("volume v", 5, 1, "p"), "x").reason == "InsufficientSpace"
-    assert classify(VolumeBusy("v", "open"), "x").retrying
-    assert classify(BackupInUse("b", ["c"]), "x").retrying
+    assert classify(VolumeBusy("v", "open"), "x").retryable
+    assert classify(BackupInUse("b", ["c"]), "x").retryable
     assert classify(ImageFetchError("down"), "x").reason == "ImageFetchFailed"
     mismatch = classify(ChecksumMismatch("file:///i", "a" * 64, "b" * 64), "x")
-    assert (mismatch.reason, mismatch.retrying) == ("ChecksumMismatch", False)
+    assert (mismatch.reason, mismatch.retryable) == ("ChecksumMismatch", False)
     assert classify(RuntimeError("boom"), "x").reason == "NodeError"
-    problem = Problem("PoolNotServed", "no pool", retrying=False)
-    assert classify(problem, "ignored") is problem
+    explicit = classify(fail("PoolNotServed", "no pool", retryable=False), "volume v")
+    assert explicit == Problem("PoolNotServed", "volume v: no pool", retryable=False)
 
 
 def test_pool_report_rounds_conservatively_and_stringifies_capabilities() -> None:
