@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from nubes.api.compute import Flavor
-from nubes.api.identity import Project
 from nubes.api.storage import VolumeType
+from nubes.controllers import indexes
 from nubes.controllers.image import project_of_namespace
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Stall
@@ -30,7 +30,7 @@ class _AccessSpec(Protocol):
 
 def index_projects(op: Operator) -> None:
     """The Project index `project_of_namespace` reads (idempotent)."""
-    op.store(Project).add_index("namespace", lambda p: [p.status.namespace or p.name])
+    indexes.index_projects(op)
 
 
 def accessible(spec: _AccessSpec, project: str) -> bool:

@@ -43,6 +43,14 @@ def allocation_name(pool: str, value: str) -> str:
     return f"{pool}.{encode_value(value)}"
 
 
+def _pool_of(a: Allocation) -> list[str]:
+    return [a.spec.pool]
+
+
+def _owner_of(a: Allocation) -> list[str]:
+    return [a.spec.owner.uid]
+
+
 class Ledger:
     """Who holds what: the watch cache, corrected by this worker's own recent
     writes (claims and releases the cache may not show yet), so that a converge
@@ -51,8 +59,8 @@ class Ledger:
     def __init__(self, op: Operator):
         self.op = op
         self.store = op.store(Allocation)
-        self.store.add_index("pool", lambda a: [a.spec.pool])
-        self.store.add_index("owner", lambda a: [a.spec.owner.uid])
+        self.store.add_index("pool", _pool_of)
+        self.store.add_index("owner", _owner_of)
         self._created: dict[str, tuple[Allocation, float]] = {}
         self._released: dict[str, float] = {}
         self._taken: dict[str, tuple[str, str, float]] = {}

@@ -13,6 +13,7 @@ from nubes.api.image import Image
 from nubes.api.meta import ProjectRef
 from nubes.controllers.config import ControllerConfig
 from nubes.controllers.image_import import ImportPool
+from nubes.controllers.indexes import index_projects
 from nubes.drivers.images.cache import ImageCacheError
 from nubes.drivers.images.fetch import FetchError
 from nubes.drivers.images.store import ImageStore, InvalidStoreRef, StoredImage
@@ -69,7 +70,7 @@ class ImageReconciler(Reconciler[Image]):
 
     def setup(self, op: Operator) -> None:
         super().setup(op)
-        op.store(Project).add_index("namespace", lambda p: [p.status.namespace or p.name])
+        index_projects(op)
 
     def accepts(self, obj: Image) -> bool:
         return self.op.owns_shard(obj.uid)

@@ -29,6 +29,7 @@ from nubes.controllers.compute_scheduler import (
 )
 from nubes.controllers.hypervisor import usable
 from nubes.controllers.image import resolve_image
+from nubes.controllers.indexes import index_actions, index_instances, index_ports
 from nubes.controllers.quota import hold, instance_amounts, quota_refusal, requeue_refused
 from nubes.controllers.storage import agent_problem
 from nubes.runtime.kube import ApiError, path_of
@@ -140,7 +141,7 @@ class InstanceReconciler(Reconciler[Instance]):
     def setup(self, op: Operator) -> None:
         super().setup(op)
         instances = op.store(Instance)
-        instances.add_index("uid", lambda i: [i.uid])
+        index_instances(op)
         instances.add_index("flavor", lambda i: [i.spec.flavor])
         instances.add_index(
             "image",
@@ -153,10 +154,8 @@ class InstanceReconciler(Reconciler[Instance]):
         instances.add_index(
             "volume", lambda i: [f"{i.namespace}/{v}" for v in self._volume_names(i)]
         )
-        actions = op.store(InstanceAction)
-        actions.add_index("instance", lambda a: [f"{a.namespace}/{a.spec.instance}"])
-        ports = op.store(Port)
-        ports.add_index("device", lambda p: [p.spec.device_id] if p.spec.device_id else [])
+        index_actions(op)
+        index_ports(op)
         op.store(Network)
         op.store(Volume)
         op.store(Image)

@@ -19,6 +19,7 @@ from nubes.controllers.access import index_projects, require_flavor
 from nubes.controllers.compute_scheduler import Choice, RequestSpec, schedule
 from nubes.controllers.config import ControllerConfig
 from nubes.controllers.image import resolve_image
+from nubes.controllers.indexes import index_actions
 from nubes.controllers.instance import host_states, request_for, root_disk_gib
 from nubes.controllers.quota import Amounts, hold, release, requeue_refused, resize_amounts
 from nubes.drivers.images.store import ImageStore
@@ -53,7 +54,7 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
     def setup(self, op: Operator) -> None:
         super().setup(op)
         actions = op.store(InstanceAction)
-        actions.add_index("instance", lambda a: [f"{a.namespace}/{a.spec.instance}"])
+        index_actions(op)
         actions.add_index("flavor", lambda a: [a.spec.flavor] if a.spec.flavor else [])
         op.store(Flavor)
         index_projects(op)

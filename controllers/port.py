@@ -13,6 +13,7 @@ from nubes.api.compute import Instance
 from nubes.api.meta import seconds_since
 from nubes.api.network import Allocation, Network, Port, Router, Subnet
 from nubes.controllers.allocations import Ledger
+from nubes.controllers.indexes import index_instances, index_ports
 from nubes.controllers.ipam import SubnetPlan, random_mac
 from nubes.controllers.network import DHCP_OWNER, ROUTER_INTERFACE
 from nubes.controllers.security_group import ensure_default_group
@@ -54,7 +55,7 @@ class PortReconciler(Reconciler[Port]):
         self.ledger = Ledger(op)
         self._uids: dict[str, str] = {}
         ports = op.store(Port)
-        op.store(Instance).add_index("uid", lambda i: [i.uid])
+        index_instances(op)
 
         def ports_on(net_key: str) -> list[str]:
             return [p.key for p in ports.by_index("network", net_key)]
@@ -74,7 +75,7 @@ class PortReconciler(Reconciler[Port]):
             when=lambda old, new: _subnet_facts(old) != _subnet_facts(new),
         )
         # An instance's node is where its ports are bound.
-        ports.add_index("device", lambda p: [p.spec.device_id] if p.spec.device_id else [])
+        index_ports(op)
         op.watch(
             Instance,
             Port,

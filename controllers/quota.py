@@ -37,6 +37,7 @@ from nubes.api.identity import Project, Quotas, Reservation
 from nubes.api.meta import Resource
 from nubes.api.network import FloatingIP, Network, Port, Router, SecurityGroup, Subnet
 from nubes.api.storage import Volume, VolumeBackup, VolumeSnapshot
+from nubes.controllers.indexes import index_projects
 from nubes.runtime.kube import ApiError, path_of
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Stall
@@ -195,13 +196,21 @@ def hard_limits(quotas: Quotas) -> dict[str, str]:
 
 def index_consumers(op: Operator) -> None:
     """Indexes the quota code reads (idempotent; every reconciler may call it)."""
-    op.store(Project).add_index("namespace", lambda p: [p.status.namespace or p.name])
+    index_projects(op)
     for _, kind in COUNTED:
-        op.store(kind).add_index("quota-namespace", lambda o: [o.namespace or ""])
+        op.store(kind).add_index("quota-namespace", _namespace_of)
     for kind in CONSUMERS:
         store = op.store(kind)
-        store.add_index("quota-namespace", lambda o: [o.namespace or ""])
-        store.add_index("quota-uid", lambda o: [o.uid])
+        store.add_index("quota-namespace", _namespace_of)
+        store.add_index("quota-uid", _uid_of)
+
+
+def _namespace_of(obj: Any) -> list[str]:
+    return [obj.namespace or ""]
+
+
+def _uid_of(obj: Any) -> list[str]:
+    return [obj.uid]
 
 
 def project_for(op: Operator, namespace: str | None) -> Project | None:

@@ -135,27 +135,36 @@ def _unbacked_pool(v: Volume) -> list[str]:
 
 def add_indexes(op: Operator) -> None:
     """The indexes the storage reconcilers read (each adds them all, so any
-    one of them works alone)."""
+    one of them works alone: the same functions each time)."""
     op.store(Volume).add_index("storage-source", needs_source)
     op.store(Volume).add_index("storage-unbacked", _unbacked_pool)
-    op.store(Volume).add_index(
-        "storage-type",
-        lambda v: [v.spec.volume_type or DEFAULT_VOLUME_TYPE] if not v.status.node else [],
-    )
-    op.store(Instance).add_index(
-        "storage-volume",
-        lambda i: [f"{i.namespace}/{n}" for n in sorted(instance_volume_names(i))],
-    )
-    op.store(VolumeSnapshot).add_index(
-        "storage-volume", lambda s: [f"{s.namespace}/{s.spec.volume}"]
-    )
+    op.store(Volume).add_index("storage-type", _unplaced_type)
+    op.store(Instance).add_index("storage-volume", _instance_volumes)
+    op.store(VolumeSnapshot).add_index("storage-volume", _volume_key)
     backups = op.store(VolumeBackup)
-    backups.add_index("storage-volume", lambda b: [f"{b.namespace}/{b.spec.volume}"])
-    backups.add_index("storage-volume-uid", lambda b: [b.status.volume_uid or ""])
-    backups.add_index(
-        "storage-parent",
-        lambda b: [f"{b.namespace}/{b.status.parent}"] if b.status.parent else [],
-    )
+    backups.add_index("storage-volume", _volume_key)
+    backups.add_index("storage-volume-uid", _backup_volume_uid)
+    backups.add_index("storage-parent", _backup_parent)
+
+
+def _unplaced_type(v: Volume) -> list[str]:
+    return [v.spec.volume_type or DEFAULT_VOLUME_TYPE] if not v.status.node else []
+
+
+def _instance_volumes(i: Instance) -> list[str]:
+    return [f"{i.namespace}/{n}" for n in sorted(instance_volume_names(i))]
+
+
+def _volume_key(obj: VolumeSnapshot | VolumeBackup) -> list[str]:
+    return [f"{obj.namespace}/{obj.spec.volume}"]
+
+
+def _backup_volume_uid(b: VolumeBackup) -> list[str]:
+    return [b.status.volume_uid or ""]
+
+
+def _backup_parent(b: VolumeBackup) -> list[str]:
+    return [f"{b.namespace}/{b.status.parent}"] if b.status.parent else []
 
 
 def copyable_volume(

@@ -30,12 +30,12 @@ from typing import Any
 import structlog
 
 from nubes.api.compute import Hypervisor, Instance
-from nubes.api.identity import Project
 from nubes.api.image import Image
 from nubes.api.meta import ProjectRef
 from nubes.api.storage import VOLUME_FINALIZER, Volume, VolumeBackup, VolumeSnapshot, VolumeType
 from nubes.controllers.access import require_volume_type
 from nubes.controllers.image import project_of_namespace, visible
+from nubes.controllers.indexes import index_projects
 from nubes.controllers.quota import hold, requeue_refused, volume_amounts
 from nubes.controllers.storage import (
     DEFAULT_VOLUME_TYPE,
@@ -87,7 +87,7 @@ class VolumeReconciler(Reconciler[Volume]):
         volumes = op.store(Volume)
         op.store(VolumeType)
         op.store(Image)
-        op.store(Project).add_index("namespace", lambda p: [p.status.namespace or p.name])
+        index_projects(op)
         requeue_refused(op, Volume)
 
         def pending_of(prefix: str, key: str) -> list[str]:

@@ -44,6 +44,17 @@ class Store(Generic[R]):
         return self._items.get(key_of(namespace, name))
 
     def add_index(self, name: str, fn: Callable[[R], Iterable[str]]) -> None:
+        """Register an index once. The same function again is accepted (a
+        helper several reconcilers call); another function under a taken
+        name is an error: the last one would silently win for every reader."""
+        known = self._index_fns.get(name)
+        if known is fn:
+            return
+        if known is not None:
+            raise ValueError(
+                f"index {name!r} of {self.kind.crd.kind} is already registered"
+                f" ({known.__qualname__}); register it once, where it is owned"
+            )
         self._index_fns[name] = fn
         index: defaultdict[str, set[str]] = defaultdict(set)
         for key, obj in self._items.items():
