@@ -60,9 +60,12 @@ node-daemons-stop: ## stop the node daemons this checkout started
 
 # --- main job and tests ----------------------------------------------------------------
 
-.PHONY: demo demo-down test test-unit
-demo: setup ## control plane, node daemons, CRDs, controller, agent, then the quickstart
+.PHONY: demo demo-local demo-down test test-unit
+demo: setup ## local cluster with a kubelet node, helm install of the Nubes image, then the quickstart
 	hack/demo.sh up
+
+demo-local: setup ## the same with the controller and agent as local processes (development)
+	NUBES_DEMO_MODE=local hack/demo.sh up
 
 demo-down: ## delete the quickstart, stop controller, agent and control plane
 	hack/demo.sh down

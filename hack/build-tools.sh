@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build kube-apiserver, kube-controller-manager, kube-scheduler, kubelet,
-# kubectl, etcd and helm from the Go module proxy into a
+# kubectl, etcd, helm and a kstatus checker from the Go module proxy into a
 # cache outside the work tree, keyed by version. Rebuilds only what is missing.
 # Prints the bin directory on its last line.
 set -euo pipefail
@@ -70,6 +70,26 @@ build_helm() {
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
+build_kstatus() { # keyed by the cli-utils version and the checker's source
+  local key; key=$(sha256sum "$here/kstatus/main.go" | cut -c1-8)
+  local out=$cache/tools/kstatus-$CLI_UTILS_VERSION-$key
+  if [[ -x $out/kstatus-check ]]; then return; fi
+  local work; work=$(mktemp -d)
+  trap 'rm -rf "$work"' RETURN
+  log "building kstatus-check (sigs.k8s.io/cli-utils $CLI_UTILS_VERSION)"
+  cp "$here/kstatus/main.go" "$work/"
+  (
+    cd "$work"
+    printf 'module nubes.local/kstatus\ngo 1.25\nrequire sigs.k8s.io/cli-utils %s\n' "$CLI_UTILS_VERSION" > go.mod
+    go mod tidy >&2
+    mkdir -p "$out.tmp"
+    go build -trimpath -ldflags "$ldflags" -o "$out.tmp/kstatus-check" .
+  )
+  rm -rf "$out"; mv "$out.tmp" "$out"
+  # Earlier builds of the checker go.
+  find "$cache/tools" -maxdepth 1 -name 'kstatus-*' ! -name "${out##*/}" -exec rm -rf {} +
+}
+
 link_bin() {
   local bin=$cache/bin
   mkdir -p "$bin"
@@ -80,6 +100,7 @@ link_bin() {
   ln -sf "$cache/tools/kubernetes-$KUBE_VERSION/kubelet" "$bin/kubelet"
   ln -sf "$cache/tools/etcd-$ETCD_VERSION/etcd" "$bin/etcd"
   ln -sf "$cache/tools/helm-$HELM_VERSION/helm" "$bin/helm"
+  ln -sf "$cache/tools/kstatus-$CLI_UTILS_VERSION-$(sha256sum "$here/kstatus/main.go" | cut -c1-8)/kstatus-check" "$bin/kstatus-check"
   echo "$bin"
 }
 
@@ -87,4 +108,5 @@ mkdir -p "$cache/tools"
 build_etcd
 build_helm
 build_kube
+build_kstatus
 link_bin

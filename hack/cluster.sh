@@ -116,6 +116,11 @@ wait_for() { # what seconds command...
 }
 
 up() {
+  # The local cluster's own kubeconfig (exported as the README says) is not
+  # "the user's cluster": start it when it is down.
+  if [[ -n ${KUBECONFIG:-} && $(realpath -m "$KUBECONFIG") == $(realpath -m "$kubeconfig") ]]; then
+    unset KUBECONFIG
+  fi
   if [[ -n ${KUBECONFIG:-} ]]; then
     "$(tools_bin)/kubectl" version >/dev/null || { log "KUBECONFIG=$KUBECONFIG does not answer"; exit 1; }
     log "using the cluster of KUBECONFIG=$KUBECONFIG"
@@ -147,7 +152,7 @@ up() {
     --authorization-mode Node,RBAC \
     --enable-admission-plugins NamespaceLifecycle,ServiceAccount,NodeRestriction,ValidatingAdmissionPolicy,ValidatingAdmissionWebhook,MutatingAdmissionWebhook,ResourceQuota \
     --kubelet-client-certificate "$pki/admin.crt" --kubelet-client-key "$pki/admin.key" \
-    --kubelet-preferred-address-types Hostname,InternalIP \
+    --kubelet-preferred-address-types Hostname,InternalIP --allow-privileged=true \
     --service-account-issuer https://kubernetes.default.svc \
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
     --service-cluster-ip-range 10.96.0.0/24 \

@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
-# The main job: a local control plane and node services, the CRDs and the
-# chart's roles and policies, the controller and a node agent as local
-# processes, then the quickstart, and what came of it.
+# The main job: a local cluster with a kubelet node and the node services,
+# Nubes installed with `helm install` from the image hack/image.sh builds (the
+# controller and the agent as Pods), then the quickstart, and what came of it.
 #
-#   hack/demo.sh up     (make demo)
-#   hack/demo.sh down   (make demo-down)
+#   hack/demo.sh up          (make demo)
+#   hack/demo.sh down        (make demo-down)
+#   NUBES_DEMO_MODE=local hack/demo.sh up   (make demo-local: the chart's
+#       cluster objects, the controller and agent as local processes from .venv,
+#       for development; also the mode for a KUBECONFIG of another cluster,
+#       whose nodes cannot get the locally built image)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 state=${NUBES_STATE:-$root/.nubes}
 bin=$(hack/build-tools.sh | tail -n 1)
-# cluster.sh takes a set KUBECONFIG to mean "use the user's cluster".
+# cluster.sh takes a set KUBECONFIG to mean "use the user's cluster"; the
+# local cluster's own kubeconfig (as the README says to export) is not that.
 user_kubeconfig=${KUBECONFIG:-}
+if [[ -n $user_kubeconfig && $(realpath -m "$user_kubeconfig") == $(realpath -m "$state/kubeconfig") ]]; then
+  user_kubeconfig=
+fi
+mode=${NUBES_DEMO_MODE:-helm}
+[[ -z $user_kubeconfig ]] || mode=local
 export KUBECONFIG=${KUBECONFIG:-$state/kubeconfig}
 kubectl() { "$bin/kubectl" "$@"; }
 node=${NUBES_DEMO_NODE:-$(hostname)}
-node_state=$state/node
+# The agent's state (instances, image cache, volumes); $state/node is the
+# kubelet node's (hack/node.sh).
+node_state=$state/hypervisor
 mkdir -p "$state/logs" "$state/run" "$node_state"
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -40,10 +52,47 @@ stop_proc() {
 }
 
 up() {
-  say "control plane and node daemons"
+  say "control plane, kubelet node and node daemons"
   KUBECONFIG=$user_kubeconfig hack/cluster.sh up
   hack/node-daemons.sh start
+  if [[ $mode == helm ]]; then
+    kubectl wait --for=condition=Ready node --all --timeout=120s >/dev/null
+    kubectl get nodes
+    helm_up
+  else
+    local_up
+  fi
+  quickstart
+}
 
+helm_up() {
+  say "Nubes image (hack/image.sh), into the node's containerd"
+  local ref
+  ref=$(hack/image.sh load "$state/node/containerd/containerd.sock")
+  echo "$ref"
+
+  say "guest image (hack/guest-image), served on loopback for the quickstart Image"
+  guest=$(hack/guest-image/build.sh | tail -n 1)
+  start_http "$(dirname "$guest")"
+
+  say "helm install nubes charts/nubes"
+  # The local cluster has no kube-proxy: the Pods use the host network and
+  # reach the API server on loopback. The quickstart image is served on
+  # 127.0.0.2:18090; the import policy allows exactly that.
+  local api_port=${NUBES_APISERVER_PORT:-16443}
+  "$bin/helm" upgrade --install nubes charts/nubes --namespace nubes-system --create-namespace \
+    --set image.repository="${ref%:*}" --set image.tag="${ref##*:}" --set image.pullPolicy=Never \
+    --set apiServer.host=127.0.0.1 --set apiServer.port="$api_port" \
+    --set controller.hostNetwork=true --set controller.healthPort=18081 --set agent.healthPort=18082 \
+    --set controller.imageStore.hostPath="$state/images" \
+    --set 'controller.imageImport.allowNetworks={127.0.0.2/32}' --set 'controller.imageImport.ports={18090}' \
+    --set agent.stateDir="$node_state" --set agent.runDir="$state/run/agent" \
+    --wait --timeout 5m 2>&1 | grep -v 'found symbolic link' | sed -n '1,6p'
+  kubectl get pods -n nubes-system -o wide
+  echo "kinds: $(kubectl api-resources --categories=nubes -o name | tr '\n' ' ')"
+}
+
+local_up() {
   say "CRDs, roles and admission policies"
   kubectl apply --server-side --force-conflicts -f crds/ >/dev/null
   kubectl wait --for=condition=Established crd --all --timeout=60s >/dev/null
@@ -69,7 +118,9 @@ up() {
     for _ in $(seq 150); do curl -fsS -o /dev/null "http://127.0.0.1:$port/healthz" 2>/dev/null && break; sleep 0.2; done
   done
   echo "logs: $state/logs/controller.log $state/logs/agent.log"
+}
 
+quickstart() {
   say "quickstart (examples/quickstart)"
   kubectl apply -f examples/quickstart/00-project.yaml
   # Ready once the API server's quota system counts the project's kinds (the
@@ -108,6 +159,10 @@ down() {
     kubectl delete -f examples/quickstart/ --ignore-not-found --wait=true --timeout=180s || true
     # The agent removes domains, disks and ports before the namespace goes.
     kubectl wait --for=delete namespace/demo --timeout=180s 2>/dev/null || true
+  fi
+  if [[ -z $user_kubeconfig ]] && hack/cluster.sh status | grep 'kube-apiserver: running' >/dev/null \
+    && "$bin/helm" status nubes -n nubes-system >/dev/null 2>&1; then
+    "$bin/helm" uninstall nubes -n nubes-system --wait --timeout 3m || true
   fi
   stop_proc agent
   stop_proc controller

@@ -9,6 +9,9 @@ packages=(
   busybox-static linux-image-cloud-amd64 extlinux syslinux syslinux-common mtools genisoimage
   iptables ipset conntrack ethtool iproute2 procps psmisc cpio gzip xz-utils parted dosfstools
   e2fsprogs kmod curl
+  # The local cluster's node (hack/node.sh), the image build (hack/image.sh),
+  # the Argo CD health check tests (Lua).
+  containerd runc containernetworking-plugins mmdebstrap lua5.4
 )
 missing=()
 for p in "${packages[@]}"; do

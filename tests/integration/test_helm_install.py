@@ -1,0 +1,262 @@
+"""`helm install nubes charts/nubes` onto a real kubelet node, the way users
+install it: the image built by hack/image.sh and imported into the node's
+containerd, the controller and agent as Pods under the chart's ServiceAccounts
+with only the chart's RBAC (they reconcile a Project and register the node's
+Hypervisor), `helm test`, `helm upgrade` rolling the Pods, `helm uninstall`
+keeping only the CRDs, and the node's `down` leaving no process, mount or
+cgroup.
+
+The release goes into a cluster of its own (hack/cluster.sh with another
+state directory and ports): the suite's cluster already holds the chart's
+cluster objects, applied without Helm."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.helpers import ROOT, eventually, free_port
+
+CACHE = Path(os.environ.get("NUBES_CACHE", os.path.expanduser("~/.cache/nubes")))
+NS = "nubes-system"
+
+
+@dataclass
+class Cluster:
+    state: Path
+    env: dict[str, str]
+    api_port: int
+    values: list[str]
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 300) -> str:
+        proc = subprocess.run(
+            argv, env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr}")
+        return proc.stdout + proc.stderr
+
+    def kubectl(self, *args: str, check: bool = True) -> str:
+        return self.run(str(CACHE / "bin" / "kubectl"), *args, check=check)
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.kubectl(*args, "-o", "json"))
+
+    def helm(self, *args: str, check: bool = True) -> str:
+        return self.run(str(CACHE / "bin" / "helm"), *args, check=check)
+
+
+def _nubes_processes() -> list[str]:
+    """Processes of the image's nubes (the suite's own run from .venv)."""
+    out = subprocess.run(["pgrep", "-af", "/opt/nubes/bin/"], capture_output=True, text=True)
+    return out.stdout.splitlines()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    state = tmp_path_factory.mktemp("helm")
+    host = tmp_path_factory.mktemp("helm-host")
+    api_port, etcd_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG" and not k.startswith("NUBES_")}
+    env |= {
+        "NUBES_CACHE": str(CACHE),
+        "NUBES_STATE": str(state),
+        "NUBES_APISERVER_PORT": str(api_port),
+        "NUBES_ETCD_PORT": str(etcd_port),
+        "NUBES_KCM_PORT": str(free_port()),
+        "NUBES_SCHEDULER_PORT": str(free_port()),
+        "NUBES_KUBELET_PORT": str(free_port()),
+        "NUBES_KUBELET_HEALTHZ_PORT": str(free_port()),
+        "NUBES_CNI_BRIDGE": "nubes-cni-h",
+        "NUBES_POD_CIDR": "10.244.200.0/24",
+    }
+    c = Cluster(state, env, api_port, [])
+    try:
+        c.run(str(ROOT / "hack" / "cluster.sh"), "up")
+        c.env["KUBECONFIG"] = str(state / "kubeconfig")
+        ref = c.run(
+            str(ROOT / "hack" / "image.sh"),
+            "load",
+            str(state / "node" / "containerd" / "containerd.sock"),
+            timeout=900,
+        ).splitlines()[-1]
+        repo, tag = ref.rsplit(":", 1)
+        c.values = [
+            f"image.repository={repo}",
+            f"image.tag={tag}",
+            "image.pullPolicy=Never",
+            # No kube-proxy here: the Pods reach the API server on loopback.
+            "apiServer.host=127.0.0.1",
+            f"apiServer.port={api_port}",
+            "controller.hostNetwork=true",
+            f"controller.healthPort={free_port()}",
+            f"agent.healthPort={free_port()}",
+            f"agent.stateDir={host / 'state'}",
+            f"agent.runDir={host / 'run'}",
+            f"controller.imageStore.hostPath={host / 'images'}",
+        ]
+        yield c
+    finally:
+        c.run(str(ROOT / "hack" / "cluster.sh"), "down", check=False)
+    # Nothing of the node outlives `down`.
+    mounts = Path("/proc/mounts").read_text()
+    assert f"{state}/" not in mounts
+    assert not _nubes_processes()
+    for name in ("containerd", "kubelet", "kube-scheduler", "kube-apiserver", "etcd"):
+        assert not (state / "run" / f"{name}.pid").exists(), name
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/{_cgroup_root(state)}"))
+    assert subprocess.run(["ip", "link", "show", "nubes-cni-h"], capture_output=True).returncode
+
+
+def _cgroup_root(state: Path) -> str:
+    import hashlib
+
+    return "nubes-" + hashlib.sha256(str(state).encode()).hexdigest()[:8]
+
+
+def _pods(c: Cluster) -> list[dict[str, Any]]:
+    pods: list[dict[str, Any]] = c.json("get", "pods", "-n", NS)["items"]
+    return pods
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    conds = pod.get("status", {}).get("conditions", [])
+    return pod["status"].get("phase") == "Running" and any(
+        x["type"] == "Ready" and x["status"] == "True" for x in conds
+    )
+
+
+@pytest.fixture(scope="module")
+def installed(cluster: Cluster) -> Cluster:
+    sets = [a for v in cluster.values for a in ("--set", v)]
+    cluster.helm(
+        "install", "nubes", str(ROOT / "charts" / "nubes"), "-n", NS, "--create-namespace",
+        *sets, "--wait", "--timeout", "5m",
+    )  # fmt: skip
+    return cluster
+
+
+async def test_install_runs_ready_pods_under_the_charts_service_accounts(
+    installed: Cluster,
+) -> None:
+    c = installed
+    pods = _pods(c)
+    by_component = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in pods}
+    assert set(by_component) == {"controller", "agent"}
+    assert all(_ready(p) for p in pods), [p["status"] for p in pods]
+    assert by_component["controller"]["spec"]["serviceAccountName"] == "nubes-controller"
+    assert by_component["agent"]["spec"]["serviceAccountName"] == "nubes-agent"
+    agent = by_component["agent"]["spec"]
+    assert agent["hostNetwork"] and agent["containers"][0]["securityContext"]["privileged"]
+    # The agent's tunnel endpoint is the node's address (it reads NUBES_TUNNEL_IP).
+    env = {e["name"]: e for e in agent["containers"][0]["env"]}
+    assert env["NUBES_TUNNEL_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+
+
+async def test_pods_work_with_the_charts_rbac_only(installed: Cluster) -> None:
+    """The agent Pod registers its node's Hypervisor (host facts, heartbeat),
+    the controller Pod makes a Project Ready (namespace, role bindings,
+    quota): both act only with their ServiceAccounts' tokens."""
+    c = installed
+    node = c.json("get", "nodes")["items"][0]["metadata"]["name"]
+
+    def hypervisor_ready() -> bool:
+        hv = c.json("get", "hypervisors", node)
+        conds = hv.get("status", {}).get("conditions", [])
+        return bool(hv["status"].get("vcpus")) and any(
+            x["type"] == "Ready" and x["status"] == "True" for x in conds
+        )
+
+    await eventually(hypervisor_ready, timeout=120, what="the agent Pod's Hypervisor Ready")
+    project = {
+        "apiVersion": "identity.nubes.io/v1alpha1",
+        "kind": "Project",
+        "metadata": {"name": "helm-proj"},
+        "spec": {"members": [{"kind": "User", "name": "alice", "role": "admin"}]},
+    }
+    subprocess.run(
+        [str(CACHE / "bin" / "kubectl"), "apply", "-f", "-"],
+        input=json.dumps(project), env=c.env, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+
+    def project_ready() -> bool:
+        got = c.json("get", "projects", "helm-proj")
+        conds = got.get("status", {}).get("conditions", [])
+        return any(x["type"] == "Ready" and x["status"] == "True" for x in conds)
+
+    # Ready once the quota controller counts the new kinds (its discovery resync).
+    await eventually(project_ready, timeout=180, what="Project Ready from the controller Pod")
+    assert c.json("get", "namespace", "helm-proj")["status"]["phase"] == "Active"
+    for component in ("controller", "agent"):
+        logs = c.kubectl("logs", "-n", NS, "-l", f"app.kubernetes.io/component={component}")
+        assert "Forbidden" not in logs and " 403" not in logs, logs[-2000:]
+    c.kubectl("delete", "project", "helm-proj", "--wait=true", "--timeout=120s")
+
+
+async def test_helm_test_smoke(installed: Cluster) -> None:
+    out = installed.helm("test", "nubes", "-n", NS, "--timeout", "3m")
+    assert "Phase:          Succeeded" in out, out
+
+
+async def test_values_schema_refuses_bad_values(installed: Cluster) -> None:
+    out = installed.helm(
+        "template", "nubes", str(ROOT / "charts" / "nubes"),
+        "--set", "controller.replicas=0", "--set", "agent.tunnelEndpoint=eth0",
+        check=False,
+    )  # fmt: skip
+    assert "values don't meet the specifications of the schema" in out, out
+    assert "controller.replicas" in out.replace("/", ".") or "replicas" in out, out
+    assert "tunnelEndpoint" in out, out
+
+
+async def test_upgrade_with_a_changed_value_rolls_the_pods(installed: Cluster) -> None:
+    c = installed
+    before = {p["metadata"]["uid"] for p in _pods(c)}
+    c.helm(
+        "upgrade", "nubes", str(ROOT / "charts" / "nubes"), "-n", NS, "--reuse-values",
+        "--set", "controller.logLevel=debug", "--set", "agent.logLevel=debug",
+        "--wait", "--timeout", "5m",
+    )  # fmt: skip
+
+    def rolled() -> list[dict[str, Any]] | None:
+        pods = _pods(c)
+        fresh = [p for p in pods if p["metadata"]["uid"] not in before]
+        return pods if len(fresh) == len(pods) == 2 and all(map(_ready, pods)) else None
+
+    pods = await eventually(rolled, timeout=180, what="new controller and agent Pods Ready")
+    for p in pods:
+        cmd = " ".join(
+            p["spec"]["containers"][0]["command"] + p["spec"]["containers"][0].get("args", [])
+        )
+        assert "debug" in cmd, cmd
+    assert "REVISION: 2" in c.helm("status", "nubes", "-n", NS)
+
+
+async def test_uninstall_keeps_only_the_crds(installed: Cluster) -> None:
+    c = installed
+    crds_before = {i["metadata"]["name"] for i in c.json("get", "crds")["items"]}
+    assert any(n.endswith(".nubes.io") for n in crds_before)
+    released = [d for d in yaml.safe_load_all(c.helm("get", "manifest", "nubes", "-n", NS)) if d]
+    assert len(released) > 20
+    c.helm("uninstall", "nubes", "-n", NS, "--wait", "--timeout", "3m")
+    for obj in released:
+        meta = obj["metadata"]
+        where = ["-n", meta.get("namespace", NS)]
+        got = c.kubectl(
+            "get", obj["kind"], meta["name"], *where, "--ignore-not-found", "-o", "name"
+        )
+        if obj["kind"] == "CustomResourceDefinition":
+            assert got.strip(), f"CRD {meta['name']} was deleted"
+        else:
+            assert not got.strip(), f"{obj['kind']} {meta['name']} is left"
+    await eventually(lambda: not _pods(c), timeout=120, what="the Pods gone")
+    await eventually(lambda: not _nubes_processes(), timeout=60, what="no nubes process left")
+    assert {i["metadata"]["name"] for i in c.json("get", "crds")["items"]} == crds_before

@@ -1,0 +1,43 @@
+"""The Argo CD health check shipped with the chart (files/argocd/health.lua),
+run by a Lua interpreter on every kind in every state: the same objects the
+kstatus table uses, the verdict Argo CD shows."""
+
+from __future__ import annotations
+
+import pytest
+
+from nubes.api.registry import ALL_KINDS
+from tests.gitops import ARGOCD, STATES, argocd_cm, argocd_health, obj
+
+
+@pytest.mark.parametrize("state", list(STATES))
+def test_argocd_health_of_every_kind(state: str) -> None:
+    want = STATES[state][4]
+    for kind in ALL_KINDS:
+        status, _ = argocd_health(obj(kind, state))
+        assert status == want, (kind.crd.kind, state)
+
+
+def test_messages_name_the_reason() -> None:
+    assert argocd_health(obj(ALL_KINDS[0], "stalled")) == (
+        "Degraded",
+        "IpAddressExhausted: no free address in 10.0.0.0/30",
+    )
+    assert argocd_health(obj(ALL_KINDS[0], "in-progress"))[1] == "Scheduling: waiting for a node"
+    assert argocd_health(obj(ALL_KINDS[0], "deleting"))[1] == "Deleting"
+
+
+def test_kstatus_and_argocd_agree() -> None:
+    """Where kstatus knows (the object has a status), Argo CD says the same."""
+    same = {"Current": "Healthy", "InProgress": "Progressing", "Failed": "Degraded"}
+    for state, (outcome, _, _, ks, argo) in STATES.items():
+        if outcome is not None and ks in same:
+            assert same[ks] == argo, state
+
+
+def test_argocd_cm_lists_every_kind_with_the_script() -> None:
+    """argocd-cm.yaml is generated (python -m tests.gitops) and in step."""
+    text = (ARGOCD / "argocd-cm.yaml").read_text()
+    assert text == argocd_cm()
+    for kind in ALL_KINDS:
+        assert f"health.{kind.crd.group}_{kind.crd.kind}:" in text
