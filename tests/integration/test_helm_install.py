@@ -36,13 +36,14 @@ class Cluster:
     api_port: int
     values: list[str]
 
-    def run(self, *argv: str, check: bool = True, timeout: float = 300) -> str:
+    def run(self, *argv: str, check: bool = True, timeout: float = 300, both: bool = False) -> str:
+        """stdout (and stderr with `both`) of a command in this cluster's environment."""
         proc = subprocess.run(
             argv, env=self.env, capture_output=True, text=True, timeout=timeout, check=False
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr}")
-        return proc.stdout + proc.stderr
+        return proc.stdout + proc.stderr if both else proc.stdout
 
     def kubectl(self, *args: str, check: bool = True) -> str:
         return self.run(str(CACHE / "bin" / "kubectl"), *args, check=check)
@@ -51,7 +52,7 @@ class Cluster:
         return json.loads(self.kubectl(*args, "-o", "json"))
 
     def helm(self, *args: str, check: bool = True) -> str:
-        return self.run(str(CACHE / "bin" / "helm"), *args, check=check)
+        return self.run(str(CACHE / "bin" / "helm"), *args, check=check, both=True)
 
 
 def _nubes_processes() -> list[str]:
