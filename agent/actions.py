@@ -19,23 +19,26 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from nubes.agent.image_source import source_of
-from nubes.api.compute import ActionError, Instance, InstanceAction
-from nubes.api.image import Image
+from nubes.api.compute import (
+    ActionError,
+    DiskTransfer,
+    Instance,
+    InstanceAction,
+    InstanceActionStatus,
+)
 from nubes.api.meta import now_precise
 from nubes.drivers.compute.libvirt import DomainState
-from nubes.drivers.hostfiles import private_file
+from nubes.drivers.compute.node import ComputeNode
 from nubes.drivers.images.cache import ImageSource
 from nubes.drivers.images.store import internal_path, internal_ref
 from nubes.drivers.problem import fail, problem_of
 from nubes.runtime.kube import path_of
 
 if TYPE_CHECKING:
-    from nubes.agent.compute import InstanceAgent, Plan
+    from nubes.agent.compute import InstanceAgent
+    from nubes.agent.compute_plan import Plan
 
 log = structlog.get_logger()
-
-SHUTDOWN_TIMEOUT = 30.0
 
 
 def is_move(action: InstanceAction) -> bool:
@@ -46,14 +49,17 @@ def is_move(action: InstanceAction) -> bool:
 class ActionRunner:
     def __init__(self, agent: InstanceAgent):
         self.agent = agent
-        self.libvirt = agent.libvirt
-        self.cache = agent.cache
 
-    async def _patch(self, action: InstanceAction, status: dict[str, Any]) -> None:
+    @property
+    def node(self) -> ComputeNode:
+        """The node driver's verbs do the work."""
+        return self.agent.compute
+
+    async def _patch(self, action: InstanceAction, status: InstanceActionStatus) -> None:
         await self.agent.op.kube.patch_raw(
             path_of(InstanceAction),
             action.name,
-            {"status": status},
+            {"status": status.patch()},
             action.namespace,
             subresource="status",
         )
@@ -66,9 +72,9 @@ class ActionRunner:
         if is_move(action):
             if me == s.source_node:
                 if not s.transfer:
-                    await self._patch(action, {"startedAt": now_precise()})
+                    await self._patch(action, InstanceActionStatus(started_at=now_precise()))
                     transfer = await asyncio.to_thread(self._export, inst, action)
-                    await self._patch(action, {"transfer": transfer})
+                    await self._patch(action, InstanceActionStatus(transfer=transfer))
                 return True  # stopped until the target has it
             if me == s.target_node and s.transfer and plan is not None:
                 await self._run(action, self._import, inst, action, plan)
@@ -76,30 +82,32 @@ class ActionRunner:
         if me != s.source_node or plan is None:
             return False
         if not s.started_at:
-            await self._patch(action, {"startedAt": now_precise()})
+            await self._patch(action, InstanceActionStatus(started_at=now_precise()))
         await self._run(action, self._in_place, inst, action, plan)
         return False
 
     async def _run(self, action: InstanceAction, fn: Any, *args: Any) -> None:
         try:
-            outcome: dict[str, Any] = await asyncio.to_thread(fn, *args)
+            outcome: InstanceActionStatus = await asyncio.to_thread(fn, *args)
         except Exception as e:  # reported on the action; the instance stays as it was
             problem = problem_of(e)
             log.warning("action failed", action=action.key, reason=problem.reason, error=str(e))
-            error = ActionError(reason=problem.reason, message=problem.message)
-            outcome = {"error": error.wire()}
-        await self._patch(action, {"completedAt": now_precise(), **outcome})
+            outcome = InstanceActionStatus(
+                error=ActionError(reason=problem.reason, message=problem.message)
+            )
+        outcome.completed_at = now_precise()
+        await self._patch(action, outcome)
 
     # --- blocking work -------------------------------------------------------------
 
     def _name(self, inst: Instance) -> str:
         return self.agent.domain_name(inst)
 
-    def _in_place(self, inst: Instance, action: InstanceAction, plan: Plan) -> dict[str, Any]:
+    def _in_place(self, inst: Instance, action: InstanceAction, plan: Plan) -> InstanceActionStatus:
         kind = action.spec.action
         name = self._name(inst)
         if kind in ("SoftReboot", "HardReboot"):
-            if self.libvirt.state(name) != DomainState.RUNNING:
+            if self.node.state(name) != DomainState.RUNNING:
                 raise fail(
                     "InstanceNotRunning", f"instance {inst.name} is not running", retryable=False
                 )
@@ -108,73 +116,67 @@ class ActionRunner:
             if unbound:
                 why = "; ".join(map(str, unbound)) + f": {kind} not done"
                 raise fail("PortNotBound", why, retryable=False)
-            self.libvirt.reboot(name, hard=kind == "HardReboot")
-            return {"result": f"{kind} done"}
+            self.node.reboot(name, hard=kind == "HardReboot")
+            return InstanceActionStatus(result=f"{kind} done")
         if kind == "Snapshot":
             return self._snapshot(inst, action)
         if kind == "Rebuild":
-            source = self._image_source(action.status.image)
-            self.libvirt.shutdown(name, timeout=SHUTDOWN_TIMEOUT)
-            disk = self.agent.instance_dir(inst) / "disk"
-            self.cache.delete_disk(str(disk))
-            self.agent.overlay_disk(source, disk, plan.disk_bytes)
-            return {"result": f"rebuilt from {action.status.image}"}
+            source = self._image_source(action)
+            self.node.stop(name)
+            self.node.replace_disk(source, self.agent.instance_dir(inst) / "disk", plan.disk_bytes)
+            return InstanceActionStatus(result=f"rebuilt from {action.status.image}")
         if kind == "Rescue":
-            source = self._image_source(action.status.image)
-            self.libvirt.shutdown(name, timeout=SHUTDOWN_TIMEOUT)
-            rescue = self.agent.rescue_disk(inst)
-            self.cache.delete_disk(str(rescue))
-            self.agent.overlay_disk(source, rescue, None)
-            return {"result": f"rescue disk from {action.status.image}"}
+            source = self._image_source(action)
+            self.node.stop(name)
+            self.node.replace_disk(source, self.agent.rescue_disk(inst), None)
+            return InstanceActionStatus(result=f"rescue disk from {action.status.image}")
         if kind == "Unrescue":
-            self.libvirt.shutdown(name, timeout=SHUTDOWN_TIMEOUT)
-            self.cache.delete_disk(str(self.agent.rescue_disk(inst)))
-            return {"result": "booting from the root disk again"}
+            self.node.stop(name)
+            self.node.delete_disk(self.agent.rescue_disk(inst))
+            return InstanceActionStatus(result="booting from the root disk again")
         if kind == "Resize":
-            self.libvirt.shutdown(name, timeout=SHUTDOWN_TIMEOUT)
-            return {"result": f"resized to {action.status.flavor} on {self.agent.node}"}
+            self.node.stop(name)
+            return InstanceActionStatus(
+                result=f"resized to {action.status.flavor} on {self.agent.node}"
+            )
         raise fail("UnsupportedAction", f"{kind} cannot run in place", retryable=False)
 
-    def _image_source(self, key: str | None) -> ImageSource:
-        image: Image | None = self.agent.op.store(Image).get(key or "")
-        source = source_of(image, self.agent.store_dir) if image is not None else None
+    def _image_source(self, action: InstanceAction) -> ImageSource:
+        """The image the controller resolved for a Rebuild or Rescue."""
+        source = action.status.image_source
         if source is None:
-            raise fail("ImageNotReady", f"image {key} is not imported into the image store")
-        return source
+            raise fail("ImageNotReady", f"image {action.status.image} is not resolved yet")
+        return self.agent.store_source(source)
 
-    def _snapshot(self, inst: Instance, action: InstanceAction) -> dict[str, Any]:
+    def _snapshot(self, inst: Instance, action: InstanceAction) -> InstanceActionStatus:
         """Flatten the root disk; a running guest is paused meanwhile so the
         copy is consistent."""
         name = self._name(inst)
-        was_running = self.libvirt.state(name) == DomainState.RUNNING
+        was_running = self.node.state(name) == DomainState.RUNNING
         if was_running:
-            self.libvirt.pause(name)
+            self.node.pause(name)
         try:
             ref = internal_ref("snapshots", action.uid)
-            target = Path(internal_path(str(self.agent.store_dir), ref))
-            snap = self.cache.snapshot_disk(
-                str(self.agent.instance_dir(inst) / "disk"), str(target), force_share=True
-            )
-            private_file(target)  # store files: the components' only
+            target = internal_path(str(self.agent.store_dir), ref)
+            disk = self.agent.instance_dir(inst) / "disk"
+            snap = self.node.flatten(disk, target, force_share=True)
         finally:
             if was_running:
-                self.libvirt.unpause(name)
-        return {
-            "transfer": {"ref": ref, "sha256": snap.sha256},
-            "result": action.spec.image_name,
-        }
+                self.node.unpause(name)
+        return InstanceActionStatus(
+            transfer=DiskTransfer(ref=ref, sha256=snap.sha256), result=action.spec.image_name
+        )
 
-    def _export(self, inst: Instance, action: InstanceAction) -> dict[str, str]:
+    def _export(self, inst: Instance, action: InstanceAction) -> DiskTransfer:
         """Source side of a move: stop, then flatten the disk into the store."""
         name = self._name(inst)
-        self.libvirt.shutdown(name, timeout=SHUTDOWN_TIMEOUT)
+        self.node.stop(name)
         ref = internal_ref("transfers", action.uid)
         target = internal_path(str(self.agent.store_dir), ref)
-        snap = self.cache.snapshot_disk(str(self.agent.instance_dir(inst) / "disk"), target)
-        private_file(target)  # store files: the components' only
-        return {"ref": ref, "sha256": snap.sha256}
+        snap = self.node.flatten(self.agent.instance_dir(inst) / "disk", target)
+        return DiskTransfer(ref=ref, sha256=snap.sha256)
 
-    def _import(self, inst: Instance, action: InstanceAction, plan: Plan) -> dict[str, Any]:
+    def _import(self, inst: Instance, action: InstanceAction, plan: Plan) -> InstanceActionStatus:
         """Target side of a move: the instance's disk from the transfer, then
         the domain, in the power state the instance wants. Its ports are still
         bound to the source node here, so the domain is only defined (VIFs
@@ -189,4 +191,6 @@ class ActionRunner:
         self.agent.converge_domain(moved)
         # The node's cache holds the base now; the store copy can go.
         Path(path).unlink(missing_ok=True)
-        return {"result": f"moved from {action.status.source_node} to {self.agent.node}"}
+        return InstanceActionStatus(
+            result=f"moved from {action.status.source_node} to {self.agent.node}"
+        )

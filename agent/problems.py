@@ -4,16 +4,14 @@ controller folds into the object's conditions. See nubes.drivers.problem."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from nubes.api.meta import NodeProblem
 from nubes.drivers.problem import Problem
 
 
-def node_problem(problem: Problem | None, node: str) -> dict[str, Any] | None:
+def node_problem(problem: Problem | None, node: str) -> NodeProblem | None:
     """The status value reporting `problem` (None clears it)."""
     if problem is None:
         return None
     return NodeProblem(
         reason=problem.reason, message=problem.message, retryable=problem.retryable, node=node
-    ).wire()
+    )

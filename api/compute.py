@@ -237,8 +237,69 @@ class DiskTransfer(ApiModel):
     """SHA-256 of the file."""
 
 
+STORE_REF = r"^([0-9a-f][0-9a-f-]{0,63}|(transfers|shelved)/[0-9a-f][0-9a-f-]{0,63}\.qcow2)$"
+
+
+class StoreSource(ApiModel):
+    """Data in the image store a node copies, resolved by the controller."""
+
+    ref: str = Field(pattern=STORE_REF)
+    """An imported image's uid, or a store-internal reference (shelved/UID.qcow2,
+    transfers/UID.qcow2). Never a path or URL."""
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """SHA-256 the node verifies."""
+    format: Literal["raw", "qcow2"]
+    """Disk format of the data."""
+
+
+class IntentNic(ApiModel):
+    """One NIC, in guest order."""
+
+    port: str
+    """Port name."""
+    port_uid: str
+    """Port uid (names the node's VIF devices)."""
+    mac: str
+    """MAC address."""
+    mtu: int
+    """MTU of the port's network."""
+    network_uid: str = ""
+    """Network uid (config drive network data)."""
+
+
+class IntentVolume(ApiModel):
+    volume: str
+    """Volume name; its export (status.export) says where the node reads it."""
+    target: str
+    """Guest device (vda for a boot volume, vdb... for data volumes)."""
+
+
+class NodeIntent(ApiModel):
+    """Everything a node needs to run the instance, resolved by the controller
+    (flavor, image, actions applied): the agent reads this and its own node
+    facts, never Flavors, Images or the controller's reasoning."""
+
+    vcpus: int
+    ram_mib: int
+    disk_bytes: int
+    """Root disk size (0: the image's own size)."""
+    root: StoreSource | None = None
+    """Where a missing local root disk comes from: the image, or the shelved disk."""
+    boot_volume: IntentVolume | None = None
+    """Root disk on a volume instead of a local overlay."""
+    rescued: bool = False
+    nics: list[IntentNic] = Field(default_factory=list)
+    volumes: list[IntentVolume] = Field(default_factory=list)
+    """Data volumes attached to this instance, in device order."""
+    basis: str = ""
+    """completedAt of the last finished InstanceAction this intent accounts
+    for: a node that sees a later one waits for the next intent."""
+
+
 class InstanceStatus(Status):
     # Written by the controller:
+    intent: NodeIntent | None = None
+    """What the node runs (controller; read by the node agent)."""
     node: str | None = None
     """Node the instance runs on (changes with Migrate and Resize)."""
     node_since: str | None = None
@@ -361,6 +422,12 @@ class ActionError(ApiModel):
     """What went wrong."""
 
 
+class ActionResources(ApiModel):
+    vcpus: int
+    ram_mib: int
+    disk_bytes: int
+
+
 class InstanceActionStatus(Status):
     # Written by the controller:
     source_node: str | None = None
@@ -371,6 +438,10 @@ class InstanceActionStatus(Status):
     """Resize: the new flavor, validated."""
     image: str | None = None
     """Rebuild/Rescue: the image to use, as namespace/name, validated."""
+    image_source: StoreSource | None = None
+    """Rebuild/Rescue: that image's data in the store."""
+    resources: ActionResources | None = None
+    """Resize: what the new flavor gives the instance."""
     # Written by the source node's agent:
     started_at: str | None = None
     """When the agent began."""

@@ -34,6 +34,11 @@ class ApiModel(BaseModel):
         """The object as the API server stores it (camelCase, no unset Nones)."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
+    def patch(self) -> dict[str, Any]:
+        """The fields set explicitly, for a status write: camelCase, and an
+        explicit None kept (a merge patch clears that field)."""
+        return self.model_dump(by_alias=True, exclude_unset=True, mode="json")
+
 
 def cel(
     rule: str,

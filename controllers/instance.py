@@ -30,6 +30,7 @@ from nubes.controllers.compute_scheduler import (
 from nubes.controllers.hypervisor import usable
 from nubes.controllers.image import resolve_image
 from nubes.controllers.indexes import index_actions, index_instances, index_ports
+from nubes.controllers.intent import node_intent
 from nubes.controllers.quota import hold, instance_amounts, quota_refusal, requeue_refused
 from nubes.controllers.storage import agent_problem
 from nubes.runtime.kube import ApiError, path_of
@@ -255,6 +256,8 @@ class InstanceReconciler(Reconciler[Instance]):
                 return Outcome.ready(status, "shelved: the disk is in the image store")
             raise Wait("Scheduling", "waiting for a node", 5)
         ports = await self._ensure_ports(obj)
+        intent = node_intent(obj, flavor, image, disk_gib, eff, ports, actions)
+        status["intent"] = intent.wire()
         status["addresses"] = [
             {
                 "network": p.spec.network.name,
@@ -437,6 +440,8 @@ def _port_changed(old: Port | None, new: Port | None) -> bool:
             p.status.is_true("Stalled"),
             p.status.mac_address,
             tuple(f.ip_address for f in p.status.fixed_ips),
+            p.status.mtu,  # the NICs of the node intent
+            p.status.network_uid,
         )
 
     return facts(old) != facts(new)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from nubes.api.compute import Flavor, Instance, InstanceAction
+from nubes.api.compute import ActionResources, Flavor, Instance, InstanceAction
 from nubes.api.image import Image
 from nubes.api.meta import ProjectRef
 from nubes.controllers.access import index_projects, require_flavor
@@ -21,6 +21,7 @@ from nubes.controllers.config import ControllerConfig
 from nubes.controllers.image import resolve_image
 from nubes.controllers.indexes import index_actions
 from nubes.controllers.instance import host_states, request_for, root_disk_gib
+from nubes.controllers.intent import GIB, image_source
 from nubes.controllers.quota import Amounts, hold, release, requeue_refused, resize_amounts
 from nubes.drivers.images.store import ImageStore
 from nubes.drivers.runner import SubprocessRunner
@@ -159,6 +160,11 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
             if flavor.name == inst.status.flavor:
                 raise Stall("SameFlavor", f"instance {inst.name} already has flavor {flavor.name}")
             plan["flavor"] = flavor.name
+            # What the node builds from: the new flavor, resolved here once.
+            disk_gib = root_disk_gib(flavor, self._image_of(inst))
+            plan["resources"] = ActionResources(
+                vcpus=flavor.spec.vcpus, ram_mib=flavor.spec.ram_mib, disk_bytes=disk_gib * GIB
+            ).wire()
             if not s.target_node:
                 plan["targetNode"] = self._target(inst, flavor, allow_same=True)
         elif action == "Migrate":
@@ -178,6 +184,7 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
                 raise Stall("ImageRequired", f"{action} needs an image")
             image = resolve_image(self.op, ref, inst.namespace or "")
             plan["image"] = image.key
+            plan["imageSource"] = image_source(image).wire()
         elif action == "Unrescue" and not inst.status.rescued:
             raise Stall("NotRescued", f"instance {inst.name} is not in rescue mode")
         elif action == "Snapshot":
@@ -188,6 +195,13 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
                     "ImageNameTaken", f"an image named {obj.spec.image_name} already exists"
                 )
         return plan
+
+    def _image_of(self, inst: Instance) -> Image | None:
+        """The image in effect (the root disk's size when the flavor has none)."""
+        if not inst.status.image:
+            return None
+        found: Image | None = self.op.store(Image).get(inst.status.image)
+        return found
 
     def _target(
         self, inst: Instance, flavor: Flavor, *, allow_same: bool, only: str | None = None

@@ -37,6 +37,9 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 SERIAL = re.compile(r"^[A-Za-z0-9_.-]{1,20}$")  # virtio-blk serials stop at 20 bytes
 CONFIG_DRIVE_TARGET = "vdz"
+RESCUE_TARGET = "vdy"
+# Data volumes take the slots between the root disk (vda) and the rescue disk.
+DATA_TARGETS = tuple(f"vd{c}" for c in "bcdefghijklmnopqrstuvwx")
 
 DiskFormat = Literal["qcow2", "raw"]
 

@@ -13,6 +13,7 @@ import pytest
 
 import nubes.drivers
 from nubes.agent.problems import node_problem
+from nubes.api.compute import InstanceStatus
 from nubes.api.meta import NodeProblem
 from nubes.controllers.ipam import IpamError
 from nubes.drivers.compute.libvirt import LibvirtFailure
@@ -45,11 +46,12 @@ def driver_failures() -> list[type[Failure]]:
     return found
 
 
-def agent_reasons() -> set[tuple[str, bool]]:
-    """Reasons the agent raises or reports by name: fail("R", ...) and Problem("R", ...)."""
+def named_reasons() -> set[tuple[str, bool]]:
+    """Reasons the agent and drivers raise or report by name: fail("R", ...),
+    Problem("R", ...)."""
     start = re.compile(r'\b(?:fail|Problem)\(\s*"([A-Za-z0-9]+)"')
     found = set()
-    for path in (ROOT / "agent").glob("*.py"):
+    for path in [*(ROOT / "agent").glob("*.py"), *(ROOT / "drivers").rglob("*.py")]:
         text = path.read_text()
         for m in start.finditer(text):
             depth, end = 1, m.end()
@@ -65,7 +67,7 @@ def test_every_node_reason_is_in_the_readme_with_its_retry_behaviour() -> None:
     assert "ImageFetchFailed" in table and table["ImageFetchFailed"] == "yes"
     classes = driver_failures()
     assert LibvirtFailure in classes and CommandError in classes
-    reasons = {(c.reason, c.retryable) for c in classes} | agent_reasons()
+    reasons = {(c.reason, c.retryable) for c in classes} | named_reasons()
     assert ("PortBindingTimeout", True) in reasons and ("ImageNotReady", True) in reasons
     reasons |= {("NodeError", True), ("NodeTimeout", True), ("FileMissing", True)}
     for reason, retryable in sorted(reasons):
@@ -100,7 +102,9 @@ def test_problems_from_errors() -> None:
 
 
 def test_node_problem_status_is_the_typed_model() -> None:
-    wire = node_problem(Problem("ImageFetchFailed", "gone"), "node-1")
+    problem = node_problem(Problem("ImageFetchFailed", "gone"), "node-1")
+    assert problem is not None
+    wire = problem.wire()
     assert wire == {
         "reason": "ImageFetchFailed",
         "message": "gone",
@@ -109,3 +113,10 @@ def test_node_problem_status_is_the_typed_model() -> None:
     }
     assert NodeProblem.model_validate(wire).node == "node-1"
     assert node_problem(None, "node-1") is None
+
+
+def test_status_writes_are_built_from_the_models() -> None:
+    # Only what the writer set; an explicit None clears the field (merge patch).
+    status = InstanceStatus(node_problem=None, power_state="Running")
+    status.shelved_disk = None
+    assert status.patch() == {"nodeProblem": None, "powerState": "Running", "shelvedDisk": None}

@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from nubes.agent.chap_secrets import chap_secret_name
 from nubes.agent.config import AgentConfig
 from nubes.agent.storage import (
-    BackendSpec,
     NodeStorage,
-    chap_secret_name,
     classify,
-    parse_portal,
     pool_report,
 )
 from nubes.api.storage import VolumeExport
@@ -24,6 +22,7 @@ from nubes.drivers.images.cache import ChecksumMismatch, ImageFetchError
 from nubes.drivers.problem import Problem, fail
 from nubes.drivers.runner import Result
 from nubes.drivers.volumes.base import NoSpace, PoolStats, VolumeBusy
+from nubes.drivers.volumes.node import BackendSpec, parse_portal
 from nubes.runtime.operator import Operator
 
 
@@ -114,7 +113,7 @@ async def test_periodic_clean_up_removes_only_unwanted_exports_of_this_nodes_vol
     tgt = FakeTgt(["mine", "someone-elses"])
     storage = NodeStorage(AgentConfig(node="n1", state_dir=str(tmp_path)), runner=tgt)
     storage.register(Operator("unit", kube=None))  # type: ignore[arg-type]
-    storage.backends[0].create_volume("mine", 1)
+    storage.disks.backends[0].create_volume("mine", 1)
     await storage.prune()
     assert list(tgt.targets.values()) == ["someone-elses"]
-    storage.backends[0].delete_volume("mine")
+    storage.disks.backends[0].delete_volume("mine")
