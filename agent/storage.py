@@ -7,9 +7,8 @@ storage thread pool, never on the event loop):
   image through the node's image cache, from a snapshot, as a clone, or
   restored from a backup), grow it to spec.sizeGib while detached, export it
   with tgt (CHAP, credentials kept in a Secret in the components' namespace,
-  see nubes.agent.chap_secrets) while
-  status.attachment is set and remove the export when it goes. Reports
-  status.backing and status.export.
+  see nubes.agent.chap_secrets) while status.attachment is set and remove
+  the export when it goes. Reports status.backing and status.export.
 - VolumeSnapshot / VolumeBackup placed here: take them, report their facts.
 - Everything it creates carries AGENT_FINALIZER; once the controller has
   dropped its own finalizer (deletion allowed), the agent removes the export,
@@ -23,6 +22,9 @@ agent retries by itself, the node); the controller turns them into conditions.
 The node work is the storage node driver's verbs (nubes.drivers.volumes.node).
 After a restart everything is re-adopted: the drivers read their state back
 and every verb is idempotent.
+
+About 520 lines: the three storage reconcilers share the failure reporting
+and hold-off machinery of _StorageAgent, kept with them in one module.
 """
 
 from __future__ import annotations
