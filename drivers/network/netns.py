@@ -1,17 +1,52 @@
-"""Network namespaces and links, through iproute2 and ethtool."""
+"""Network namespaces and links, through netlink (pyroute2).
+
+Checksum offload is the one setting that is not netlink (an ethtool ioctl
+inside the namespace); it goes through the injected runner.
+"""
 
 from __future__ import annotations
 
-import json
+import contextlib
+import ipaddress
 import os
+from collections.abc import Iterator
 
-from nubes.drivers.runner import CommandError, Runner
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from nubes.drivers.runner import Runner
 
 NETNS_DIR = "/run/netns"
 
 
-def ip_argv(netns: str | None, *args: str) -> list[str]:
-    return ["ip", *(["-n", netns] if netns else []), *args]
+class LinkError(Exception):
+    """A netlink request failed."""
+
+
+@contextlib.contextmanager
+def _ipr(namespace: str | None) -> Iterator[IPRoute]:
+    # pyroute2 would create a namespace it is asked to enter: never by accident.
+    if namespace and not os.path.exists(os.path.join(NETNS_DIR, namespace)):
+        raise LinkError(f"no network namespace {namespace}")
+    ipr = IPRoute(netns=namespace) if namespace else IPRoute()
+    try:
+        yield ipr
+    except NetlinkError as e:
+        raise LinkError(f"netlink in {namespace or 'the host namespace'}: {e}") from e
+    finally:
+        ipr.close()
+
+
+def _index(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return int(found[0]) if found else None
+
+
+def _required(ipr: IPRoute, name: str) -> int:
+    index = _index(ipr, name)
+    if index is None:
+        raise LinkError(f"no link named {name}")
+    return index
 
 
 class Links:
@@ -26,12 +61,13 @@ class Links:
 
     def ensure_netns(self, name: str) -> None:
         if not self.netns_exists(name):
-            self.run(["ip", "netns", "add", name])
-        self.run(ip_argv(name, "link", "set", "lo", "up"))
+            netns.create(name)
+        with _ipr(name) as ipr:
+            ipr.link("set", index=_required(ipr, "lo"), state="up")
 
     def delete_netns(self, name: str) -> None:
         if self.netns_exists(name):
-            self.run(["ip", "netns", "delete", name])
+            netns.remove(name)
 
     @staticmethod
     def list_netns(prefix: str) -> list[str]:
@@ -43,17 +79,24 @@ class Links:
     # --- links ---------------------------------------------------------------------
 
     def exists(self, name: str, netns: str | None = None) -> bool:
-        result = self.run(ip_argv(netns, "link", "show", "dev", name), check=False)
-        return result.returncode == 0
+        if netns and not self.netns_exists(netns):
+            return False
+        with _ipr(netns) as ipr:
+            return _index(ipr, name) is not None
 
     def addresses(self, name: str, netns: str | None = None) -> list[str]:
-        out = self.run(ip_argv(netns, "-j", "addr", "show", "dev", name)).stdout
-        result = []
-        for link in json.loads(out or "[]"):
-            for a in link.get("addr_info", []):
-                if a.get("scope") == "global":
-                    result.append(f"{a['local']}/{a['prefixlen']}")
-        return result
+        """Global-scope addresses of a link, as CIDRs."""
+        if netns and not self.netns_exists(netns):
+            return []
+        with _ipr(netns) as ipr:
+            index = _index(ipr, name)
+            if index is None:
+                return []
+            return [
+                f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
+                for a in ipr.get_addr(index=index)
+                if a["scope"] == 0
+            ]
 
     def ensure_veth(
         self,
@@ -68,31 +111,49 @@ class Links:
         """A veth pair with each end in its namespace, both up, checksum
         offload off (the userspace datapath does not complete partial
         checksums, and guests then drop DHCP offers)."""
-        if not self.exists(name, netns):
-            args = ["link", "add", name]
-            if netns:
-                args += ["netns", netns]
-            args += ["type", "veth", "peer", "name", peer]
-            if peer_netns:
-                args += ["netns", peer_netns]
-            self.run(["ip", *args])
+        created = not self.exists(name, netns)
+        if created:
+            # Made from a side in the host namespace when there is one, the
+            # other end moved by name: the host namespace has no name to move
+            # a link to.
+            here, here_ns, there, there_ns = (
+                (peer, peer_netns, name, netns) if netns else (name, netns, peer, peer_netns)
+            )
+            with _ipr(here_ns) as ipr:
+                stale = _index(ipr, here)
+                if stale is not None:  # half-built by an interrupted pass
+                    ipr.link("del", index=stale)
+                far: dict[str, object] = {"ifname": there}
+                if there_ns:
+                    far["net_ns_fd"] = there_ns
+                ipr.link("add", ifname=here, kind="veth", peer=far)
         for dev, ns in ((name, netns), (peer, peer_netns)):
-            if mtu:
-                self.run(ip_argv(ns, "link", "set", "dev", dev, "mtu", str(mtu)))
-            self.tx_offload_off(dev, ns)
-            self.run(ip_argv(ns, "link", "set", "dev", dev, "up"))
-        if mac:
-            self.run(ip_argv(netns, "link", "set", "dev", name, "address", mac))
+            with _ipr(ns) as ipr:
+                index = _required(ipr, dev)
+                if mac and dev == name:
+                    current = ipr.get_links(index)[0].get("address")
+                    if current != mac.lower():
+                        ipr.link("set", index=index, state="down")
+                        ipr.link("set", index=index, address=mac.lower())
+                if mtu:
+                    ipr.link("set", index=index, mtu=mtu)
+            if created:
+                self.tx_offload_off(dev, ns)
+            with _ipr(ns) as ipr:
+                ipr.link("set", index=_required(ipr, dev), state="up")
 
     def ensure_bridge(self, name: str, *, mtu: int | None = None) -> None:
-        if not self.exists(name):
-            self.run(["ip", "link", "add", name, "type", "bridge"])
-        if mtu:
-            self.run(["ip", "link", "set", "dev", name, "mtu", str(mtu)])
-        self.run(["ip", "link", "set", "dev", name, "up"])
+        with _ipr(None) as ipr:
+            if _index(ipr, name) is None:
+                ipr.link("add", ifname=name, kind="bridge")
+            index = _required(ipr, name)
+            if mtu:
+                ipr.link("set", index=index, mtu=mtu)
+            ipr.link("set", index=index, state="up")
 
     def set_master(self, name: str, bridge: str) -> None:
-        self.run(["ip", "link", "set", "dev", name, "master", bridge])
+        with _ipr(None) as ipr:
+            ipr.link("set", index=_required(ipr, name), master=_required(ipr, bridge))
 
     def tx_offload_off(self, name: str, netns: str | None = None) -> None:
         argv = ["ethtool", "-K", name, "tx", "off"]
@@ -100,16 +161,22 @@ class Links:
 
     def replace_addresses(self, name: str, netns: str | None, wanted: list[str]) -> None:
         present = self.addresses(name, netns)
-        for cidr in wanted:
-            if cidr not in present:
-                self.run(ip_argv(netns, "addr", "replace", cidr, "dev", name))
-        for cidr in present:
-            if cidr not in wanted:
-                self.run(ip_argv(netns, "addr", "del", cidr, "dev", name))
+        with _ipr(netns) as ipr:
+            index = _required(ipr, name)
+            for verb, cidrs in (
+                ("replace", [c for c in wanted if c not in present]),
+                ("del", [c for c in present if c not in wanted]),
+            ):
+                for cidr in cidrs:
+                    iface = ipaddress.ip_interface(cidr)
+                    ipr.addr(
+                        verb, index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen
+                    )
 
     def delete(self, name: str, netns: str | None = None) -> None:
-        try:
-            self.run(ip_argv(netns, "link", "delete", "dev", name))
-        except CommandError as e:
-            if "Cannot find device" not in e.stderr and "does not exist" not in e.stderr:
-                raise
+        if netns and not self.netns_exists(netns):
+            return
+        with _ipr(netns) as ipr:
+            index = _index(ipr, name)
+            if index is not None:
+                ipr.link("del", index=index)

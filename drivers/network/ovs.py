@@ -1,20 +1,26 @@
-"""A narrow client for one Open vSwitch instance (ovs-vsctl, ovs-ofctl).
+"""A narrow client for one Open vSwitch instance: OVSDB through the `ovs`
+IDL (drivers/network/ovsdb.py), OpenFlow through ovs-ofctl (Python has no
+maintained OpenFlow client, and `replace-flows` computes the minimal diff
+for us).
 
-Every call names the database socket and the bridge management socket
+Every instance names its database socket and bridge management directory
 explicitly, so several switches (one per simulated node) can live on one
 machine.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from nubes.drivers.runner import CommandError, Runner
+from nubes.drivers.network.ovsdb import OvsdbConnection, OvsdbError, Tables, find
+from nubes.drivers.runner import Runner
 
 DatapathType = Literal["system", "netdev"]
+
+FLOWS_RECHECK = 20.0
 
 
 @dataclass(frozen=True)
@@ -40,27 +46,22 @@ class OvsPort:
     trunks: tuple[int, ...] = ()
 
 
-def _ovs_map(value: Any) -> dict[str, str]:
-    """Decode an OVSDB map (["map", [[k, v], ...]]) from ovs-vsctl JSON."""
-    if isinstance(value, list) and len(value) == 2 and value[0] == "map":
-        return {str(k): str(v) for k, v in value[1]}
-    return {}
-
-
-def _ovs_ints(value: Any) -> tuple[int, ...]:
-    """An OVSDB integer set: a bare integer, or ["set", [...]]."""
-    if isinstance(value, int):
-        return (value,)
-    if isinstance(value, list) and len(value) == 2 and value[0] == "set":
-        return tuple(sorted(int(v) for v in value[1]))
-    return ()
-
-
-def _ovs_scalar(value: Any) -> Any:
-    """An optional OVSDB value is an empty set (["set", []]) when unset."""
-    if isinstance(value, list) and len(value) == 2 and value[0] == "set":
-        return value[1][0] if value[1] else None
+def _optional(value: Any) -> Any:
+    """An optional OVSDB column reads as a list of zero or one value."""
+    if isinstance(value, list):
+        return value[0] if value else None
     return value
+
+
+def _port_column(column: str, value: str) -> Any:
+    """Port settings are given as ovs-vsctl spells them ("4095", "1,2")."""
+    if column == "tag":
+        return [int(value)] if value else []
+    if column == "trunks":
+        return sorted(int(v) for v in value.split(",") if v)
+    if column == "vlan_mode":
+        return [value] if value else []
+    raise ValueError(f"unsupported Port column {column}")
 
 
 def kernel_datapath_available() -> bool:
@@ -68,16 +69,64 @@ def kernel_datapath_available() -> bool:
     return os.path.isdir("/sys/module/openvswitch")
 
 
+class _Changes:
+    """Writes to rows only where the value differs, remembering whether
+    anything was written (an unchanged switch costs no transaction)."""
+
+    def __init__(self, txn: Any, tables: Tables):
+        self.txn = txn
+        self.tables = tables
+        self.changed = False
+
+    def set(self, row: Any, column: str, value: Any) -> None:
+        # A row inserted in this transaction has no value yet to compare.
+        if getattr(row, column, None) != value:
+            setattr(row, column, value)
+            self.changed = True
+
+    def merge(self, row: Any, column: str, values: dict[str, str]) -> None:
+        current = getattr(row, column, None)
+        if current is None:
+            if values:
+                setattr(row, column, dict(values))
+                self.changed = True
+            return
+        for key, value in values.items():
+            if current.get(key) != value:
+                row.setkey(column, key, value)
+                self.changed = True
+
+    def insert(self, table: str, **columns: Any) -> Any:
+        row = self.txn.insert(self.tables[table])
+        for column, value in columns.items():
+            setattr(row, column, value)
+        self.changed = True
+        return row
+
+
 class Ovs:
     def __init__(self, runner: Runner, endpoint: OvsEndpoint):
         self.run = runner
         self.endpoint = endpoint
+        self.db = OvsdbConnection(endpoint.db)
+        self._flows: dict[str, tuple[str, float]] = {}
+        """Flow table last sent per bridge, and when."""
+
+    def _change(self, build: Any) -> None:
+        def change(txn: Any, tables: Tables) -> bool:
+            changes = _Changes(txn, tables)
+            build(changes)
+            return changes.changed
+
+        self.db.transact(change)
+
+    def _bridge(self, tables: Tables, name: str) -> Any:
+        bridge = find(tables, "Bridge", name)
+        if bridge is None:
+            raise OvsdbError(f"no bridge named {name}")
+        return bridge
 
     # --- ovsdb ---------------------------------------------------------------
-
-    def vsctl(self, *args: str, check: bool = True) -> str:
-        argv = ["ovs-vsctl", f"--db={self.endpoint.db}", "--timeout=10", *args]
-        return self.run(argv, check=check).stdout
 
     def ofctl(self, bridge: str, *args: str, input: str | None = None) -> str:
         target = f"unix:{self.endpoint.rundir}/{bridge}.mgmt"
@@ -85,7 +134,8 @@ class Ovs:
         return self.run(argv, input=input).stdout
 
     def bridges(self) -> list[str]:
-        return [b for b in self.vsctl("list-br").split() if b]
+        with self.db.lock:
+            return sorted(b.name for b in self.db.read()["Bridge"].rows.values())
 
     def ensure_bridge(
         self,
@@ -95,40 +145,51 @@ class Ovs:
         secure: bool = True,
         external_ids: dict[str, str] | None = None,
     ) -> None:
-        args = [
-            "--may-exist",
-            "add-br",
-            name,
-            "--",
-            "set",
-            "bridge",
-            name,
-            f"datapath_type={datapath_type}",
-            "protocols=OpenFlow10,OpenFlow13",
-        ]
-        if secure:
-            args.append("fail_mode=secure")
-        for key, value in (external_ids or {}).items():
-            args.append(f"external_ids:{key}={value}")
-        self.vsctl(*args)
+        def build(c: _Changes) -> None:
+            bridge = find(c.tables, "Bridge", name)
+            if bridge is None:
+                # As ovs-vsctl add-br: the bridge's own internal port.
+                iface = c.insert("Interface", name=name, type="internal")
+                port = c.insert("Port", name=name, interfaces=[iface])
+                bridge = c.insert("Bridge", name=name, ports=[port])
+                root = next(iter(c.tables["Open_vSwitch"].rows.values()))
+                root.addvalue("bridges", bridge.uuid)
+            c.set(bridge, "datapath_type", datapath_type)
+            c.set(bridge, "protocols", ["OpenFlow10", "OpenFlow13"])
+            if secure:
+                c.set(bridge, "fail_mode", ["secure"])
+            c.merge(bridge, "external_ids", external_ids or {})
+
+        self._change(build)
 
     def delete_bridge(self, name: str) -> None:
-        self.vsctl("--if-exists", "del-br", name)
+        def build(c: _Changes) -> None:
+            bridge = find(c.tables, "Bridge", name)
+            if bridge is not None:
+                root = next(iter(c.tables["Open_vSwitch"].rows.values()))
+                root.delvalue("bridges", bridge.uuid)
+                c.changed = True
+
+        self._change(build)
 
     def bridge_external_ids(self, bridge: str) -> dict[str, str]:
-        out = self.vsctl("--format=json", "--columns=external_ids", "list", "bridge", bridge)
-        rows = json.loads(out)["data"]
-        return _ovs_map(rows[0][0]) if rows else {}
+        with self.db.lock:
+            row = find(self.db.read(), "Bridge", bridge)
+            return dict(row.external_ids) if row is not None else {}
 
     def set_bridge_external_ids(self, bridge: str, values: dict[str, str | None]) -> None:
-        args: list[str] = []
-        for key, value in values.items():
-            if value is None:
-                args += ["--", "remove", "bridge", bridge, "external_ids", key]
-            else:
-                args += ["--", "set", "bridge", bridge, f"external_ids:{key}={value}"]
-        if args:
-            self.vsctl(*args[1:])
+        def build(c: _Changes) -> None:
+            row = self._bridge(c.tables, bridge)
+            for key, value in values.items():
+                if value is None:
+                    if key in row.external_ids:
+                        row.delkey("external_ids", key)
+                        c.changed = True
+                elif row.external_ids.get(key) != value:
+                    row.setkey("external_ids", key, value)
+                    c.changed = True
+
+        self._change(build)
 
     def ensure_port(
         self,
@@ -144,22 +205,24 @@ class Ovs:
         """Add or update a port; existing settings not named are kept.
         `port_settings` are Port columns (vlan_mode, trunks, ...) set in the
         same transaction as the port is added, so it never exists without them."""
-        args = ["--may-exist", "add-port", bridge, name]
-        iface: list[str] = []
-        if type:
-            iface.append(f"type={type}")
-        for key, value in (options or {}).items():
-            iface.append(f"options:{key}={value}")
-        for key, value in (external_ids or {}).items():
-            iface.append(f"external_ids:{key}={value}")
-        if iface:
-            args += ["--", "set", "interface", name, *iface]
-        port = [f"{k}={v}" for k, v in (port_settings or {}).items()]
-        if tag is not None:
-            port.append(f"tag={tag}")
-        if port:
-            args += ["--", "set", "port", name, *port]
-        self.vsctl(*args)
+
+        def build(c: _Changes) -> None:
+            port = find(c.tables, "Port", name)
+            if port is None:
+                iface = c.insert("Interface", name=name)
+                port = c.insert("Port", name=name, interfaces=[iface])
+                self._bridge(c.tables, bridge).addvalue("ports", port.uuid)
+            iface = port.interfaces[0]
+            if type:
+                c.set(iface, "type", type)
+            c.merge(iface, "options", options or {})
+            c.merge(iface, "external_ids", external_ids or {})
+            for column, value in (port_settings or {}).items():
+                c.set(port, column, _port_column(column, value))
+            if tag is not None:
+                c.set(port, "tag", [tag])
+
+        self._change(build)
 
     def add_new_port(
         self,
@@ -170,83 +233,94 @@ class Ovs:
         external_ids: dict[str, str],
     ) -> bool:
         """Add a port with its Port columns in one transaction, only if no
-        port of that name exists (ovs-vsctl fails the whole transaction then,
-        leaving the existing port as it is). True when it was added."""
-        iface = [f"external_ids:{k}={v}" for k, v in external_ids.items()]
-        port = [f"{k}={v}" for k, v in port_settings.items()]
-        args = ["add-port", bridge, name, "--", "set", "port", name, *port]
-        if iface:
-            args += ["--", "set", "interface", name, *iface]
-        argv = ["ovs-vsctl", f"--db={self.endpoint.db}", "--timeout=10", *args]
-        result = self.run(argv, check=False)
-        if result.returncode == 0:
-            return True
-        if "already exists" in result.stderr:
-            return False
-        raise CommandError(argv, result.returncode, result.stdout, result.stderr)
+        port of that name exists (an existing one is left as it is). True
+        when it was added."""
+        added = False
+
+        def build(c: _Changes) -> None:
+            nonlocal added
+            added = False
+            row = self._bridge(c.tables, bridge)
+            # Verified: a port another client adds meanwhile makes the
+            # transaction retry on the new replica, which then has it.
+            row.verify("ports")
+            if find(c.tables, "Port", name) is not None:
+                return
+            iface = c.insert("Interface", name=name, external_ids=external_ids)
+            settings = {k: _port_column(k, v) for k, v in port_settings.items()}
+            port = c.insert("Port", name=name, interfaces=[iface], **settings)
+            row.addvalue("ports", port.uuid)
+            added = True
+
+        self._change(build)
+        return added
 
     def set_port(self, name: str, settings: dict[str, str], clear: tuple[str, ...] = ()) -> None:
         """Set and clear Port columns of one port in one transaction."""
-        args: list[str] = []
-        if settings:
-            args += ["--", "set", "port", name, *(f"{k}={v}" for k, v in settings.items())]
-        for column in clear:
-            args += ["--", "clear", "port", name, column]
-        if args:
-            self.vsctl(*args[1:])
+
+        def build(c: _Changes) -> None:
+            port = find(c.tables, "Port", name)
+            if port is None:
+                raise OvsdbError(f"no port named {name}")
+            for column, value in settings.items():
+                c.set(port, column, _port_column(column, value))
+            for column in clear:
+                c.set(port, column, [])
+
+        self._change(build)
 
     def set_tag(self, port: str, tag: int | None) -> None:
-        if tag is None:
-            self.vsctl("clear", "port", port, "tag")
-        else:
-            self.vsctl("set", "port", port, f"tag={tag}")
+        self.set_port(port, {"tag": str(tag)} if tag is not None else {}, () if tag else ("tag",))
 
     def delete_port(self, bridge: str, name: str) -> None:
-        self.vsctl("--if-exists", "del-port", bridge, name)
+        def build(c: _Changes) -> None:
+            row = find(c.tables, "Bridge", bridge)
+            port = find(c.tables, "Port", name)
+            if row is not None and port is not None and port in row.ports:
+                row.delvalue("ports", port.uuid)
+                c.changed = True
+
+        self._change(build)
 
     def ports(self, bridge: str, only: tuple[str, ...] = ()) -> dict[str, OvsPort]:
         """The ports of a bridge (or just the existing ports `only`) with
         their interface settings."""
-        try:
-            names = self.vsctl("list-ports", bridge).split()
-        except CommandError:
-            return {}
-        if only:
-            names = [n for n in names if n in only]
-        if not names:
-            return {}
-        out = self.vsctl(
-            "--format=json",
-            "--columns=name,ofport,type,external_ids,options",
-            "list",
-            "interface",
-            *names,
-        )
-        tags_out = self.vsctl(
-            "--format=json", "--columns=name,tag,vlan_mode,trunks", "list", "port", *names
-        )
-        port_rows = {row[0]: row[1:] for row in json.loads(tags_out)["data"]}
-        tags = {name: _ovs_scalar(row[0]) for name, row in port_rows.items()}
-        result = {}
-        for name, ofport, type_, ext, opts in json.loads(out)["data"]:
-            ofport_value = _ovs_scalar(ofport)
-            result[name] = OvsPort(
-                name=name,
-                ofport=int(ofport_value) if isinstance(ofport_value, int) else -1,
-                tag=tags.get(name) if isinstance(tags.get(name), int) else None,
-                type=str(type_),
-                external_ids=_ovs_map(ext),
-                options=_ovs_map(opts),
-                vlan_mode=_ovs_scalar(port_rows[name][1]) if name in port_rows else None,
-                trunks=_ovs_ints(port_rows[name][2]) if name in port_rows else (),
-            )
-        return result
+        with self.db.lock:
+            row = find(self.db.read(), "Bridge", bridge)
+            if row is None:
+                return {}
+            result = {}
+            for port in row.ports:
+                if port.name == bridge or (only and port.name not in only) or not port.interfaces:
+                    continue
+                iface = port.interfaces[0]
+                ofport = _optional(iface.ofport)
+                result[port.name] = OvsPort(
+                    name=port.name,
+                    ofport=int(ofport) if isinstance(ofport, int) else -1,
+                    tag=_optional(port.tag),
+                    type=str(iface.type),
+                    external_ids=dict(iface.external_ids),
+                    options=dict(iface.options),
+                    vlan_mode=_optional(port.vlan_mode),
+                    trunks=tuple(sorted(port.trunks)),
+                )
+            return result
 
     # --- openflow --------------------------------------------------------------
 
     def replace_flows(self, bridge: str, flows: list[str]) -> None:
-        """Make the bridge's flow table exactly `flows` (ovs-ofctl computes the diff)."""
-        self.ofctl(bridge, "replace-flows", "-", input="\n".join(flows) + "\n")
+        """Make the bridge's flow table exactly `flows` (ovs-ofctl computes the
+        diff). The same table as last time is not sent again for a while: a
+        process per bridge and pass was most of a pass's CPU; drift (a
+        restarted ovs-vswitchd, a hand-made flow) is repaired within
+        FLOWS_RECHECK seconds."""
+        text = "\n".join(flows) + "\n"
+        last = self._flows.get(bridge)
+        if last is not None and last[0] == text and time.monotonic() - last[1] < FLOWS_RECHECK:
+            return
+        self.ofctl(bridge, "replace-flows", "-", input=text)
+        self._flows[bridge] = (text, time.monotonic())
 
     def dump_flows(self, bridge: str) -> str:
         return self.ofctl(bridge, "dump-flows")

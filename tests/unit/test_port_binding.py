@@ -1,6 +1,6 @@
 """Port binding on a node: a VIF sits in the dead VLAN until its Port is
 bound there, and a guest starts only on ports that are bound and carry their
-network (pure decisions, and the OVS commands they turn into)."""
+network (pure decisions; tests/drivers/test_vif_isolation.py checks them on a real switch)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,13 @@ from typing import Any
 
 from nubes.agent.binding import unbound_ports, vif_vlan, vif_vlans
 from nubes.api.network import Port
-from nubes.drivers.network.ovs import Ovs, OvsEndpoint, OvsPort
+from nubes.drivers.network.ovs import OvsPort
 from nubes.drivers.network.switch import (
     DEAD_VLAN,
-    NodeSwitch,
     carries,
     integration_flows,
     is_isolated,
 )
-from nubes.drivers.runner import RecordingRunner, Result
 
 NODE = "node-a"
 NET = "net-uid-1"
@@ -145,75 +143,3 @@ def test_isolated_means_dead_tag_in_trunk_mode_carrying_only_the_dead_vlan() -> 
 def test_br_int_drops_the_dead_vlan_before_anything_else() -> None:
     flows = integration_flows([], {}, {})
     assert flows[0] == f"table=0,priority=65535,dl_vlan={DEAD_VLAN},actions=drop"
-
-
-def _switch(runner: RecordingRunner) -> NodeSwitch:
-    return NodeSwitch(Ovs(runner, OvsEndpoint(db="unix:/x/db.sock")), datapath_type="netdev")
-
-
-def test_a_new_vif_is_created_isolated_in_one_transaction() -> None:
-    runner = RecordingRunner()
-    _switch(runner).add_vif("qvo1", "p1", "fa:16:3e:00:00:01")
-    [add] = runner.commands("ovs-vsctl")
-    assert "add-port br-int qvo1 -- set port qvo1 tag=4095 vlan_mode=trunk trunks=4095" in add
-    assert "external_ids:iface-id=p1" in add
-    assert "--may-exist" not in add, "an existing port must not be reset"
-
-
-def test_replugging_an_existing_vif_keeps_its_tag() -> None:
-    runner = RecordingRunner(
-        {
-            "ovs-vsctl --db=unix:/x/db.sock --timeout=10 add-port": Result(
-                (),
-                1,
-                "",
-                "ovs-vsctl: cannot create a port named qvo1 because a port named"
-                " qvo1 already exists on bridge br-int\n",
-            ),
-            "ovs-vsctl --db=unix:/x/db.sock --timeout=10 list-ports": "qvo1\n",
-            "ovs-vsctl --db=unix:/x/db.sock --timeout=10 --format=json --columns=name,ofport": (
-                '{"data":[["qvo1",5,"",["map",[["iface-id","p1"]]],["map",[]]]]}'
-            ),
-            "ovs-vsctl --db=unix:/x/db.sock --timeout=10 --format=json --columns=name,tag": (
-                '{"data":[["qvo1",3,"access",["set",[]]]]}'
-            ),
-        }
-    )
-    _switch(runner).add_vif("qvo1", "p1", "fa:16:3e:00:00:01")
-    first, *after = runner.commands("ovs-vsctl")
-    assert " add-port " in first, "tried to add it isolated: refused, it exists"
-    assert not [c for c in after if " set port " in c], "its tag is the networking loop's"
-
-
-def test_replugging_an_untagged_vif_isolates_it() -> None:
-    runner = RecordingRunner(
-        {
-            "ovs-vsctl --db=unix:/x/db.sock --timeout=10 add-port": Result(
-                (), 1, "", "a port named qvo1 already exists on bridge br-int"
-            ),
-            "ovs-vsctl --db=unix:/x/db.sock --timeout=10 list-ports": "qvo1\n",
-            "ovs-vsctl --db=unix:/x/db.sock --timeout=10 --format=json --columns=name,ofport": (
-                '{"data":[["qvo1",5,"",["map",[["iface-id","p1"]]],["map",[]]]]}'
-            ),
-            "ovs-vsctl --db=unix:/x/db.sock --timeout=10 --format=json --columns=name,tag": (
-                '{"data":[["qvo1",["set",[]],["set",[]],["set",[]]]]}'
-            ),
-        }
-    )
-    _switch(runner).add_vif("qvo1", "p1", "fa:16:3e:00:00:01")
-    assert runner.commands("ovs-vsctl")[-1].endswith(
-        "set port qvo1 tag=4095 vlan_mode=trunk trunks=4095"
-    )
-
-
-def test_binding_makes_an_access_port_and_unbinding_isolates_again() -> None:
-    runner = RecordingRunner()
-    switch = _switch(runner)
-    switch.bind(DEAD, 3)
-    switch.bind(ovs_port(3, "access"), DEAD_VLAN)
-    switch.bind(ovs_port(3, "access"), 3)  # already so: no command
-    switch.bind(DEAD, DEAD_VLAN)
-    assert [c.split("--timeout=10 ", 1)[1] for c in runner.commands("ovs-vsctl")] == [
-        "set port qvo1 tag=3 vlan_mode=access -- clear port qvo1 trunks",
-        "set port qvo1 tag=4095 vlan_mode=trunk trunks=4095",
-    ]
