@@ -5,6 +5,9 @@ store changes queue keys for the reconcilers; workers take keys, run the
 converge function against the latest cached object and write status only
 when it changed. Finalizers and status are written with optimistic
 concurrency.
+
+(Somewhat over 400 lines: wiring, workers, node loops and status writes all
+work on the one registry of stores and queues this class holds.)
 """
 
 from __future__ import annotations
@@ -19,9 +22,16 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 from nubes.api.meta import Resource
+from nubes.runtime import health
+from nubes.runtime.health import (
+    OBJECTS,
+    QUEUE_DEPTH,
+    RECONCILE_SECONDS,
+    RECONCILES,
+    STATUS_WRITES,
+)
 from nubes.runtime.informer import Informer, Selector
 from nubes.runtime.kube import ApiError, Kube
 from nubes.runtime.reconcile import (
@@ -36,14 +46,6 @@ from nubes.runtime.store import Store
 from nubes.runtime.workqueue import WorkQueue
 
 log = structlog.get_logger()
-
-RECONCILES = Counter("nubes_reconcile_total", "Converge passes", ["process", "kind", "result"])
-RECONCILE_SECONDS = Histogram(
-    "nubes_reconcile_duration_seconds", "Converge pass duration", ["process", "kind"]
-)
-STATUS_WRITES = Counter("nubes_status_writes_total", "Status patches", ["process", "kind"])
-QUEUE_DEPTH = Gauge("nubes_queue_depth", "Keys waiting", ["process", "kind"])
-OBJECTS = Gauge("nubes_cached_objects", "Objects in the watch caches", ["process", "kind"])
 
 
 @dataclass
@@ -397,30 +399,20 @@ class Operator:
 
     # --- health and metrics ----------------------------------------------------------
 
+    def _problems(self) -> dict[str, Any]:
+        dead = [t.get_name() for t in self._tasks if t.done()]
+        unsynced = [k.crd.kind for k, s in self.stores.items() if not s.synced]
+        return {"dead": dead, "unsynced": unsynced} if dead or unsynced else {}
+
+    def _count_queues(self) -> None:
+        for kind, reg in self._registered.items():
+            QUEUE_DEPTH.labels(self.name, kind.crd.kind).set(len(reg.queue))
+
     async def _serve_health(self) -> web.AppRunner:
-        async def healthz(_: web.Request) -> web.Response:
-            dead = [t.get_name() for t in self._tasks if t.done()]
-            unsynced = [k.crd.kind for k, s in self.stores.items() if not s.synced]
-            if dead or unsynced:
-                return web.json_response(
-                    {"ok": False, "dead": dead, "unsynced": unsynced}, status=503
-                )
-            return web.json_response({"ok": True})
-
-        async def metrics(_: web.Request) -> web.Response:
-            for kind, reg in self._registered.items():
-                QUEUE_DEPTH.labels(self.name, kind.crd.kind).set(len(reg.queue))
-            return web.Response(
-                body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-            )
-
-        app = web.Application()
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/metrics", metrics)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.health_host, self.health_port)
-        await site.start()
+        assert self.health_port is not None
+        runner = await health.serve(
+            self.health_host, self.health_port, self._problems, self._count_queues
+        )
         self.log.info(
             "health endpoint", url=f"http://{self.health_host}:{self.health_port}/healthz"
         )
