@@ -87,3 +87,10 @@ bench-boot: setup ## boot latency p50/p95 against raw QEMU
 
 bench-volumes: setup ## volume create and secure-wipe throughput
 	hack/with-cluster.sh $(PY) -m bench.volumes
+
+.PHONY: bench-netpass bench-scale
+bench-netpass: setup ## CPU of one networking pass on a node's switch (100 VIFs), no cluster
+	$(PY) -m bench.netpass
+
+bench-scale: setup ## 10,000 ports + 1,000 instances: controller/agent RSS, restart-to-converged time
+	hack/with-cluster.sh $(PY) -m bench.scale
