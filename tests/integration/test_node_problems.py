@@ -49,7 +49,15 @@ def agent(
     fabric: Fabric, tmp_path_factory: pytest.TempPathFactory, workdir: Path, image_store: Path
 ) -> Iterator[Process]:
     node = fabric.nodes[0]
-    proc = start_agent(fabric, node, tmp_path_factory, state_root=workdir, image_store=image_store)
+    # No grace for unused cached images: nothing of the test stays in the cache.
+    proc = start_agent(
+        fabric,
+        node,
+        tmp_path_factory,
+        state_root=workdir,
+        image_store=image_store,
+        extra_args=("--image-cache-grace", "0"),
+    )
     try:
         yield proc
     finally:
@@ -135,6 +143,8 @@ async def test_a_vanished_image_shows_on_the_instance(
     assert not leftover, f"domains left behind: {leftover}"
     instances = workdir / f"agent-{fabric.nodes[0].name}" / "instances"
     assert [p.name for p in instances.glob("*") if p.name != "_base"] == []
+    cached = [p.name for p in (instances / "_base").glob("*") if not p.name.startswith(".")]
+    assert not cached, f"unused cached images: {cached}"
 
 
 def vm_domain(name: str, vm: Any) -> bool:
