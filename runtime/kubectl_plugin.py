@@ -63,13 +63,14 @@ class Kubectl:
 
 
 def _new_text(old: str, new: str) -> str:
-    """What `new` adds to `old`; the ConfigMap keeps only the console's tail,
-    so the old text may have lost its head: match on its last lines."""
-    if new.startswith(old):
-        return new[len(old) :]
-    tail = old[-2000:]
-    at = new.rfind(tail) if tail else -1
-    return new[at + len(tail) :] if at >= 0 else new
+    """What `new` adds to `old`. The ConfigMap keeps only the console's tail,
+    so `new` may start anywhere in `old`: find the earliest line of `old`
+    from which `new` continues it."""
+    starts = [0] + [i + 1 for i, ch in enumerate(old) if ch == "\n"]
+    for k in starts:
+        if k < len(old) and new.startswith(old[k:]):
+            return new[len(old) - k :]
+    return new
 
 
 def console(k: Kubectl, a: argparse.Namespace) -> int:
