@@ -52,7 +52,7 @@ from nubes.api.compute import (
     InstanceStatus,
     StoreSource,
 )
-from nubes.api.lifecycle import effective, pending, placement
+from nubes.api.lifecycle import last_move, pending, placement
 from nubes.api.network import Port
 from nubes.api.storage import Volume
 from nubes.drivers.compute.libvirt import DomainState, LibvirtCompute
@@ -169,7 +169,7 @@ class InstanceAgent(Reconciler[Instance]):
         # A move that just completed counts before the controller records it:
         # the target keeps what it built, the source lets go.
         actions = self.op.store(InstanceAction).by_index("instance", obj.key)
-        return placement(obj, effective(obj, actions))[0] == self.node
+        return placement(obj, last_move(actions))[0] == self.node
 
     def _next_action(self, obj: Instance) -> InstanceAction | None:
         return pending(self.op.store(InstanceAction).by_index("instance", obj.key))

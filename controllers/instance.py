@@ -15,7 +15,7 @@ import structlog
 
 from nubes.api.compute import Flavor, Hypervisor, Instance, InstanceAction
 from nubes.api.image import Image
-from nubes.api.lifecycle import Effective, effective, placement
+from nubes.api.lifecycle import placement
 from nubes.api.meta import now_precise
 from nubes.api.network import FixedIpRequest, Network, Port, PortSpec
 from nubes.api.storage import Volume
@@ -31,6 +31,7 @@ from nubes.controllers.hypervisor import usable
 from nubes.controllers.image import resolve_image
 from nubes.controllers.indexes import index_actions, index_instances, index_ports
 from nubes.controllers.intent import node_intent
+from nubes.controllers.lifecycle import Effective, effective
 from nubes.controllers.quota import hold, instance_amounts, quota_refusal, requeue_refused
 from nubes.controllers.storage import agent_problem
 from nubes.runtime.kube import ApiError, path_of
@@ -298,7 +299,7 @@ class InstanceReconciler(Reconciler[Instance]):
         self, obj: Instance, eff: Effective, flavor: Flavor, image: Image | None, disk_gib: int
     ) -> tuple[str | None, str | None]:
         """(node, since): sticky; moved by completed moves; cleared when shelved."""
-        node, since = placement(obj, eff)
+        node, since = placement(obj, eff.move)
         if obj.spec.power_state == "Shelved" and obj.status.shelved_disk:
             return None, since  # shelved and offloaded: node resources freed
         if node is not None and self.op.store(Hypervisor).lookup(node) is not None:

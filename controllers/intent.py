@@ -15,8 +15,9 @@ from nubes.api.compute import (
     StoreSource,
 )
 from nubes.api.image import Image
-from nubes.api.lifecycle import Effective, completed
+from nubes.api.lifecycle import completed
 from nubes.api.network import Port
+from nubes.controllers.lifecycle import Effective
 from nubes.drivers.compute.domain import DATA_TARGETS
 
 GIB = 2**30

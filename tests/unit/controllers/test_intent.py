@@ -11,10 +11,10 @@ from typing import Any
 
 from nubes.api.compute import Flavor, Instance, InstanceAction
 from nubes.api.image import Image
-from nubes.api.lifecycle import effective
 from nubes.api.network import Port
 from nubes.controllers.instance import root_disk_gib
 from nubes.controllers.intent import node_intent
+from nubes.controllers.lifecycle import effective
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "intent"
 SHA = "ab" * 32
