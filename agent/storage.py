@@ -45,17 +45,20 @@ from nubes.agent.chap_secrets import ChapSecrets
 from nubes.agent.config import AgentConfig
 from nubes.agent.image_source import source_of
 from nubes.agent.problems import node_problem
-from nubes.api.compute import Hypervisor
+from nubes.api.compute import Hypervisor, HypervisorStatus, StoragePool
 from nubes.api.image import Image
-from nubes.api.meta import ApiModel
 from nubes.api.storage import (
     AGENT_FINALIZER,
     BACKUP_FINALIZER,
     SNAPSHOT_FINALIZER,
     VOLUME_FINALIZER,
     Volume,
+    VolumeBacking,
     VolumeBackup,
+    VolumeBackupStatus,
+    VolumeExport,
     VolumeSnapshot,
+    VolumeSnapshotStatus,
     VolumeStatus,
 )
 from nubes.drivers.backup.posix import PosixBackupStore
@@ -80,6 +83,7 @@ from nubes.runtime.reconcile import Outcome, Reconciler
 log = structlog.get_logger()
 
 T = TypeVar("T")
+AgentStatus = VolumeStatus | VolumeSnapshotStatus | VolumeBackupStatus
 
 # Attached volumes are re-checked this often (tgtd keeps exports in memory only).
 EXPORT_RECHECK_SECONDS = 60.0
@@ -93,15 +97,15 @@ STUCK_RETRY_SECONDS = 600.0
 def pool_report(stats: PoolStats) -> dict[str, Any]:
     """A pool as Hypervisor status.storagePools shows it (Cinder's volume stats)."""
     caps = stats.capabilities
-    return {
-        "backend": stats.backend_name,
-        "pool": stats.pool_name,
-        "totalGib": math.floor(stats.total_gib),
-        "freeGib": math.floor(stats.free_gib),
-        "provisionedGib": math.ceil(stats.provisioned_gib),
-        "maxOverSubscriptionRatio": float(caps.get("max_over_subscription_ratio", 1.0)),
-        "capabilities": {k: str(v) for k, v in sorted(caps.items())},
-    }
+    return StoragePool(
+        backend=stats.backend_name,
+        pool=stats.pool_name,
+        total_gib=math.floor(stats.total_gib),
+        free_gib=math.floor(stats.free_gib),
+        provisioned_gib=math.ceil(stats.provisioned_gib),
+        max_over_subscription_ratio=float(caps.get("max_over_subscription_ratio", 1.0)),
+        capabilities={k: str(v) for k, v in sorted(caps.items())},
+    ).wire()
 
 
 # --- failures -------------------------------------------------------------------------
@@ -169,7 +173,8 @@ class NodeStorage:
 
     def report(self) -> dict[str, Any]:
         """This node's storage facts for its Hypervisor status."""
-        return {"storagePools": self._pools, "iscsiPortal": self.portal}
+        pools = [StoragePool.model_validate(p) for p in self._pools]
+        return HypervisorStatus(storage_pools=pools, iscsi_portal=self.portal).patch()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -254,7 +259,7 @@ class _StorageAgent(Reconciler[Any]):
             return None
         return Outcome.observed({}, requeue_after=STUCK_RETRY_SECONDS - waited)
 
-    def failed(self, obj: Any, problem: Problem, status: dict[str, Any]) -> Outcome:
+    def failed(self, obj: Any, problem: Problem, status: AgentStatus | None = None) -> Outcome:
         """Report a failure; retry with backoff (or much later when the agent
         waits for a change)."""
         failures = self._failures.get(obj.uid, 0) + 1
@@ -270,16 +275,15 @@ class _StorageAgent(Reconciler[Any]):
             error=problem.message,
             retry_in=delay,
         )
-        status["nodeProblem"] = VolumeStatus(
-            node_problem=node_problem(problem, self.storage.node)
-        ).patch()["nodeProblem"]
-        return Outcome.observed(status, requeue_after=delay)
+        status = status or type(obj.status)()
+        status.node_problem = node_problem(problem, self.storage.node)
+        return Outcome.observed(status.patch(), requeue_after=delay)
 
-    def succeeded(self, obj: Any, status: dict[str, Any], **kw: Any) -> Outcome:
+    def succeeded(self, obj: Any, status: AgentStatus, **kw: Any) -> Outcome:
         self._failures.pop(obj.uid, None)
         self._stuck.pop(obj.uid, None)
-        status["nodeProblem"] = None
-        return Outcome.observed(status, **kw)
+        status.node_problem = None
+        return Outcome.observed(status.patch(), **kw)
 
     async def finalize(self, obj: Any) -> Outcome | None:
         if not self.released(obj):
@@ -288,7 +292,7 @@ class _StorageAgent(Reconciler[Any]):
             await self.remove(obj)
         except (Failure, OSError) as e:
             what = f"deleting {obj.crd.kind} {obj.name}"
-            return self.failed(obj, classify(e, what), {})
+            return self.failed(obj, classify(e, what))
         self._failures.pop(obj.uid, None)
         self._stuck.pop(obj.uid, None)
         log.info("removed from node", kind=obj.crd.kind, key=obj.key, node=self.storage.node)
@@ -360,9 +364,9 @@ class VolumeAgent(_StorageAgent):
                 f"node {s.node} serves no pool {obj.status.backend}/{obj.status.pool}",
                 retryable=False,
             )
-            return self.failed(obj, problem, {})
+            return self.failed(obj, problem)
         uid = obj.uid
-        status: dict[str, Any] = {}
+        status = VolumeStatus()
         try:
             info = await s.run(backend.get_volume, uid)
             if info is None or await s.run(s.disks.marker(uid).exists):
@@ -377,34 +381,35 @@ class VolumeAgent(_StorageAgent):
                 except (Failure, OSError) as e:
                     # What is there (if anything) does not hold the source's data.
                     left = await s.run(backend.get_volume, uid)
-                    status["backing"] = (
-                        {"node": s.node, "sizeGib": left.size_gib, "sourceDone": False}
+                    status.backing = (
+                        VolumeBacking(node=s.node, size_gib=left.size_gib, source_done=False)
                         if left is not None
                         else None
                     )
                     return self.failed(obj, classify(e, what), status)
-            status["backing"] = {"node": s.node, "sizeGib": info.size_gib, "sourceDone": True}
+            status.backing = VolumeBacking(node=s.node, size_gib=info.size_gib, source_done=True)
             attachment = obj.status.attachment
             if attachment is None:
                 if obj.status.export is not None or uid not in s.export_checked:
                     await s.run(s.disks.unexport, uid)
                     s.export_checked.add(uid)
-                status["export"] = None
+                status.export = None
                 if info.size_gib < granted_size(obj):
                     info = await s.run(s.disks.extend, backend, uid, granted_size(obj))
-                    status["backing"]["sizeGib"] = info.size_gib
+                    status.backing.size_gib = info.size_gib
                 return self.succeeded(obj, status)
             secret, creds = await s.chap.ensure(obj)
             conn = await s.run(s.disks.export, uid, info.path, creds, s.initiators(attachment.node))
             s.export_checked.add(uid)
-            export = {
-                "portal": conn.portal,
-                "iqn": conn.iqn,
-                "lun": conn.lun,
-                "chapSecret": secret,
-                "initiatorNode": attachment.node,
-            }
-            status["export"] = merged(obj.status.export, export)
+            # Every field set: a field the last export had and this one lacks
+            # goes as null in the merge patch.
+            status.export = VolumeExport(
+                portal=conn.portal,
+                iqn=conn.iqn,
+                lun=conn.lun,
+                chap_secret=secret,
+                initiator_node=attachment.node,
+            )
             return self.succeeded(obj, status, requeue_after=EXPORT_RECHECK_SECONDS)
         except (Failure, OSError, ApiError) as e:
             if isinstance(e, ApiError) and e.conflict:
@@ -448,9 +453,9 @@ class SnapshotAgent(_StorageAgent):
                         retryable=False,
                     )
                 found = await s.run(backend.create_snapshot, obj.uid, vol.uid)
-            return self.succeeded(obj, {"sizeGib": found.size_gib})
+            return self.succeeded(obj, VolumeSnapshotStatus(size_gib=found.size_gib))
         except (Failure, OSError) as e:
-            return self.failed(obj, classify(e, f"snapshot {obj.name}"), {})
+            return self.failed(obj, classify(e, f"snapshot {obj.name}"))
 
     async def remove(self, obj: VolumeSnapshot) -> None:
         await self.storage.run(self.storage.disks.delete_snapshot, obj.uid)
@@ -496,31 +501,19 @@ class BackupAgent(_StorageAgent):
                         parent_id=parent_id,
                     )
                 )
-            status = {
-                "sizeGib": math.ceil(info.size_bytes / 1024**3),
-                "container": info.container,
-                "chunks": info.chunks,
-                "chunksStored": info.chunks_stored,
-                "storedBytes": info.stored_bytes,
-            }
+            status = VolumeBackupStatus(
+                size_gib=math.ceil(info.size_bytes / 1024**3),
+                container=info.container,
+                chunks=info.chunks,
+                chunks_stored=info.chunks_stored,
+                stored_bytes=info.stored_bytes,
+            )
             return self.succeeded(obj, status)
         except (Failure, OSError) as e:
-            return self.failed(obj, classify(e, f"backup {obj.name}"), {})
+            return self.failed(obj, classify(e, f"backup {obj.name}"))
 
     async def remove(self, obj: VolumeBackup) -> None:
         s = self.storage
         await s.run(s.disks.backups.delete_backup, obj.uid)
         # A temporary snapshot an interrupted backup left behind.
         await s.run(s.disks.delete_snapshot, temporary_snapshot_id(obj.uid))
-
-
-# --- helpers -------------------------------------------------------------------------------
-
-
-def merged(current: ApiModel | None, wanted: dict[str, Any]) -> dict[str, Any]:
-    """A nested status object for a merge patch: keys it no longer has are
-    sent as null, or the API server would keep them."""
-    out = {k: v for k, v in wanted.items() if v is not None}
-    for key in current.wire() if current is not None else {}:
-        out.setdefault(key, None)
-    return out
