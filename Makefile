@@ -78,7 +78,7 @@ test-unit: venv ## unit tests only (no daemons, no API server)
 
 # --- benchmarks ------------------------------------------------------------------------
 
-.PHONY: bench-ports bench-boot bench-volumes
+.PHONY: bench-ports bench-boot bench-volumes bench-secgroups
 bench-ports: setup ## 1,000 ports in a /20: ports/s, duplicates, controller peak RSS
 	hack/with-cluster.sh $(PY) -m bench.ports
 
@@ -87,6 +87,9 @@ bench-boot: setup ## boot latency p50/p95 against raw QEMU
 
 bench-volumes: setup ## volume create and secure-wipe throughput
 	hack/with-cluster.sh $(PY) -m bench.volumes
+
+bench-secgroups: setup ## 200 ports in 20 groups: membership change to rule in force p50/p95, rules per port
+	hack/with-cluster.sh $(PY) -m bench.secgroups
 
 .PHONY: bench-netpass bench-scale
 bench-netpass: setup ## CPU of one networking pass on a node's switch (100 VIFs), no cluster
