@@ -13,7 +13,14 @@ from typing import Any
 
 import structlog
 
-from nubes.api.compute import Flavor, Hypervisor, Instance, InstanceAction
+from nubes.api.compute import (
+    Flavor,
+    Hypervisor,
+    Instance,
+    InstanceAction,
+    InstanceAddress,
+    InstanceStatus,
+)
 from nubes.api.image import Image
 from nubes.api.lifecycle import placement
 from nubes.api.meta import now_precise
@@ -239,35 +246,33 @@ class InstanceReconciler(Reconciler[Instance]):
         node, since = self._placement(obj, eff, flavor, image, disk_gib)
         if obj.uid in self._scheduled:
             await self.op.kube.event(obj, "Scheduled", self._scheduled.pop(obj.uid))
-        status: dict[str, Any] = {
-            "node": node,
-            "nodeSince": since,
-            "flavor": flavor.name,
-            "image": f"{eff.image.namespace or obj.namespace}/{eff.image.name}"
-            if eff.image
-            else None,
-            "vcpus": flavor.spec.vcpus if node else None,
-            "ramMib": flavor.spec.ram_mib if node else None,
-            "diskGib": disk_gib if node else None,
-            "rescued": eff.rescued,
-        }
+        typed = InstanceStatus(
+            node=node,
+            node_since=since,
+            flavor=flavor.name,
+            image=f"{eff.image.namespace or obj.namespace}/{eff.image.name}" if eff.image else None,
+            vcpus=flavor.spec.vcpus if node else None,
+            ram_mib=flavor.spec.ram_mib if node else None,
+            disk_gib=disk_gib if node else None,
+            rescued=eff.rescued,
+        )
         if node is None:
             if obj.spec.power_state == "Shelved" and obj.status.shelved_disk:
-                status["addresses"] = []
-                return Outcome.ready(status, "shelved: the disk is in the image store")
+                typed.addresses = []
+                return Outcome.ready(typed.patch(), "shelved: the disk is in the image store")
             raise Wait("Scheduling", "waiting for a node", 5)
         ports = await self._ensure_ports(obj)
-        intent = node_intent(obj, flavor, image, disk_gib, eff, ports, actions)
-        status["intent"] = intent.wire()
-        status["addresses"] = [
-            {
-                "network": p.spec.network.name,
-                "port": p.name,
-                "macAddress": p.status.mac_address or "",
-                "ipAddresses": [f.ip_address for f in p.status.fixed_ips],
-            }
+        typed.intent = node_intent(obj, flavor, image, disk_gib, eff, ports, actions)
+        typed.addresses = [
+            InstanceAddress(
+                network=p.spec.network.name,
+                port=p.name,
+                mac_address=p.status.mac_address or "",
+                ip_addresses=[f.ip_address for f in p.status.fixed_ips],
+            )
             for p in ports
         ]
+        status = typed.patch()
         # What the node agent cannot do (a port not bound in time), with its reason.
         reported = obj.status.node_problem
         if reported is not None and reported.node not in (None, node):

@@ -5,6 +5,8 @@ node agent never re-derives them from Flavors, Images or actions."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from nubes.api.compute import (
     Flavor,
     Instance,
@@ -64,12 +66,17 @@ def node_intent(
         if p.status.mac_address
     ]
     boot = inst.spec.boot_volume
+    root = None if boot is not None else root_source(inst, image)
+    optional: dict[str, Any] = {}  # left unset when absent: the status patch omits them
+    if root is not None:
+        optional["root"] = root
+    if boot is not None:
+        optional["boot_volume"] = IntentVolume(volume=boot.name, target="vda")
     return NodeIntent(
+        **optional,
         vcpus=flavor.spec.vcpus,
         ram_mib=flavor.spec.ram_mib,
         disk_bytes=disk_gib * GIB,
-        root=None if boot is not None else root_source(inst, image),
-        boot_volume=IntentVolume(volume=boot.name, target="vda") if boot else None,
         rescued=eff.rescued,
         nics=nics,
         volumes=[
