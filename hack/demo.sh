@@ -88,6 +88,9 @@ helm_up() {
     --set 'controller.imageImport.allowNetworks={127.0.0.2/32}' --set 'controller.imageImport.ports={18090}' \
     --set agent.stateDir="$node_state" --set agent.runDir="$state/run/agent" \
     --wait --timeout 5m 2>&1 | grep -v 'found symbolic link' | sed -n '1,6p'
+  # helm's --wait may see the DaemonSet before its status counts the new Pod.
+  kubectl rollout status daemonset/nubes-agent statefulset/nubes-controller -n nubes-system --timeout=180s >/dev/null
+  kubectl wait --for=condition=Ready pod --all -n nubes-system --timeout=180s >/dev/null
   kubectl get pods -n nubes-system -o wide
   echo "kinds: $(kubectl api-resources --categories=nubes -o name | tr '\n' ' ')"
 }

@@ -28,7 +28,7 @@ packages=(
   python3 python3-venv libvirt0 libvirt-clients
   qemu-utils qemu-block-extra qemu-system-x86
   openvswitch-switch openvswitch-common dnsmasq-base tgt open-iscsi lvm2
-  iptables iproute2 ethtool genisoimage util-linux kmod procps e2fsprogs
+  iptables ipset ebtables conntrack iproute2 ethtool genisoimage util-linux kmod procps e2fsprogs
   ca-certificates curl
 )
 
@@ -77,6 +77,8 @@ build_base() { # -> $images/base-KEY (a root filesystem directory)
     "deb http://deb.debian.org/debian-security bookworm-security main" >&2
   touch "$out.tmp/.complete"
   mv "$out.tmp" "$out"
+  # Root filesystems of older package lists go.
+  find "$images" -maxdepth 1 -name 'base-*' ! -name "base-$key" -exec rm -rf {} +
   echo "$out"
 }
 
