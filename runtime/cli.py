@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -46,9 +47,19 @@ def _run(
         finally:
             await kube.close()
 
+    # Children that libraries fork (pyroute2's network-namespace helpers)
+    # inherit asyncio's signal wakeup fd: the SIGTERM that ends such a child
+    # would reach this process's loop as its own and stop it (seen as an
+    # agent Pod exiting 0 seconds after start). The child drops the fd.
+    os.register_at_fork(after_in_child=_drop_wakeup_fd)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
     return 0
+
+
+def _drop_wakeup_fd() -> None:
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
 
 
 def controller(args: argparse.Namespace) -> int:
