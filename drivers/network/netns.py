@@ -6,10 +6,14 @@ inside the namespace); it goes through the injected runner.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import ipaddress
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
 
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
@@ -17,6 +21,26 @@ from pyroute2.netlink.exceptions import NetlinkError
 from nubes.drivers.runner import Runner
 
 NETNS_DIR = "/run/netns"
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def off_event_loop(fn: Callable[P, T]) -> Callable[P, T]:
+    """pyroute2's synchronous API runs an asyncio loop of its own, which
+    cannot start in a thread whose loop is running (an async caller that
+    did not hand the call to an executor): run it in a thread then."""
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return fn(*args, **kwargs)
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(fn, *args, **kwargs).result()
+
+    return call
 
 
 class LinkError(Exception):
@@ -59,12 +83,14 @@ class Links:
     def netns_exists(name: str) -> bool:
         return os.path.exists(os.path.join(NETNS_DIR, name))
 
+    @off_event_loop
     def ensure_netns(self, name: str) -> None:
         if not self.netns_exists(name):
             netns.create(name)
         with _ipr(name) as ipr:
             ipr.link("set", index=_required(ipr, "lo"), state="up")
 
+    @off_event_loop
     def delete_netns(self, name: str) -> None:
         if self.netns_exists(name):
             netns.remove(name)
@@ -78,12 +104,14 @@ class Links:
 
     # --- links ---------------------------------------------------------------------
 
+    @off_event_loop
     def exists(self, name: str, netns: str | None = None) -> bool:
         if netns and not self.netns_exists(netns):
             return False
         with _ipr(netns) as ipr:
             return _index(ipr, name) is not None
 
+    @off_event_loop
     def addresses(self, name: str, netns: str | None = None) -> list[str]:
         """Global-scope addresses of a link, as CIDRs."""
         if netns and not self.netns_exists(netns):
@@ -98,6 +126,7 @@ class Links:
                 if a["scope"] == 0
             ]
 
+    @off_event_loop
     def ensure_veth(
         self,
         name: str,
@@ -142,6 +171,7 @@ class Links:
             with _ipr(ns) as ipr:
                 ipr.link("set", index=_required(ipr, dev), state="up")
 
+    @off_event_loop
     def ensure_bridge(self, name: str, *, mtu: int | None = None) -> None:
         with _ipr(None) as ipr:
             if _index(ipr, name) is None:
@@ -151,6 +181,7 @@ class Links:
                 ipr.link("set", index=index, mtu=mtu)
             ipr.link("set", index=index, state="up")
 
+    @off_event_loop
     def set_master(self, name: str, bridge: str) -> None:
         with _ipr(None) as ipr:
             ipr.link("set", index=_required(ipr, name), master=_required(ipr, bridge))
@@ -159,6 +190,7 @@ class Links:
         argv = ["ethtool", "-K", name, "tx", "off"]
         self.run(["ip", "netns", "exec", netns, *argv] if netns else argv, check=False)
 
+    @off_event_loop
     def replace_addresses(self, name: str, netns: str | None, wanted: list[str]) -> None:
         present = self.addresses(name, netns)
         with _ipr(netns) as ipr:
@@ -173,6 +205,7 @@ class Links:
                         verb, index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen
                     )
 
+    @off_event_loop
     def delete(self, name: str, netns: str | None = None) -> None:
         if netns and not self.netns_exists(netns):
             return
