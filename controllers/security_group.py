@@ -74,19 +74,24 @@ def members_of(ports: list[Port]) -> list[str]:
     return sorted(addresses)
 
 
-def rules_before(group: SecurityGroup, groups: list[SecurityGroup]) -> int:
-    """Rules of the project's groups that came before this one (creation
-    time, then name): they keep their place under the quota, the newest
-    group is the one refused."""
+def rules_before(group: SecurityGroup, groups: list[SecurityGroup], limit: int) -> int:
+    """Rules held by the project's groups that came before this one
+    (creation time, then name) and fit under the limit themselves: they keep
+    their place, the newest group that would go over is the one refused, and
+    a refused group holds nothing (it is not enforced)."""
 
     def order(g: SecurityGroup) -> tuple[str, str]:
         return (g.metadata.creation_timestamp or "", g.name)
 
-    return sum(
-        len(g.spec.rules)
-        for g in groups
-        if g.uid != group.uid and not g.deleting and order(g) < order(group)
-    )
+    held = 0
+    for g in sorted(groups, key=order):
+        if g.deleting or g.uid == group.uid:
+            continue
+        if order(g) >= order(group):
+            break
+        if held + len(g.spec.rules) <= limit:
+            held += len(g.spec.rules)
+    return held
 
 
 def _member_facts(port: Port | None) -> tuple[Any, ...] | None:
@@ -167,7 +172,7 @@ class SecurityGroupReconciler(Reconciler[SecurityGroup]):
                 )
         limit = self._rule_limit(namespace)
         if limit is not None:
-            used = rules_before(obj, siblings)
+            used = rules_before(obj, siblings, limit)
             if used + len(obj.spec.rules) > limit:
                 return Outcome.stalled(
                     "QuotaExceeded",

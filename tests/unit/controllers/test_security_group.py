@@ -1,0 +1,143 @@
+"""Security group decisions of the controller and the agent, without an API:
+ports' effective groups, members, the rule quota's order, and what a port's
+firewall input is made of."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nubes.agent.firewall import device_of, filtered, port_intent
+from nubes.api.network import Network, Port, SecurityGroup
+from nubes.controllers.port import security_of
+from nubes.controllers.security_group import default_group, members_of, rules_before
+from nubes.drivers.network.firewall_rules import FwRule
+from nubes.drivers.network.ovs import OvsPort
+
+
+def port(
+    spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None, **meta: Any
+) -> Port:
+    return Port.model_validate(
+        {
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u-p", **meta},
+            "spec": {"network": {"name": "net"}, **(spec or {})},
+            "status": status or {},
+        }
+    )
+
+
+def network(security: bool = True) -> Network:
+    return Network.model_validate(
+        {"metadata": {"name": "net", "namespace": "ns"}, "spec": {"portSecurityEnabled": security}}
+    )
+
+
+def group(
+    name: str, rules: int | list[dict[str, Any]], created: str = "", **status: Any
+) -> SecurityGroup:
+    body = rules if isinstance(rules, list) else [{"direction": "egress"}] * rules
+    return SecurityGroup.model_validate(
+        {
+            "metadata": {
+                "name": name,
+                "namespace": "ns",
+                "uid": f"u-{name}",
+                "creationTimestamp": created or None,
+            },
+            "spec": {"rules": body},
+            "status": status,
+        }
+    )
+
+
+def test_port_uses_its_groups_or_default() -> None:
+    assert security_of(port(), network()) == {
+        "portSecurityEnabled": True,
+        "securityGroups": ["default"],
+    }
+    listed = port({"securityGroups": ["web", "db", "web"]})
+    assert security_of(listed, network())["securityGroups"] == ["db", "web"]
+    assert security_of(port({"securityGroups": []}), network())["securityGroups"] == []
+
+
+def test_port_security_off_means_no_groups() -> None:
+    assert security_of(port(), network(security=False)) == {
+        "portSecurityEnabled": False,
+        "securityGroups": [],
+    }
+    on_port = port({"portSecurityEnabled": True})
+    assert security_of(on_port, network(security=False))["portSecurityEnabled"] is True
+    dhcp = port({"deviceOwner": "network:dhcp"})
+    assert security_of(dhcp, network()) == {"portSecurityEnabled": False, "securityGroups": []}
+
+
+def test_default_group_is_neutrons() -> None:
+    body = default_group("ns")
+    rules = body["spec"]["rules"]
+    assert {(r["direction"], r["ethertype"], r.get("remoteGroup")) for r in rules} == {
+        ("egress", "IPv4", None),
+        ("egress", "IPv6", None),
+        ("ingress", "IPv4", "default"),
+        ("ingress", "IPv6", "default"),
+    }
+    SecurityGroup.model_validate(body)
+
+
+def test_members_are_fixed_addresses_of_live_ports() -> None:
+    live = port(status={"fixedIps": [{"subnet": "s", "ipAddress": "10.0.0.5"}]})
+    going = port(
+        status={"fixedIps": [{"subnet": "s", "ipAddress": "10.0.0.6"}]},
+        deletionTimestamp="2026-01-01T00:00:00Z",
+    )
+    assert members_of([live, going, live]) == ["10.0.0.5"]
+
+
+def test_rule_quota_refuses_the_newest_and_refused_groups_hold_nothing() -> None:
+    old = group("a", 4, "2026-01-01T00:00:00Z")
+    big = group("b", 3, "2026-01-01T00:00:01Z")
+    small = group("c", 2, "2026-01-01T00:00:02Z")
+    groups = [small, big, old]
+    assert rules_before(old, groups, 6) == 0
+    assert rules_before(big, groups, 6) == 4  # 4 + 3 > 6: refused
+    assert rules_before(small, groups, 6) == 4  # big holds nothing: 4 + 2 fits
+    assert rules_before(small, groups, 10) == 7
+
+
+def test_port_intent_fails_closed_on_missing_or_stalled_groups() -> None:
+    p = port(
+        {
+            "securityGroups": ["web", "gone", "bad"],
+            "allowedAddressPairs": [{"ipAddress": "10.0.0.9"}],
+        },
+        {
+            "macAddress": "FA:16:3E:00:00:01",
+            "fixedIps": [{"subnet": "s", "ipAddress": "10.0.0.5"}],
+            "securityGroups": ["web", "gone", "bad"],
+        },
+    )
+    stalled = {"conditions": [{"type": "Stalled", "status": "True", "reason": "QuotaExceeded"}]}
+    groups = {
+        "web": group(
+            "web",
+            [
+                {"direction": "ingress", "protocol": "tcp", "portRangeMin": 22, "portRangeMax": 22},
+                {"direction": "ingress", "ethertype": "IPv6", "remoteGroup": "web"},
+                {"direction": "ingress", "remoteGroup": "gone"},
+            ],
+        ),
+        "bad": group("bad", 1, **stalled),
+    }
+    fw = port_intent(p, groups)
+    assert fw.mac == "fa:16:3e:00:00:01" and fw.ips == ("10.0.0.5",)
+    assert fw.pairs == (("10.0.0.9", ""),)
+    assert fw.rules == (
+        FwRule("ingress", 4, "tcp", 22, 22),
+        FwRule("ingress", 6, remote_group="u-web"),
+    )
+
+
+def test_unresolved_port_security_is_filtered_and_devices_come_from_qvo() -> None:
+    assert filtered(port())
+    assert not filtered(port(status={"portSecurityEnabled": False}))
+    assert device_of(OvsPort("qvoabc", 1, None, "")) == "tapabc"
+    assert device_of(OvsPort("dh-xyz", 1, None, "")) is None
