@@ -65,6 +65,10 @@ build_base() { # -> $images/base-KEY (a root filesystem directory)
   [[ -f $out/.complete ]] && { echo "$out"; return; }
   rm -rf "$out" "$out.tmp"
   log "building the Debian root filesystem ($key; a few minutes on a cold cache)"
+  # The agent gives guest files to QEMU's user and group by name (drivers/
+  # hostfiles.py), as the host's libvirtd runs QEMU: Debian's libvirt-qemu,
+  # whose static id is 64055 (the image has no libvirt daemon to create it).
+  local qemu_user_hook='echo "libvirt-qemu:x:64055:64055:Libvirt Qemu:/var/lib/libvirt:/usr/sbin/nologin" >> "$1/etc/passwd"; echo "libvirt-qemu:x:64055:libvirt-qemu" >> "$1/etc/group"'
   mkdir -p "$images"
   # Without docs, man pages and locales; apt lists dropped; no apt in the image.
   nice -n 19 mmdebstrap --variant=essential --mode=root --quiet \
@@ -72,6 +76,7 @@ build_base() { # -> $images/base-KEY (a root filesystem directory)
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
     --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
     --customize-hook='rm -rf "$1"/var/cache/* "$1"/var/lib/apt/lists/* "$1"/var/log/*' \
+    --customize-hook="$qemu_user_hook" \
     bookworm "$out.tmp" "deb http://deb.debian.org/debian bookworm main" \
     "deb http://deb.debian.org/debian bookworm-updates main" \
     "deb http://deb.debian.org/debian-security bookworm-security main" >&2
