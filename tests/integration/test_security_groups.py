@@ -11,6 +11,7 @@ passes because the probe itself is broken.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
@@ -103,7 +104,14 @@ class World:
         port(ns, name, net, node_name(self.fabric, node), fixedIps=[{"ipAddress": ip}], **spec)
         p = await condition(self.kube, Port, name, ns, type_="Reconciling", timeout=60)
         netns = self.fabric.guest(f"{name}{uuid.uuid4().hex[:3]}")
-        plugger(node).plug_netns(p.uid, p.status.mac_address or "", p.status.mtu or 1500, netns)
+        # pyroute2 (the drivers' netlink) must not run on the event loop's thread.
+        await asyncio.to_thread(
+            plugger(node).plug_netns,
+            p.uid,
+            p.status.mac_address or "",
+            p.status.mtu or 1500,
+            netns,
+        )
         sh("ip", "-n", netns, "addr", "add", f"{ip}/24", "dev", "eth0")
         p = await condition(self.kube, Port, name, ns, timeout=60)
         g = Guest(name, ns, netns, node, p)
@@ -150,7 +158,7 @@ async def world(
         yield w
     finally:
         for g in w.guests.values():
-            plugger(g.node).unplug(g.port.uid)
+            await asyncio.to_thread(plugger(g.node).unplug, g.port.uid)
         for ns in (b, a):
             kubectl("delete", "ports,subnets,networks", "--all", "-n", ns, "--wait=false")
         await _ports_gone(kube, [a, b])
@@ -482,3 +490,33 @@ async def test_agent_restart_keeps_rules_in_force(
     assert " 0 packets received" in out, out
     assert "bytes from" in ok, ok
     assert ping(a2.netns, a1.ip) and not ping(b1.netns, a1.ip, count=1)
+
+
+async def test_rule_quota_counts_every_group_of_the_project(world: World) -> None:
+    # Project A holds default (4 rules) and the groups of the tests above;
+    # a limit just above that leaves room for 2 more rules.
+    groups = [g async for g in _groups(world.kube, world.a)]
+    used = sum(len(g.spec.rules) for g in groups)
+    kubectl(
+        "patch", "project", world.a, "--type=merge",
+        "-p", f'{{"spec": {{"quotas": {{"securityGroupRules": {used + 2}}}}}}}',
+    )  # fmt: skip
+    rules = [{"direction": "ingress", "protocol": "tcp", "portRangeMin": p, "portRangeMax": p}
+             for p in (80, 443, 8080)]  # fmt: skip
+    group(world.a, "big", rules)
+    big = await condition(world.kube, SecurityGroup, "big", world.a, type_="Stalled")
+    cond = big.status.condition("Stalled")
+    assert cond.reason == "QuotaExceeded", cond
+    assert cond.message == f"securityGroupRules: {used} of {used + 2} in use, this group needs 3"
+    group(world.a, "small", rules[:2])
+    await condition(world.kube, SecurityGroup, "small", world.a)
+    kubectl(
+        "patch", "project", world.a, "--type=merge",
+        "-p", '{"spec": {"quotas": {"securityGroupRules": -1}}}',
+    )  # fmt: skip
+    await condition(world.kube, SecurityGroup, "big", world.a)
+
+
+async def _groups(kube: Kube, ns: str) -> AsyncIterator[SecurityGroup]:
+    for g in await kube.list(SecurityGroup, ns):
+        yield g
