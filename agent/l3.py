@@ -28,7 +28,9 @@ from nubes.drivers.network.l3_plan import (
     RouterPort,
     plan_router,
 )
+from nubes.drivers.network.ovs import Ovs, OvsEndpoint
 from nubes.drivers.network.router import RouterError, Routers
+from nubes.drivers.network.switch import NodeSwitch
 from nubes.drivers.runner import SubprocessRunner
 from nubes.runtime.kube import ApiError, path_of
 from nubes.runtime.operator import Operator
@@ -46,9 +48,18 @@ class NodeRouters:
     def __init__(self, config: AgentConfig, networking: NodeNetworking):
         self.config = config
         self.networking = networking
+        runner = SubprocessRunner()
+        # Its own OVSDB client: the L3 loop runs in its own worker thread,
+        # next to the networking loop's, and a client is not shared across
+        # threads.
+        switch = NodeSwitch(
+            Ovs(runner, OvsEndpoint(config.ovs_db, config.ovs_rundir, config.node_netns)),
+            datapath_type=networking.switch.datapath_type,
+            integration_bridge=config.integration_bridge,
+        )
         self.routers = Routers(
-            SubprocessRunner(),
-            networking.switch,
+            runner,
+            switch,
             netns_prefix=config.netns_prefix,
             node_netns=config.node_netns,
         )
@@ -138,6 +149,7 @@ class NodeRouters:
             for key, (_, intent) in intents.items()
         }
         applied = await asyncio.to_thread(self.apply, plans, full)
+        log.debug("l3 pass", routers=len(plans), errors=len(applied.errors), full=full)
         # New router devices were plugged isolated: bind them now rather than
         # at the networking loop's next event.
         self.networking.kick()
