@@ -1,4 +1,8 @@
-"""compute.nubes.io: flavors, instances, hypervisors and instance actions (Nova)."""
+"""compute.nubes.io: flavors, instances, hypervisors and instance actions (Nova).
+
+(About 580 lines: the Nova kinds' models and their CRD documentation, which
+reference one another.)
+"""
 
 from __future__ import annotations
 

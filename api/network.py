@@ -1,4 +1,9 @@
-"""network.nubes.io: the Neutron model (networks, subnets, ports, L3, security)."""
+"""network.nubes.io: the Neutron model (networks, subnets, ports, L3, security).
+
+(About 860 lines: the Neutron kinds' models and the user documentation
+shipped in their CRDs; ports, subnets, routers, floating IPs and security
+groups reference one another.)
+"""
 
 from __future__ import annotations
 

@@ -11,6 +11,9 @@ networking loop gives them their local VLANs like any other port.
 The router is placed on a live node whose agent runs with --l3 and moved when
 that node's heartbeat dies (Neutron's L3 scheduler with
 allow_automatic_l3agent_failover); its ports follow it.
+
+(About 430 lines: validation, the router's own ports and placement belong to
+one converge function and share its state.)
 """
 
 from __future__ import annotations

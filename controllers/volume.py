@@ -17,6 +17,9 @@ The controller decides; the storage node's agent does (nubes.agent.storage):
 - deletion: refused while snapshots exist (HasSnapshots) or while attached
   (InUse); waits for clones and backups reading it; then the controller's
   finalizer goes and the agent wipes the data and drops its own.
+
+(About 470 lines: placement, attachment and deletion hand the same volume
+between them in one converge function.)
 """
 
 from __future__ import annotations

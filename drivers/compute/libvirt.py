@@ -10,6 +10,9 @@ Calls block (libvirt-python is synchronous): run them in a worker thread.
 Nova's terms map as: pause/unpause keep the guest in memory (state paused);
 suspend/resume save it to disk with libvirt's managed save (state shut off
 with a saved image; `start` also restores it).
+
+(About 550 lines: one idempotent verb per domain operation, each short;
+split by operation they would repeat the lookup and error handling.)
 """
 
 from __future__ import annotations

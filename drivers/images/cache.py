@@ -13,6 +13,9 @@ Everything is idempotent and safe to repeat after a crash: downloads go to
 temporary files that are renamed into place only when complete and checked,
 and a per-image lock makes concurrent callers (agent workers, processes)
 download an image once. `prune(in_use)` deletes what no instance needs.
+
+(About 500 lines: copying, verifying, converting and the overlay disks share
+the cache layout and its locks.)
 """
 
 from __future__ import annotations

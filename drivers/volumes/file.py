@@ -17,6 +17,9 @@ Delete is "secure": the file is first moved into .work/ (so nothing can find
 and open it again), then every allocated extent is overwritten with zeros,
 then it is unlinked. A crash mid-wipe is finished by the next delete of the
 same id or by `finish_interrupted_work()` at start-up.
+
+(About 460 lines: the backend's verbs share the pool layout and its crash-
+safe file moves.)
 """
 
 from __future__ import annotations

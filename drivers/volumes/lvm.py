@@ -13,6 +13,9 @@ zeroed blocks (its zeroing is on by default; `detect_thin_zeroing` checks).
 
 Device-mapper is needed for everything but the VG itself; `detect_lvm`
 tells whether this node has it.
+
+(About 470 lines: the backend's verbs share the VG/thin-pool naming and
+listing.)
 """
 
 from __future__ import annotations
