@@ -256,12 +256,13 @@ class Ovs:
         return added
 
     def set_port(self, name: str, settings: dict[str, str], clear: tuple[str, ...] = ()) -> None:
-        """Set and clear Port columns of one port in one transaction."""
+        """Set and clear Port columns of one port in one transaction; a port
+        that is gone (removed since the caller read the switch) is left gone."""
 
         def build(c: _Changes) -> None:
             port = find(c.tables, "Port", name)
             if port is None:
-                raise OvsdbError(f"no port named {name}")
+                return
             for column, value in settings.items():
                 c.set(port, column, _port_column(column, value))
             for column in clear:

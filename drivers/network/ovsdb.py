@@ -111,7 +111,12 @@ class OvsdbConnection:
             for _ in range(20):
                 idl.run()
                 txn = ovs.db.idl.Transaction(idl)
-                reconfigures = change(txn, idl.tables)
+                try:
+                    reconfigures = change(txn, idl.tables)
+                except BaseException:
+                    # An open transaction would fail every later idl.run().
+                    txn.abort()
+                    raise
                 root = next(iter(idl.tables["Open_vSwitch"].rows.values()), None)
                 if reconfigures and root is not None:
                     root.increment("next_cfg")
