@@ -1,12 +1,17 @@
-"""What every benchmark needs of the cluster KUBECONFIG names: the CRDs, as
-`make demo` installs them (a cluster started for the run is empty)."""
+"""What every benchmark needs of the cluster KUBECONFIG names (the CRDs, as
+`make demo` installs them: a cluster started for the run is empty), and the
+waits and measures the benchmarks share."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 from nubes.drivers.runner import SubprocessRunner
+from nubes.runtime.kube import NAMESPACES, Kube
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBECTL = Path(os.environ.get("NUBES_CACHE", Path.home() / ".cache" / "nubes")) / "bin" / "kubectl"
@@ -17,3 +22,28 @@ def install_crds() -> None:
     SubprocessRunner()(apply, timeout=120)
     wait = [str(KUBECTL), "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"]
     SubprocessRunner()(wait, timeout=90)
+
+
+async def namespace_gone(kube: Kube, ns: str) -> bool:
+    return await kube.get_raw(NAMESPACES, ns) is None
+
+
+async def wait_for(probe: Any, timeout: float, what: str) -> Any:
+    """Poll the coroutine function `probe` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.5)
+
+
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory (VmHWM: its peak) from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    return 0.0

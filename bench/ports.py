@@ -19,19 +19,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.cluster import install_crds
+from bench.cluster import install_crds, namespace_gone, rss_mib, wait_for
 from nubes.api.network import Network, Port, Subnet
 from nubes.runtime.kube import NAMESPACES, Kube, path_of
 from tests.helpers import Process, free_port
 from tests.nodes import Fabric
-
-
-def peak_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def run(count: int, concurrency: int) -> dict[str, Any]:
@@ -113,8 +105,10 @@ async def run(count: int, concurrency: int) -> dict[str, Any]:
             "create_seconds": round(created, 2),
             "duplicates": duplicates,
             "dhcp_entries_served": served,
-            "controller_peak_rss_mib": round(peak_rss_mib(controller.proc.pid), 1),
-            "agent_peak_rss_mib": round(peak_rss_mib(agent.proc.pid), 1) if agent.proc else None,
+            "controller_peak_rss_mib": round(rss_mib(controller.proc.pid, "VmHWM"), 1),
+            "agent_peak_rss_mib": (
+                round(rss_mib(agent.proc.pid, "VmHWM"), 1) if agent.proc else None
+            ),
             "cpus": os.cpu_count(),
         }
     finally:
@@ -151,21 +145,6 @@ async def all_ready(kube: Kube, ns: str, count: int) -> bool:
 
 async def user_ports(kube: Kube, ns: str) -> list[Port]:
     return [p for p in await kube.list(Port, ns) if p.spec.device_owner != "network:dhcp"]
-
-
-async def namespace_gone(kube: Kube, ns: str) -> bool:
-    return await kube.get_raw(NAMESPACES, ns) is None
-
-
-async def wait_for(probe: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.5)
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.cluster import install_crds
+from bench.cluster import install_crds, namespace_gone, rss_mib, wait_for
 from nubes.api.compute import Instance
 from nubes.api.network import Network, Port, Subnet
 from nubes.runtime.kube import NAMESPACES, Kube, path_of
@@ -34,14 +34,6 @@ from tests.helpers import Process, free_port
 from tests.nodes import Fabric
 
 NETWORKS = 10
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def metrics(port: int) -> tuple[float, float]:
@@ -199,9 +191,7 @@ async def run(ports: int, instances: int, concurrency: int) -> dict[str, Any]:
         }
     finally:
         await kube.delete_raw(NAMESPACES, ns)
-        deadline = time.monotonic() + 900
-        while await kube.get_raw(NAMESPACES, ns) is not None and time.monotonic() < deadline:
-            await asyncio.sleep(2)
+        await wait_for(lambda: namespace_gone(kube, ns), 900, "bench namespace deleted")
         await kube.close()
         agent.stop()
         controller.stop()

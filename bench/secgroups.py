@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.cluster import install_crds
+from bench.cluster import install_crds, namespace_gone, wait_for
 from nubes.api.network import Network, Port, SecurityGroup, Subnet
 from nubes.drivers.network.firewall_rules import Names, node_tag
 from nubes.drivers.network.ovs import Ovs
@@ -212,21 +212,6 @@ async def run(count: int, groups: int, changes: int) -> dict[str, Any]:
 async def addressed(kube: Kube, ns: str, count: int) -> dict[str, Port] | None:
     ports = {p.name: p for p in await kube.list(Port, ns) if p.status.fixed_ips}
     return ports if len(ports) >= count else None
-
-
-async def namespace_gone(kube: Kube, ns: str) -> bool:
-    return await kube.get_raw(NAMESPACES, ns) is None
-
-
-async def wait_for(probe: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.5)
 
 
 def main() -> None:
