@@ -74,9 +74,6 @@ class FloatingIPReconciler(Reconciler[FloatingIP]):
             when=lambda old, new: new is None,
         )
 
-    def accepts(self, obj: FloatingIP) -> bool:
-        return self.op.owns_shard(obj.uid)
-
     def _network(self, fip: FloatingIP) -> Network:
         namespace, name = network_ref(fip)
         net: Network | None = self.op.store(Network).lookup(name, namespace)

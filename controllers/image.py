@@ -72,9 +72,6 @@ class ImageReconciler(Reconciler[Image]):
         super().setup(op)
         index_projects(op)
 
-    def accepts(self, obj: Image) -> bool:
-        return self.op.owns_shard(obj.uid)
-
     async def converge(self, obj: Image) -> Outcome:
         s = obj.status
         path = self.store.path_of(obj.uid)

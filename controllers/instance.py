@@ -219,9 +219,6 @@ class InstanceReconciler(Reconciler[Instance]):
             names.append(inst.spec.boot_volume.name)
         return names
 
-    def accepts(self, obj: Instance) -> bool:
-        return self.op.owns_shard(obj.uid)
-
     # --- converge ------------------------------------------------------------------
 
     async def converge(self, obj: Instance) -> Outcome:

@@ -90,9 +90,6 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
             ),
         )
 
-    def accepts(self, obj: InstanceAction) -> bool:
-        return self.op.owns_shard(obj.uid)
-
     async def converge(self, obj: InstanceAction) -> Outcome:
         if obj.status.completed_at:
             # What a Resize reserved is now the instance's own (or was not needed).

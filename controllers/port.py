@@ -14,10 +14,11 @@ from typing import Any
 import structlog
 
 from nubes.api.compute import Instance
+from nubes.api.identity import Project
 from nubes.api.meta import seconds_since
 from nubes.api.network import Allocation, Network, Port, Router, Subnet
 from nubes.controllers.allocations import Ledger
-from nubes.controllers.indexes import index_instances, index_ports
+from nubes.controllers.indexes import index_instances, index_ports, index_projects
 from nubes.controllers.ipam import SubnetPlan, random_mac
 from nubes.controllers.network import DHCP_OWNER, ROUTER_INTERFACE
 from nubes.controllers.security_group import ensure_default_group
@@ -60,6 +61,7 @@ class PortReconciler(Reconciler[Port]):
         self._uids: dict[str, str] = {}
         ports = op.store(Port)
         index_instances(op)
+        index_projects(op)
 
         def ports_on(net_key: str) -> list[str]:
             return [p.key for p in ports.by_index("network", net_key)]
@@ -289,8 +291,14 @@ class PortReconciler(Reconciler[Port]):
             "dhcpNode": net.status.dhcp_node,
             **security_of(obj, net),
         }
-        if "default" in status["securityGroups"]:
-            await ensure_default_group(self.op, obj.namespace or "")
+        namespace = obj.namespace or ""
+        if "default" in status["securityGroups"] and not self.op.store(Project).by_index(
+            "namespace", namespace
+        ):
+            # A project's reconciler alone makes its default group (a second
+            # writer's refused create would still count against its quota);
+            # other namespaces get theirs on first use, as in Neutron.
+            await ensure_default_group(self.op, namespace)
         addresses = ", ".join(f["ipAddress"] for f in fixed) or "no address"
         if net.status.mtu is None:
             return Outcome.progressing(

@@ -134,9 +134,6 @@ class RouterReconciler(Reconciler[Router]):
             when=lambda old, new: _l3_facts(old) != _l3_facts(new),
         )
 
-    def accepts(self, obj: Router) -> bool:
-        return self.op.owns_shard(obj.uid)
-
     # --- validation ----------------------------------------------------------------
 
     def _interfaces(self, router: Router) -> list[Subnet]:

@@ -15,9 +15,9 @@ reconciler gives them what only a cluster-wide view knows:
   that is not enforceable gets none of its rules (fail closed).
 
 Every project gets a `default` group with its namespace (controllers/
-project.py), with Neutron's default rules; like Neutron, the Port
-reconciler also makes it on first use where it is missing (a namespace
-that is not a project's, a deleted default).
+project.py), with Neutron's default rules, made again by that reconciler
+when deleted; in a namespace that is not a project's the Port reconciler
+makes it on first use, as Neutron does.
 """
 
 from __future__ import annotations

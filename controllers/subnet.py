@@ -66,9 +66,6 @@ class SubnetReconciler(Reconciler[Subnet]):
 
         op.store(Allocation).add_listener(usage_changed)
 
-    def accepts(self, obj: Subnet) -> bool:
-        return self.op.owns_shard(obj.uid)
-
     async def converge(self, obj: Subnet) -> Outcome:
         network = self.op.store(Network).lookup(obj.spec.network.name, obj.namespace)
         if network is None or network.deleting:

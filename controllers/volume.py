@@ -138,9 +138,6 @@ class VolumeReconciler(Reconciler[Volume]):
         )
         op.watch(Image, Volume, lambda img: pending_of("image", img.key))
 
-    def accepts(self, obj: Volume) -> bool:
-        return self.op.owns_shard(obj.uid)
-
     # --- converge ---------------------------------------------------------------------
 
     async def converge(self, obj: Volume) -> Outcome:

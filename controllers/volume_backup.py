@@ -66,9 +66,6 @@ class VolumeBackupReconciler(Reconciler[VolumeBackup]):
             when=lambda old, new: old is None or new is None or _facts(old) != _facts(new),
         )
 
-    def accepts(self, obj: VolumeBackup) -> bool:
-        return self.op.owns_shard(obj.uid)
-
     async def converge(self, obj: VolumeBackup) -> Outcome:
         s = obj.status
         if s.node is None or s.volume_uid is None:

@@ -47,9 +47,6 @@ class VolumeSnapshotReconciler(Reconciler[VolumeSnapshot]):
         self.volumes = volumes
         requeue_refused(op, VolumeSnapshot)
 
-    def accepts(self, obj: VolumeSnapshot) -> bool:
-        return self.op.owns_shard(obj.uid)
-
     async def converge(self, obj: VolumeSnapshot) -> Outcome:
         volume_name = obj.spec.volume
         node = obj.status.node

@@ -27,9 +27,6 @@ class VolumeTypeReconciler(Reconciler[VolumeType]):
             when=lambda old, new: _backends(old) != _backends(new),
         )
 
-    def accepts(self, obj: VolumeType) -> bool:
-        return self.op.owns_shard(obj.uid)
-
     async def converge(self, obj: VolumeType) -> Outcome:
         for key, value in sorted(obj.spec.extra_specs.items()):
             try:

@@ -153,8 +153,10 @@ class Reconciler(Generic[R]):
         self.op = op
 
     def accepts(self, obj: R) -> bool:
-        """Whether this process handles the object (node or shard filter)."""
-        return True
+        """Whether this process handles the object: by default the controller
+        shard that owns its uid, so each object has exactly one writer even
+        with several controller processes (agents filter by node instead)."""
+        return self.op.owns_shard(obj.uid)
 
     async def converge(self, obj: R) -> Outcome:
         raise NotImplementedError

@@ -78,6 +78,11 @@ def as_user(user: str, manifest: dict[str, Any]) -> tuple[int, str]:
     return result.returncode, result.stderr
 
 
+def allowed(user: str, manifest: dict[str, Any]) -> None:
+    rc, err = as_user(user, manifest)
+    assert rc == 0, f"{user} creating {manifest['kind']} {manifest['metadata']['name']}: {err}"
+
+
 def obj(api: str, kind: str, name: str, ns: str | None, **spec: Any) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name}
     if ns:
@@ -107,14 +112,14 @@ def stalled_message(got: Any) -> str:
 
 async def test_port_binding_host_is_for_cloud_admins(project: str, cloud_admin: str) -> None:
     ns = project
-    assert as_user("bob", obj(NET, "Network", "net", ns))[0] == 0
+    allowed("bob", obj(NET, "Network", "net", ns))
     bound = obj(NET, "Port", "p", ns, network={"name": "net"}, binding={"host": "nowhere"})
     rc, err = as_user("bob", bound)
     assert rc != 0 and f"spec.binding.host: {REFUSED} may bind a port to a node" in err
-    assert as_user(cloud_admin, bound)[0] == 0
+    allowed(cloud_admin, bound)
     # The same value again (GitOps re-apply) and other fields stay the member's.
-    assert as_user("bob", bound)[0] == 0
-    assert as_user("bob", {**bound, "spec": {**bound["spec"], "description": "web"}})[0] == 0
+    allowed("bob", bound)
+    allowed("bob", {**bound, "spec": {**bound["spec"], "description": "web"}})
     for spec in (
         {"network": {"name": "net"}, "binding": {"host": "elsewhere"}},  # moved
         {"network": {"name": "net"}, "description": "web"},  # unbound
@@ -122,7 +127,7 @@ async def test_port_binding_host_is_for_cloud_admins(project: str, cloud_admin: 
         rc, err = as_user("bob", {**bound, "spec": spec})
         assert rc != 0 and "spec.binding.host" in err and REFUSED in err, spec
     # Unbound ports (the instance decides where they go) are the member's.
-    assert as_user("bob", obj(NET, "Port", "free", ns, network={"name": "net"}))[0] == 0
+    allowed("bob", obj(NET, "Port", "free", ns, network={"name": "net"}))
 
 
 async def test_migration_target_node_is_for_cloud_admins(project: str, cloud_admin: str) -> None:
@@ -132,10 +137,10 @@ async def test_migration_target_node_is_for_cloud_admins(project: str, cloud_adm
     )
     rc, err = as_user("bob", targeted)
     assert rc != 0 and f"spec.targetNode: {REFUSED} may choose the node of a migration" in err
-    assert as_user(cloud_admin, targeted)[0] == 0
+    allowed(cloud_admin, targeted)
     assert as_user("bob", targeted)[0] == 0  # re-applied unchanged
     plain = obj(COMPUTE, "InstanceAction", "move2", ns, instance="vm", action="Migrate")
-    assert as_user("bob", plain)[0] == 0
+    allowed("bob", plain)
 
 
 async def test_provider_attributes_need_a_cloud_admin_on_create_and_update(
@@ -161,17 +166,17 @@ async def test_provider_attributes_need_a_cloud_admin_on_create_and_update(
         assert rc != 0, name
         assert f"{fields}: provider network attributes" in err, err
         assert "need a cloud administrator (ClusterRole nubes:cloud-admin)" in err
-        assert as_user(cloud_admin, obj(NET, "Network", name, ns, **spec))[0] == 0, name
+        allowed(cloud_admin, obj(NET, "Network", name, ns, **spec))
 
     # Update: the member's own network cannot become shared or external...
-    assert as_user("bob", obj(NET, "Network", "own", ns))[0] == 0
+    allowed("bob", obj(NET, "Network", "own", ns))
     for change in ({"shared": True}, {"external": True}):
         rc, err = as_user("bob", obj(NET, "Network", "own", ns, **change))
         assert rc != 0 and "provider network attributes" in err, change
     # ... and what the cloud admin set stays set: re-applying it, or changing
     # other fields, is allowed; turning it off is not.
-    assert as_user(cloud_admin, obj(NET, "Network", "own", ns, shared=True))[0] == 0
-    assert as_user("bob", obj(NET, "Network", "own", ns, shared=True, description="x"))[0] == 0
+    allowed(cloud_admin, obj(NET, "Network", "own", ns, shared=True))
+    allowed("bob", obj(NET, "Network", "own", ns, shared=True, description="x"))
     rc, err = as_user("bob", obj(NET, "Network", "own", ns, description="x"))
     assert rc != 0 and "spec.shared: provider network attributes" in err
 
@@ -183,7 +188,7 @@ async def test_non_public_flavor_needs_the_project_on_its_access_list(
     name = f"private-{uuid.uuid4().hex[:6]}"
     flavor = obj(COMPUTE, "Flavor", name, None, vcpus=1, ramMib=256, diskGib=1, isPublic=False)
     cleanup.append(("flavor", name))
-    assert as_user(cloud_admin, flavor)[0] == 0
+    allowed(cloud_admin, flavor)
     # The access list is the operator's: members cannot grant themselves.
     denied = kubectl(
         "patch",
@@ -197,7 +202,7 @@ async def test_non_public_flavor_needs_the_project_on_its_access_list(
     )
     assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
 
-    assert as_user("bob", obj(NET, "Network", "net", ns))[0] == 0
+    allowed("bob", obj(NET, "Network", "net", ns))
     vm = obj(
         COMPUTE,
         "Instance",
@@ -207,7 +212,7 @@ async def test_non_public_flavor_needs_the_project_on_its_access_list(
         image={"name": "img"},
         networks=[{"network": {"name": "net"}}],
     )
-    assert as_user("bob", vm)[0] == 0
+    allowed("bob", vm)
     got = await reason(kube, Instance, "vm", ns, "FlavorNotAccessible")
     assert stalled_message(got) == (
         f"flavor {name} is not public and project {ns} is not on its access list;"
@@ -248,7 +253,7 @@ async def test_non_public_volume_type_needs_the_project_on_its_access_list(
     # scheduling (NoValidBackend) and is never placed on a node.
     vtype = obj(STORAGE, "VolumeType", name, None, backendName=f"{name}-none", isPublic=False)
     cleanup.append(("volumetype", name))
-    assert as_user(cloud_admin, vtype)[0] == 0
+    allowed(cloud_admin, vtype)
     denied = kubectl(
         "patch",
         "volumetype",
@@ -261,7 +266,7 @@ async def test_non_public_volume_type_needs_the_project_on_its_access_list(
     )
     assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
 
-    assert as_user("bob", obj(STORAGE, "Volume", "data", ns, sizeGib=1, volumeType=name))[0] == 0
+    allowed("bob", obj(STORAGE, "Volume", "data", ns, sizeGib=1, volumeType=name))
     got = await reason(kube, Volume, "data", ns, "VolumeTypeNotAccessible")
     assert stalled_message(got) == (
         f"volume type {name} is not public and project {ns} is not on its access list;"
