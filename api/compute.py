@@ -228,6 +228,8 @@ class InstanceAddress(ApiModel):
     """MAC of the NIC."""
     ip_addresses: list[str] = Field(default_factory=list)
     """Fixed addresses."""
+    floating_ip_addresses: list[str] = Field(default_factory=list)
+    """Floating IPs in force for this NIC (reachable from their external network)."""
 
 
 class DiskTransfer(ApiModel):
@@ -353,6 +355,7 @@ class Instance(Resource[InstanceSpec, InstanceStatus]):
             PrinterColumn("Node", ".status.node"),
             PrinterColumn("Power", ".status.powerState"),
             PrinterColumn("Addresses", ".status.addresses[*].ipAddresses[*]"),
+            PrinterColumn("Floating", ".status.addresses[*].floatingIpAddresses[*]"),
             PrinterColumn("Locked", ".spec.locked", "boolean", priority=1),
             READY_COLUMN,
             REASON_COLUMN,

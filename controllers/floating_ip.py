@@ -17,6 +17,7 @@ from typing import Any
 
 from nubes.api.network import Allocation, FloatingIP, Network, Port, Router, Subnet
 from nubes.controllers.allocations import Ledger
+from nubes.controllers.indexes import index_floating_ips
 from nubes.controllers.router import ready_v4_subnets
 from nubes.controllers.subnet import ip_pool, plan_of
 from nubes.runtime.operator import Operator
@@ -41,9 +42,7 @@ class FloatingIPReconciler(Reconciler[FloatingIP]):
         self._uids: dict[str, str] = {}
         fips = op.store(FloatingIP)
         fips.add_index("fip-network", lambda f: ["/".join(network_ref(f))])
-        fips.add_index(
-            "fip-port", lambda f: [f"{f.namespace}/{f.spec.port}"] if f.spec.port else []
-        )
+        index_floating_ips(op)
         fips.add_index("fip-namespace", lambda f: [f.namespace])
         op.watch(
             Network, FloatingIP, lambda n: [f.key for f in fips.by_index("fip-network", n.key)]

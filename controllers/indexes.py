@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from nubes.api.compute import Instance, InstanceAction
 from nubes.api.identity import Project
-from nubes.api.network import Port
+from nubes.api.network import FloatingIP, Port
 from nubes.runtime.operator import Operator
 
 
@@ -18,6 +18,10 @@ def project_namespace(p: Project) -> list[str]:
 
 def instance_uid(i: Instance) -> list[str]:
     return [i.uid]
+
+
+def floating_ip_port(f: FloatingIP) -> list[str]:
+    return [f"{f.namespace}/{f.spec.port}"] if f.spec.port else []
 
 
 def port_device(p: Port) -> list[str]:
@@ -46,3 +50,8 @@ def index_ports(op: Operator) -> None:
 def index_actions(op: Operator) -> None:
     """InstanceAction by its instance's key: "instance"."""
     op.store(InstanceAction).add_index("instance", action_instance)
+
+
+def index_floating_ips(op: Operator) -> None:
+    """FloatingIP by the key of the port it is associated with: "fip-port"."""
+    op.store(FloatingIP).add_index("fip-port", floating_ip_port)

@@ -6,7 +6,7 @@ changes the flavor, a Rebuild the image, a Migrate or Resize the node. The
 node agent runs the domain and reports what it observes; this reconciler
 owns the conditions.
 
-(About 460 lines: the checks, scheduling, ports and the resolved node intent
+(About 490 lines: the checks, scheduling, ports, floating addresses and the node intent
 are steps of one converge function.)
 """
 
@@ -27,7 +27,7 @@ from nubes.api.compute import (
 from nubes.api.image import Image
 from nubes.api.lifecycle import placement
 from nubes.api.meta import now_precise
-from nubes.api.network import FixedIpRequest, Network, Port, PortSpec
+from nubes.api.network import FixedIpRequest, FloatingIP, Network, Port, PortSpec
 from nubes.api.storage import Volume
 from nubes.controllers.access import index_projects, require_flavor
 from nubes.controllers.compute_scheduler import (
@@ -39,7 +39,12 @@ from nubes.controllers.compute_scheduler import (
 )
 from nubes.controllers.hypervisor import usable
 from nubes.controllers.image import resolve_image
-from nubes.controllers.indexes import index_actions, index_instances, index_ports
+from nubes.controllers.indexes import (
+    index_actions,
+    index_floating_ips,
+    index_instances,
+    index_ports,
+)
 from nubes.controllers.intent import node_intent
 from nubes.controllers.lifecycle import Effective, effective
 from nubes.controllers.quota import hold, instance_amounts, quota_refusal, requeue_refused
@@ -168,6 +173,7 @@ class InstanceReconciler(Reconciler[Instance]):
         )
         index_actions(op)
         index_ports(op)
+        index_floating_ips(op)
         op.store(Network)
         op.store(Volume)
         op.store(Image)
@@ -199,6 +205,17 @@ class InstanceReconciler(Reconciler[Instance]):
             when=_port_changed,
         )
         op.watch(
+            FloatingIP,
+            Instance,
+            lambda f: [
+                i.key
+                for p in [op.store(Port).lookup(f.spec.port, f.namespace)]
+                if f.spec.port and p is not None and p.spec.device_id
+                for i in instances.by_index("uid", p.spec.device_id)
+            ],
+            when=lambda old, new: _floating(old) != _floating(new),
+        )
+        op.watch(
             Volume,
             Instance,
             lambda v: [i.key for i in instances.by_index("volume", v.key)],
@@ -210,6 +227,17 @@ class InstanceReconciler(Reconciler[Instance]):
             Instance,
             lambda _: [i.key for i in instances if not i.status.node],
             when=lambda old, new: _hv_facts(old) != _hv_facts(new),
+        )
+
+    def _floating_addresses(self, port: Port) -> list[str]:
+        """The port's floating IPs once the router applies them (Ready)."""
+        return sorted(
+            f.status.floating_ip_address
+            for f in self.op.store(FloatingIP).by_index("fip-port", port.key)
+            if f.status.floating_ip_address
+            and f.status.port_uid == port.uid
+            and f.status.is_true("Ready")
+            and not f.deleting
         )
 
     @staticmethod
@@ -269,6 +297,7 @@ class InstanceReconciler(Reconciler[Instance]):
                 port=p.name,
                 mac_address=p.status.mac_address or "",
                 ip_addresses=[f.ip_address for f in p.status.fixed_ips],
+                floating_ip_addresses=self._floating_addresses(p),
             )
             for p in ports
         ]
@@ -435,6 +464,12 @@ def _condition_changed(old: Any, new: Any) -> bool:
         return tuple((c.type, c.status) for c in obj.status.conditions), obj.deleting
 
     return facts(old) != facts(new)
+
+
+def _floating(f: FloatingIP | None) -> tuple[Any, ...] | None:
+    if f is None:
+        return None
+    return (f.status.floating_ip_address, f.status.port_uid, f.status.is_true("Ready"), f.deleting)
 
 
 def _port_changed(old: Port | None, new: Port | None) -> bool:
