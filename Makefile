@@ -91,9 +91,12 @@ bench-volumes: setup ## volume create and secure-wipe throughput
 bench-secgroups: setup ## 200 ports in 20 groups: membership change to rule in force p50/p95, rules per port
 	hack/with-cluster.sh $(PY) -m bench.secgroups
 
-.PHONY: bench-netpass bench-scale
+.PHONY: bench-netpass bench-scale bench-l3
 bench-netpass: setup ## CPU of one networking pass on a node's switch (100 VIFs), no cluster
 	$(PY) -m bench.netpass
+
+bench-l3: setup ## floating IP applied to first reply through it p50/p95 (20), L3 node failover time
+	hack/with-cluster.sh $(PY) -m bench.l3
 
 bench-scale: setup ## 10,000 ports + 1,000 instances: controller/agent RSS, restart-to-converged time
 	hack/with-cluster.sh $(PY) -m bench.scale

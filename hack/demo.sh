@@ -87,6 +87,7 @@ helm_up() {
     --set controller.imageStore.hostPath="$state/images" \
     --set 'controller.imageImport.allowNetworks={127.0.0.2/32}' --set 'controller.imageImport.ports={18090}' \
     --set agent.stateDir="$node_state" --set agent.runDir="$state/run/agent" \
+    --set 'agent.bridgeMappings={external:br-ex}' \
     --wait --timeout 5m 2>&1 | grep -v 'found symbolic link' | sed -n '1,6p'
   # helm's --wait may see the DaemonSet before its status counts the new Pod.
   kubectl rollout status daemonset/nubes-agent statefulset/nubes-controller -n nubes-system --timeout=180s >/dev/null
@@ -116,7 +117,8 @@ local_up() {
   start_proc controller --log-level info controller --health-port 18081 --image-store "$state/images" \
     --image-import-allow-network 127.0.0.2/32 --image-import-port 18090
   start_proc agent --log-level info agent --node "$node" --state-dir "$node_state" \
-    --run-dir "$state/run/agent" --image-store "$state/images" --health-port 18082
+    --run-dir "$state/run/agent" --image-store "$state/images" --health-port 18082 \
+    --bridge-mapping external:br-ex --l3
   for port in 18081 18082; do
     for _ in $(seq 150); do curl -fsS -o /dev/null "http://127.0.0.1:$port/healthz" 2>/dev/null && break; sleep 0.2; done
   done
@@ -124,13 +126,19 @@ local_up() {
 }
 
 quickstart() {
+  say "external host: namespace nubes-upstream on br-ex, 203.0.113.1 (hack/upstream.sh)"
+  hack/upstream.sh up
   say "quickstart (examples/quickstart)"
   kubectl apply -f examples/quickstart/00-project.yaml
   # Ready once the API server's quota system counts the project's kinds (the
   # resourcequota controller finds new CRDs on its 30 s discovery resync).
   kubectl wait --for=condition=Ready project/demo --timeout=180s
-  kubectl apply -f examples/quickstart/
-  kubectl wait --for=condition=Ready -n demo image/nubes-guest network/private subnet/private-v4 --timeout=180s
+  # The floating IP comes last, to show SNAT (the router's address) first.
+  local f
+  for f in examples/quickstart/*.yaml; do
+    [[ $f == */45-floating-ip.yaml ]] || kubectl apply -f "$f"
+  done
+  kubectl wait --for=condition=Ready -n demo image/nubes-guest network/private subnet/private-v4 router/demo-router --timeout=180s
   kubectl wait --for=condition=Ready -n demo instance/demo-vm --timeout=300s
   kubectl get nubes -n demo
 
@@ -141,6 +149,7 @@ quickstart() {
     sleep 2
   done
   grep -E "^(nubes-guest: (boot|lease|hostname|ready|disk)|hello from)" <<<"$console" || true
+  routed
 
   say "invalid input is refused by the API server (examples/invalid)"
   for f in examples/invalid/*.yaml; do
@@ -148,6 +157,31 @@ quickstart() {
     kubectl apply --dry-run=server -f "$f" 2>&1 | tail -n 1 || true
   done
   say "done: KUBECONFIG=$KUBECONFIG kubectl get nubes -n demo; make demo-down to clean up"
+}
+
+routed() {
+  local gateway console fip page
+  gateway=$(kubectl get router demo-router -n demo -o jsonpath='{.status.gatewayIp}')
+  say "from inside: demo-vm reaches 203.0.113.1 through the router's SNAT (gateway $gateway)"
+  for _ in $(seq 90); do
+    console=$(kubectl get configmap demo-vm-console -n demo -o jsonpath='{.data.console\.log}' 2>/dev/null || true)
+    grep -q "^upstream 203.0.113.1 says" <<<"$console" && break
+    sleep 2
+  done
+  grep "^upstream 203.0.113.1 says" <<<"$console" || echo "demo-vm's console shows no answer from 203.0.113.1"
+
+  say "from outside: 203.0.113.1 reaches demo-vm through its floating IP"
+  kubectl apply -f examples/quickstart/45-floating-ip.yaml
+  kubectl wait --for=condition=Ready -n demo floatingip/demo-vm --timeout=120s
+  fip=$(kubectl get floatingip demo-vm -n demo -o jsonpath='{.status.floatingIpAddress}')
+  kubectl get routers,floatingips -n demo
+  echo "demo-vm's addresses: $(kubectl get instance demo-vm -n demo -o jsonpath='{.status.addresses[*].ipAddresses[*]} floating {.status.addresses[*].floatingIpAddresses[*]}')"
+  page=
+  for _ in $(seq 30); do
+    page=$(hack/upstream.sh fetch "http://$fip/" 2>/dev/null) && break
+    sleep 1
+  done
+  echo "nubes-upstream# curl http://$fip/  ->  ${page:-no answer}"
 }
 
 start_http() { # directory
@@ -170,6 +204,7 @@ down() {
   stop_proc agent
   stop_proc controller
   stop_proc http
+  hack/upstream.sh down
   hack/node-daemons.sh stop
   hack/cluster.sh down
 }

@@ -222,6 +222,23 @@ class Fabric:
         procs = sh("pgrep", "-af", str(self.root), check=False).stdout.strip()
         assert not procs, f"processes left behind: {procs}"
 
+    def host(self, name: str, address: str) -> str:
+        """A namespace on the fabric itself (where flat provider traffic
+        goes) with `address` (CIDR form): an external host."""
+        netns = self.guest(name)
+        peer = f"f{name}"[:15]
+        sh(
+            "ip", "link", "add", "eth0", "netns", netns, "type", "veth",
+            "peer", "name", peer, "netns", self.fabric_ns,
+        )  # fmt: skip
+        sh("ip", "-n", self.fabric_ns, "link", "set", peer, "master", "fab", "up")
+        sh("ip", "-n", netns, "addr", "add", address, "dev", "eth0")
+        sh("ip", "-n", netns, "link", "set", "eth0", "up")
+        # Its frames reach the nodes' userspace datapath, which does not
+        # complete partial checksums (host-facts): it sends whole ones.
+        sh("ethtool", "-K", "eth0", "tx", "off", netns=netns)
+        return netns
+
     def namespaces(self) -> list[str]:
         try:
             return sorted(n for n in os.listdir("/run/netns") if n.startswith(self.prefix))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import pytest
 
 from nubes.api.network import Allocation, FloatingIP, Port, Router
 from nubes.runtime.kube import Kube
+from tests.echo import SERVICE_PORT, ask, serve
 from tests.helpers import Process, apply, eventually, kubectl
 from tests.integration.cloud import (
     NET,
@@ -38,44 +38,6 @@ from tests.nodes import Fabric, SimNode, dhcp_lease, ping, sh
 MAPPINGS = ("physnet1:br-phy",)
 EXT_CIDR = "203.0.113.0/24"
 UPSTREAM = "203.0.113.1"
-SERVICE_PORT = 7000
-
-SERVER = """
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(16)
-while True:
-    c, (peer, _) = s.accept()
-    c.sendall(f"{sys.argv[2]} {peer}\\n".encode()); c.close()
-"""
-CLIENT = """
-import socket, sys
-try:
-    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
-    print(c.recv(200).decode().strip())
-except OSError as e:
-    print("ERROR", e)
-"""
-
-
-def serve(netns: str, name: str) -> subprocess.Popen[bytes]:
-    """Answers each connection with `NAME PEER-ADDRESS`."""
-    return subprocess.Popen(
-        ["ip", "netns", "exec", netns, sys.executable, "-c", SERVER, str(SERVICE_PORT), name],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def ask(netns: str, address: str, timeout: float = 3) -> tuple[str, str] | None:
-    """(server name, the address the server saw us come from), or None."""
-    out = sh(
-        sys.executable, "-c", CLIENT, address, str(SERVICE_PORT), str(timeout), netns=netns
-    ).stdout.strip()
-    if out.startswith("ERROR") or " " not in out:
-        return None
-    name, peer = out.split(" ", 1)
-    return name, peer
 
 
 @pytest.fixture(scope="module")
@@ -107,17 +69,7 @@ def l3_agent(fabric: Fabric, node: SimNode, factory: pytest.TempPathFactory) -> 
 def upstream(fabric: Fabric) -> Iterator[str]:
     """The external host: on the fabric (where flat physnet1 traffic goes),
     with the external subnet's gateway address."""
-    netns = fabric.guest("upstream")
-    sh(
-        "ip", "link", "add", "eth0", "netns", netns, "type", "veth",
-        "peer", "name", "fupstream", "netns", fabric.fabric_ns,
-    )  # fmt: skip
-    sh("ip", "-n", fabric.fabric_ns, "link", "set", "fupstream", "master", "fab", "up")
-    sh("ip", "-n", netns, "addr", "add", f"{UPSTREAM}/24", "dev", "eth0")
-    sh("ip", "-n", netns, "link", "set", "eth0", "up")
-    # Its frames reach the nodes' userspace datapath, which does not complete
-    # partial checksums (host-facts): the stand-in sends whole ones.
-    sh("ethtool", "-K", "eth0", "tx", "off", netns=netns)
+    netns = fabric.host("upstream", f"{UPSTREAM}/24")
     server = serve(netns, "upstream")
     try:
         yield netns
