@@ -10,6 +10,7 @@ from nubes.runtime.reconcile import Reconciler
 
 
 async def build_controller(op: Operator, config: ControllerConfig) -> None:
+    from nubes.controllers.app_credentials import register as register_app_credentials
     from nubes.controllers.flavor import FlavorReconciler
     from nubes.controllers.floating_ip import FloatingIPReconciler
     from nubes.controllers.hypervisor import HypervisorReconciler
@@ -48,4 +49,5 @@ async def build_controller(op: Operator, config: ControllerConfig) -> None:
     ]
     for reconciler in reconcilers:
         op.register(reconciler)
+    register_app_credentials(op)
     register_pending(op, handled={r.kind for r in reconcilers})

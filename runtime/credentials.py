@@ -7,13 +7,17 @@ CN=user, O=groups, valid for a chosen time (24 h by default, as a Keystone
 token). A project admin creates application credentials: a ServiceAccount in
 the project's namespace bound to one of the project roles, and a token for it
 with an expiry; deleting the credential deletes the ServiceAccount, which
-invalidates every token issued for it at once.
+invalidates every token issued for it at once. The controller deletes it
+when its life is over (controllers/app_credentials.py), so an application
+credential may live less than the API server's 10-minute minimum for a
+token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import os
 import re
 import subprocess
@@ -37,7 +41,12 @@ CLIENT_SIGNER = "kubernetes.io/kube-apiserver-client"
 DEFAULT_DURATION = 24 * 3600
 # The API server refuses shorter CSR expirationSeconds and TokenRequests.
 MIN_DURATION = 600
+# An application credential ends when the controller deletes it, which it
+# checks every few seconds: shorter lives would not mean much.
+APP_MIN_DURATION = 10
 APP_CREDENTIAL_LABEL = "nubes.io/app-credential"
+# The life asked for, in seconds from the ServiceAccount's creationTimestamp.
+LIFETIME_ANNOTATION = "nubes.io/lifetime-seconds"
 ROLE_LABEL = "nubes.io/role"
 ROLES = ("admin", "member", "reader")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -47,15 +56,35 @@ class CredentialError(Exception):
     """Something the person running the command must fix; the message says what."""
 
 
-def parse_duration(text: str) -> int:
-    """`90m`, `24h`, `7d`, `3600s` or bare seconds, as seconds (>= 10 minutes)."""
+def parse_duration(text: str, minimum: int = MIN_DURATION) -> int:
+    """`90m`, `24h`, `7d`, `3600s` or bare seconds, as seconds (>= `minimum`)."""
     match = re.fullmatch(r"(\d+)([smhd]?)", text.strip())
     if not match:
         raise CredentialError(f"duration {text!r}: use a number with s, m, h or d, e.g. 24h")
     seconds = int(match.group(1)) * _UNITS[match.group(2) or "s"]
-    if seconds < MIN_DURATION:
-        raise CredentialError(f"duration {text!r}: the API server's minimum is 10m")
+    if seconds < minimum:
+        least = "10m" if minimum == MIN_DURATION else f"{minimum}s"
+        raise CredentialError(f"duration {text!r}: the minimum is {least}")
     return seconds
+
+
+def expiry_of(account: dict[str, Any]) -> datetime.datetime | None:
+    """When an application credential ends: its creationTimestamp (the API
+    server's clock) plus the recorded life; None without one."""
+    meta = account.get("metadata", {})
+    life = (meta.get("annotations") or {}).get(LIFETIME_ANNOTATION)
+    created = meta.get("creationTimestamp")
+    if not life or not created:
+        return None
+    try:
+        start = datetime.datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+        return start + datetime.timedelta(seconds=int(life))
+    except ValueError:
+        return None
+
+
+def _stamp(when: datetime.datetime) -> str:
+    return when.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- kubeconfigs -------------------------------------------------------------------
@@ -288,7 +317,9 @@ async def create_app_credential(
     out: Path,
 ) -> str:
     """ServiceAccount `name` with project role `role`, and a kubeconfig with a
-    token for it valid `seconds`; returns the token's expiry."""
+    token for it; the credential ends after `seconds` (the token's own life
+    is at least the API server's minimum, the controller ends it sooner);
+    returns when it ends."""
     if role not in ROLES:
         raise CredentialError(f"role {role}: one of {', '.join(ROLES)}")
     namespace, _ = await project_namespace(kube, project)
@@ -299,7 +330,12 @@ async def create_app_credential(
             {
                 "apiVersion": "v1",
                 "kind": "ServiceAccount",
-                "metadata": {"name": name, "namespace": namespace, "labels": labels},
+                "metadata": {
+                    "name": name,
+                    "namespace": namespace,
+                    "labels": labels,
+                    "annotations": {LIFETIME_ANNOTATION: str(seconds)},
+                },
                 # Nothing in the project mounts it; its tokens come from here only.
                 "automountServiceAccountToken": False,
             },
@@ -341,13 +377,14 @@ async def create_app_credential(
         body={
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenRequest",
-            "spec": {"expirationSeconds": seconds},
+            "spec": {"expirationSeconds": max(seconds, MIN_DURATION)},
         },
     )
     status = granted["status"]
     user = f"system:serviceaccount:{namespace}:{name}"
     write_kubeconfig(out, cluster, user, {"token": status["token"]}, namespace)
-    expires = str(status["expirationTimestamp"])
+    end = expiry_of(account)
+    expires = _stamp(end) if end is not None else str(status["expirationTimestamp"])
     log.info(
         "application credential created", project=project, name=name, role=role, expires=expires
     )
@@ -365,12 +402,15 @@ async def delete_app_credential(kube: Kube, *, project: str, name: str) -> bool:
     return True
 
 
-async def list_app_credentials(kube: Kube, *, project: str) -> list[tuple[str, str]]:
+async def list_app_credentials(kube: Kube, *, project: str) -> list[tuple[str, str, str]]:
+    """(name, role, when it ends) of each application credential."""
     namespace, _ = await project_namespace(kube, project)
     accounts = await kube.list_raw(
         SERVICEACCOUNTS, namespace, label_selector=f"{APP_CREDENTIAL_LABEL}=true"
     )
-    return [
-        (a["metadata"]["name"], a["metadata"].get("labels", {}).get(ROLE_LABEL, "?"))
-        for a in accounts
-    ]
+    found = []
+    for a in accounts:
+        end = expiry_of(a)
+        role = a["metadata"].get("labels", {}).get(ROLE_LABEL, "?")
+        found.append((a["metadata"]["name"], role, _stamp(end) if end else "-"))
+    return found

@@ -26,7 +26,10 @@ while the project's spec.members lists USER (or one of the groups)."""
 
 APP_HELP = """Application credentials: a ServiceAccount in the project's
 namespace bound to one project role, with a token of limited life. A project
-admin runs these with their own kubeconfig."""
+admin runs these with their own kubeconfig. The controller deletes the
+credential when --duration is over (checked every 2 seconds; any life of at
+least 10s, although the token itself says at least 10 minutes, the API
+server's minimum), and with it every token issued for it."""
 
 
 def _run(kubeconfig: str | None, work: Callable[[Kube], Awaitable[T]]) -> T:
@@ -72,7 +75,7 @@ def issue(args: argparse.Namespace) -> int:
 
 def app_create(args: argparse.Namespace) -> int:
     try:
-        seconds = cred.parse_duration(args.duration)
+        seconds = cred.parse_duration(args.duration, cred.APP_MIN_DURATION)
         cluster = cred.current_cluster(args.kubeconfig)
         expires = _run(
             args.kubeconfig,
@@ -114,8 +117,8 @@ def app_list(args: argparse.Namespace) -> int:
         )
     except (cred.CredentialError, ApiError) as e:
         return _fail(e)
-    for name, role in found:
-        print(f"{name}\t{role}")
+    for name, role, expires in found:
+        print(f"{name}\t{role}\t{expires}")
     return 0
 
 
@@ -146,7 +149,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     for p in (create, delete):
         p.add_argument("--name", required=True)
     create.add_argument("--role", choices=cred.ROLES, default="member")
-    create.add_argument("--duration", default="24h", help="token life, e.g. 90m, 24h (default 24h)")
+    create.add_argument("--duration", default="24h", help="life, e.g. 30s, 90m, 24h (default 24h)")
     create.add_argument("-o", "--output", required=True, help="kubeconfig to write (mode 0600)")
     create.set_defaults(func=app_create)
     delete.set_defaults(func=app_delete)

@@ -175,6 +175,10 @@ RIGHTS: list[tuple[str, str, str, str | None, bool]] = [
     ("controller", "list", "rolebindings.rbac.authorization.k8s.io", "tenant", True),
     ("controller", "delete", "rolebindings.rbac.authorization.k8s.io", "tenant", False),
     ("controller", "create", "roles.rbac.authorization.k8s.io", "tenant", False),
+    # Expired application credentials (only those: nubes-controller-serviceaccounts).
+    ("controller", "delete", "serviceaccounts", "tenant", True),
+    ("controller", "create", "serviceaccounts", "tenant", False),
+    ("controller", "create", "serviceaccounts/token", "tenant", False),
     ("controller", "create", "events", "tenant", True),
     # The agent: Secrets only in the components' namespace, never a tenant's.
     ("agent-a", "get", "secrets", "tenant", False),
@@ -229,6 +233,19 @@ def test_the_components_cannot_read_tenant_secrets(cast: Cast, namespace: str) -
     refused_by_rbac(cast.agent_a.run("get", "secret", "mine", "-n", namespace))
     refused_by_rbac(cast.controller.run("get", "secret", "mine", "-n", namespace))
     refused_by_rbac(cast.controller.run("get", "secrets", "-n", COMPONENTS_NAMESPACE))
+
+
+def test_the_controller_deletes_only_application_credentials(cast: Cast, namespace: str) -> None:
+    kubectl("create", "serviceaccount", "plain", "-n", namespace)
+    kubectl("create", "serviceaccount", "app", "-n", namespace)
+    kubectl("label", "serviceaccount", "app", "nubes.io/app-credential=true", "-n", namespace)
+    for target in (("plain", namespace), ("nubes-agent", COMPONENTS_NAMESPACE)):
+        got = cast.controller.run("delete", "serviceaccount", target[0], "-n", target[1])
+        assert got.returncode != 0, got.stdout
+        assert "nubes-controller-serviceaccounts" in got.stderr, got.stderr
+        assert "deletes only application credentials" in got.stderr
+    allowed(cast.controller.run("delete", "serviceaccount", "app", "-n", namespace))
+    assert kubectl("get", "serviceaccount", "plain", "-n", namespace).returncode == 0
 
 
 def test_an_agent_writes_only_its_own_hypervisor(cast: Cast) -> None:

@@ -6,9 +6,12 @@ kubeconfig of its own, and project admins managing members by binding the
 project roles. Every credential used below is the only one in its kubeconfig:
 no admin certificate comes along.
 
-Real expiry is not observed: the API server's minimum life is 10 minutes for
-both a CSR's expirationSeconds and a TokenRequest, so the tests check the
-certificate's notAfter and the token's exp against the requested duration."""
+The API server's minimum life is 10 minutes for both a CSR's
+expirationSeconds and a TokenRequest, so a certificate's expiry is checked
+through its notAfter against the requested duration. An application
+credential's expiry is observed for real within seconds: the controller
+deletes the ServiceAccount when its recorded life is over, and the API
+server then refuses the token (still valid by its own exp) on a direct call."""
 
 from __future__ import annotations
 
@@ -287,7 +290,12 @@ async def test_application_credentials(
         assert whoami(out)["username"] == f"system:serviceaccount:{mine}:{name}"
 
     listed = nubes("app-credential", "list", "--project", mine, kubeconfig=alice)
-    assert listed.stdout.split() == ["ci", "member", "ro", "reader"]
+    rows = [line.split("\t") for line in listed.stdout.splitlines()]
+    assert [r[:2] for r in rows] == [["ci", "member"], ["ro", "reader"]]
+    for row in rows:
+        end = datetime.datetime.fromisoformat(row[2].replace("Z", "+00:00"))
+        left = end - datetime.datetime.now(datetime.UTC)
+        assert datetime.timedelta(minutes=58) < left <= datetime.timedelta(hours=1)
 
     made = as_config(creds["ci"], "apply", "-f", "-", input=network("by-ci", mine))
     assert made.returncode == 0, made.stderr
@@ -319,6 +327,61 @@ async def test_application_credentials(
     assert await kube.get_raw(SERVICEACCOUNTS, "ci", mine) is None
     assert await kube.get_raw(ROLEBINDINGS, "nubes-app-credential-ci", mine) is None
     assert whoami(creds["ro"])["username"].endswith(":ro")
+
+
+async def test_application_credential_expires(
+    tmp_path: Path, kube: Kube, projects: dict[str, Any]
+) -> None:
+    mine = projects["mine"]
+    alice = issue(tmp_path, projects["alice"], mine)
+    out = tmp_path / "brief.kubeconfig"
+    got = nubes(
+        "app-credential", "create", "--project", mine, "--name", "brief", "--role", "reader",
+        "--duration", "10s", "-o", str(out), kubeconfig=alice,
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    # The token itself would live the API server's minimum: what ends the
+    # credential below is the controller, not the token's exp.
+    claims = token_claims(out)
+    assert claims["exp"] - claims["iat"] == 600
+    account = await kube.get_raw(SERVICEACCOUNTS, "brief", mine)
+    assert account is not None
+    binding = "nubes-app-credential-brief"
+    assert await kube.get_raw(ROLEBINDINGS, binding, mine) is not None
+
+    # Before: the token (alone in its kubeconfig) authenticates and is authorized.
+    works = as_config(out, "get", "networks")
+    assert works.returncode == 0, works.stderr
+    assert whoami(out)["username"] == f"system:serviceaccount:{mine}:brief"
+
+    async def refused() -> str | None:
+        got = as_config(out, "get", "networks")
+        return got.stderr if got.returncode != 0 else None
+
+    stderr = await eventually(refused, timeout=30, what="expired credential refused")
+    assert "Unauthorized" in stderr, stderr
+    ended = datetime.datetime.now(datetime.UTC)
+    created = datetime.datetime.fromisoformat(
+        account["metadata"]["creationTimestamp"].replace("Z", "+00:00")
+    )
+    assert ended >= created + datetime.timedelta(seconds=10)
+    assert await kube.get_raw(SERVICEACCOUNTS, "brief", mine) is None
+    # Its binding goes with it (owner reference, garbage collector).
+    await eventually(
+        lambda: _absent(kube, ROLEBINDINGS, binding, mine), timeout=30, what="binding removed"
+    )
+    listed = nubes("app-credential", "list", "--project", mine, kubeconfig=alice)
+    assert "brief" not in listed.stdout
+    too_short = nubes(
+        "app-credential", "create", "--project", mine, "--name", "blink", "--duration", "3s",
+        "-o", str(tmp_path / "blink"), kubeconfig=alice,
+    )  # fmt: skip
+    assert too_short.returncode == 1 and "minimum is 10s" in too_short.stderr
+    assert await kube.get_raw(SERVICEACCOUNTS, "blink", mine) is None
+
+
+async def _absent(kube: Kube, kp: Any, name: str, namespace: str) -> bool:
+    return await kube.get_raw(kp, name, namespace) is None
 
 
 async def test_project_admin_manages_members(projects: dict[str, Any]) -> None:
