@@ -114,6 +114,16 @@ def crd_for(kind: type[Resource[Any, Any]]) -> dict[str, Any]:
     status = _without_rules(structural(status_model))
     spec["description"] = (spec_model.__doc__ or "").strip()
     status["description"] = "Observed state, written by the controller and the node agents."
+    # The API server drops status on create, and kstatus judges an object
+    # without status (or without observedGeneration) Current: a GitOps tool
+    # would report success before the controller acted. Structural defaults
+    # apply whenever the API server reads the object from etcd (every get,
+    # list, watch and the create's own response), so a fresh object reads
+    # `status: {observedGeneration: 0}`, behind metadata.generation (>= 1):
+    # InProgress for kstatus, Progressing for the Argo CD check. Nothing is
+    # stored; the controller's first status write replaces the 0.
+    status["default"] = {}
+    status["properties"]["observedGeneration"]["default"] = 0
     if info.spec_validations:
         spec.setdefault("x-kubernetes-validations", []).extend(info.spec_validations)
     root: Schema = {

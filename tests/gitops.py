@@ -9,12 +9,16 @@ from health.lua and the list of kinds."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import subprocess
 from typing import Any
 
+import yaml
+
+from nubes.api.crdgen import file_name
 from nubes.api.registry import ALL_KINDS
 from nubes.runtime.reconcile import Outcome, conditions_for
 from tests.helpers import ROOT
@@ -42,11 +46,11 @@ STATES: dict[str, tuple[Outcome | None, int | None, bool, str, str]] = {
         "Degraded",
     ),
     "deleting": (Outcome.ready(message="up"), GENERATION, True, "Terminating", "Progressing"),
-    # Just created: the API server drops status on create, so nothing says
-    # "not yet reconciled". kstatus judges an object without status or
-    # conditions Current (its rule for kinds it does not know); the Argo CD
-    # check waits for the controller instead.
-    "new": (None, None, False, "Current", "Progressing"),
+    # Just created, nothing written its status yet: the API server drops
+    # status on create and serves the CRD's structural defaults instead,
+    # `status: {observedGeneration: 0}` (api/crdgen.py says why). Without
+    # them kstatus would judge the object Current (no status, no conditions).
+    "new": (None, 0, False, "InProgress", "Progressing"),
     # The user changed the spec; the controller has not acted on it yet.
     "spec-changed": (
         Outcome.ready(message="up"),
@@ -71,7 +75,35 @@ def obj(kind: type[Any], state: str) -> dict[str, Any]:
     if outcome is not None:
         conditions = conditions_for(outcome, [], observed or GENERATION)
         o["status"] = {"observedGeneration": observed, "conditions": conditions}
-    return o
+    return served(kind, o)
+
+
+def served(kind: type[Any], o: dict[str, Any]) -> dict[str, Any]:
+    """The object as the API server returns it: with the structural defaults
+    of the generated CRD (crds/) filled in, as it does on every read from
+    etcd (k8s.io/apiextensions-apiserver's defaulting algorithm: a missing
+    property takes its default, then defaults apply inside it)."""
+    crd = yaml.safe_load((ROOT / "crds" / file_name(kind)).read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    out = copy.deepcopy(o)
+    _default(out, schema)
+    return out
+
+
+def _default(x: Any, schema: dict[str, Any]) -> None:
+    if isinstance(x, dict):
+        props = schema.get("properties", {})
+        for k, prop in props.items():
+            if k not in x and "default" in prop:
+                x[k] = copy.deepcopy(prop["default"])
+        for k, v in x.items():
+            if k in props:
+                _default(v, props[k])
+            elif isinstance(schema.get("additionalProperties"), dict):
+                _default(v, schema["additionalProperties"])
+    elif isinstance(x, list) and isinstance(schema.get("items"), dict):
+        for item in x:
+            _default(item, schema["items"])
 
 
 def kstatus(objects: list[dict[str, Any]]) -> list[dict[str, str]]:

@@ -5,6 +5,7 @@ by the real kstatus library and by the chart's Argo CD health check."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -100,3 +101,33 @@ async def test_quickstart_applied_twice_has_no_drift(controller: Process, projec
     assert by_kind["Project"] == "Current" and by_kind["Flavor"] == "Current"
     # The image URL is served by nobody in this test: a Stalled import or a retry.
     assert by_kind["Image"] in ("Failed", "InProgress"), verdicts
+
+
+async def test_a_fresh_object_reads_in_progress(project: str) -> None:
+    """The API server drops status on create; the CRD's structural default
+    (api/crdgen.py) fills in `status: {observedGeneration: 0}` whenever it
+    reads the object back, so kstatus and the Argo CD check both wait for
+    the controller instead of reporting success at once. The create's own
+    response is read back from etcd before any controller could write."""
+    flavor = {
+        "apiVersion": "compute.nubes.io/v1alpha1",
+        "kind": "Flavor",
+        "metadata": {"name": f"{project}-fresh"},
+        "spec": {"vcpus": 1, "ramMib": 256, "diskGib": 1},
+    }
+    try:
+        created = json.loads(
+            kubectl("create", "-o", "json", "-f", "-", input=json.dumps(flavor)).stdout
+        )
+        assert created["status"] == {"observedGeneration": 0}, created.get("status")
+        [verdict] = kstatus([created])
+        assert verdict["status"] == "InProgress", verdict
+        assert argocd_health(created)[0] == "Progressing"
+        # Stored without status: a get reads the default too, until the
+        # controller (if one runs now) has written its own.
+        got = json.loads(kubectl("get", "flavor", f"{project}-fresh", "-o", "json").stdout)
+        if "conditions" not in got["status"]:
+            assert got["status"] == {"observedGeneration": 0}, got["status"]
+            assert kstatus([got])[0]["status"] == "InProgress"
+    finally:
+        kubectl("delete", "flavor", f"{project}-fresh", "--ignore-not-found", "--wait=false")

@@ -24,3 +24,16 @@ def test_kstatus_messages_carry_the_reason() -> None:
     assert "no free address" in stalled["message"]
     [changed] = kstatus([obj(ALL_KINDS[0], "spec-changed")])
     assert "observed generation is 2" in changed["message"]
+
+
+def test_a_fresh_object_is_in_progress_by_the_crds_status_default() -> None:
+    """Before the controller's first status write the API server serves the
+    CRD's default `status: {observedGeneration: 0}`; without it kstatus
+    would say Current (the gap this default closes)."""
+    for kind in ALL_KINDS:
+        fresh = obj(kind, "new")
+        assert fresh["status"] == {"observedGeneration": 0}, kind.crd.kind
+    [verdict] = kstatus([obj(ALL_KINDS[0], "new")])
+    assert "observed generation is 0" in verdict["message"], verdict
+    bare = {k: v for k, v in obj(ALL_KINDS[0], "new").items() if k != "status"}
+    assert kstatus([bare])[0]["status"] == "Current"
