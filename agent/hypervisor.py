@@ -9,6 +9,7 @@ from typing import Any
 import structlog
 
 from nubes.agent.config import AgentConfig
+from nubes.agent.teardown import NodeTeardown
 from nubes.api.compute import Hypervisor, HypervisorSpec, Instance
 from nubes.api.meta import ObjectMeta, now_rfc3339, seconds_since
 from nubes.drivers import host
@@ -26,16 +27,26 @@ class HypervisorReporter(Reconciler[Hypervisor]):
     kind = Hypervisor
     workers = 1
 
-    def __init__(self, config: AgentConfig, reports: Sequence[Callable[[], dict[str, Any]]] = ()):
+    def __init__(
+        self,
+        config: AgentConfig,
+        reports: Sequence[Callable[[], dict[str, Any]]] = (),
+        teardown: NodeTeardown | None = None,
+    ):
+        # The teardown builds its own drivers from the configuration, so
+        # the agent's wiring (agent/__init__.py) does not change for it.
         self.config = config
         self.reports = reports
         """Other facts of this node (storage pools), each a cheap cached read."""
+        self.teardown = teardown or NodeTeardown(config)
+        """Answers an uninstall's teardown request (agent/teardown.py)."""
         self.runner = SubprocessRunner()
         self._facts: dict[str, Any] | None = None
 
     def setup(self, op: Operator) -> None:
         super().setup(op)
         op.on_start(self.register)
+        self.teardown.setup(op)
         op.watch(
             Instance,
             Hypervisor,
@@ -103,6 +114,7 @@ class HypervisorReporter(Reconciler[Hypervisor]):
         for report in self.reports:
             status.update(report())
         status.update(self.usage())
+        status.update(await self.teardown.status(obj))
         # Beat only when the last beat is due: every status write comes back
         # as a watch event and would otherwise beat again at once.
         age = seconds_since(obj.status.heartbeat_time)

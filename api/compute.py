@@ -527,6 +527,20 @@ class StoragePool(ApiModel):
     """Capabilities matched by volume type extra specs, e.g. thin_provisioning_support."""
 
 
+class TeardownReport(ApiModel):
+    """A node agent's answer to an uninstall's teardown request (the
+    nubes.io/teardown annotation on its Hypervisor, set by the chart's
+    pre-delete hook)."""
+
+    request: str
+    """The annotation's value this answers."""
+    state: Literal["Done", "Blocked"]
+    """Done: the agent removed what it made on the host and stays idle.
+    Blocked: objects still use the node; nothing was removed."""
+    message: str = ""
+    """What was removed, or which objects block."""
+
+
 class HypervisorStatus(Status):
     hypervisor_type: str | None = None
     """QEMU."""
@@ -560,6 +574,8 @@ class HypervisorStatus(Status):
     """host:port of this node's iSCSI target."""
     l3_agent: bool | None = None
     """The node hosts routers (agent flag --l3), as Neutron's L3 agents."""
+    teardown: TeardownReport | None = None
+    """The agent's answer to an uninstall's teardown request."""
 
 
 class Hypervisor(Resource[HypervisorSpec, HypervisorStatus]):

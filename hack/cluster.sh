@@ -9,7 +9,8 @@
 #
 # With NUBES_NODE=1 (the default) the cluster also gets a node (hack/node.sh:
 # containerd, kubelet, kube-scheduler) and the controller-manager runs the
-# workload controllers (Deployments, ReplicaSets, StatefulSets, DaemonSets),
+# workload controllers (Deployments, ReplicaSets, StatefulSets, DaemonSets,
+# Jobs: the chart's uninstall hook),
 # so `helm install` runs Pods. NUBES_NODE=0 keeps the bare control plane.
 #
 #   hack/cluster.sh up      start, or reuse the one already running
@@ -165,7 +166,7 @@ up() {
     --kubeconfig "$state/kcm.kubeconfig" --authentication-kubeconfig "$state/kcm.kubeconfig" \
     --authorization-kubeconfig "$state/kcm.kubeconfig" \
     --controllers "namespace,garbagecollector,serviceaccount,serviceaccount-token,resourcequota,csrsigning$(
-      if ((with_node)); then echo ,deployment,replicaset,statefulset,daemonset,podgc,root-ca-cert-publisher,nodelifecycle; fi)" \
+      if ((with_node)); then echo ,deployment,replicaset,statefulset,daemonset,job,podgc,root-ca-cert-publisher,nodelifecycle; fi)" \
     --cluster-signing-cert-file "$pki/ca.crt" --cluster-signing-key-file "$pki/ca.key" \
     --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
     --bind-address 127.0.0.1 --secure-port "$kcm_port" --leader-elect=false \

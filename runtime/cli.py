@@ -130,8 +130,10 @@ def parser() -> argparse.ArgumentParser:
     g.set_defaults(func=crds)
 
     from nubes.runtime.credentials_cli import add_parsers
+    from nubes.runtime.teardown import add_parser as add_teardown
 
     add_parsers(sub)
+    add_teardown(sub)
     return top
 
 

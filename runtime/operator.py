@@ -13,10 +13,11 @@ work on the one registry of stores and queues this class holds.)
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,13 @@ class Operator:
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._periodic: list[tuple[float, Callable[[], Awaitable[None]]]] = []
         self._loops: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = []
+        # Quiescing (a node agent's teardown on uninstall): no loop pass,
+        # periodic job or reconcile runs any more but of the kinds kept, and
+        # quiesce() returns once none of them is in flight. There is no way
+        # back short of a restart: what the passes built may be gone.
+        self._keep: frozenset[object] | None = None
+        self._busy: collections.Counter[object] = collections.Counter()
+        self._idle = asyncio.Condition()
         self.log = log.bind(process=name)
 
     # --- wiring -------------------------------------------------------------------
@@ -166,7 +174,9 @@ class Operator:
                 dirty.clear()
                 started = time.monotonic()
                 try:
-                    await sync(full)
+                    async with self._running(f"loop:{name}") as go:
+                        if go:
+                            await sync(full)
                     failures = 0
                     RECONCILES.labels(self.name, name, "observed").inc()
                 except asyncio.CancelledError:
@@ -242,11 +252,40 @@ class Operator:
                 await runner.cleanup()
             self.log.info("operator stopped")
 
+    async def quiesce(self, keep: Iterable[type[Resource[Any, Any]]]) -> None:
+        """Stop every loop, periodic job and reconciler but those of `keep`,
+        and wait until none of the stopped ones is running."""
+        self._keep = frozenset(keep)
+        async with self._idle:
+            await self._idle.wait_for(
+                lambda: not any(n for w, n in self._busy.items() if self._held(w))
+            )
+        self.log.info("quiesced", kept=[k.crd.kind for k in keep])
+
+    def _held(self, what: object) -> bool:
+        return self._keep is not None and what not in self._keep
+
+    @contextlib.asynccontextmanager
+    async def _running(self, what: object) -> AsyncIterator[bool]:
+        """Yields whether `what` may run now; counts it as in flight."""
+        if self._held(what):
+            yield False
+            return
+        self._busy[what] += 1
+        try:
+            yield True
+        finally:
+            self._busy[what] -= 1
+            async with self._idle:
+                self._idle.notify_all()
+
     async def _repeat(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
         while True:
             await asyncio.sleep(seconds)
             try:
-                await job()
+                async with self._running("every") as go:
+                    if go:
+                        await job()
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -279,7 +318,9 @@ class Operator:
             key = await queue.get()
             QUEUE_DEPTH.labels(self.name, kind.crd.kind).set(len(queue))
             try:
-                await self._process(kind, reg, key)
+                async with self._running(kind) as go:
+                    if go:
+                        await self._process(kind, reg, key)
             except asyncio.CancelledError:
                 raise
             except ApiError as e:

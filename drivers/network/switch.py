@@ -33,6 +33,8 @@ log = structlog.get_logger()
 NetworkType = Literal["local", "flat", "vlan", "vxlan", "gre"]
 TUNNEL_TYPES: tuple[NetworkType, ...] = ("vxlan", "gre")
 VLAN_KEY = "nubes-vlan-"
+MADE_KEY = "nubes-made"
+"""external_ids key on a provider bridge the agent created (and may remove)."""
 IFACE_ID = "iface-id"
 DEAD_VLAN = 4095
 """802.1Q reserves VLAN 4095; Neutron's OVS agent and os-vif park unbound
@@ -221,11 +223,39 @@ class NodeSwitch:
             self.ovs.ensure_bridge(self.br_tun, datapath_type=self.datapath_type)
             self.ovs.ensure_port(self.br_int, to_tun, type="patch", options={"peer": to_int})
             self.ovs.ensure_port(self.br_tun, to_int, type="patch", options={"peer": to_tun})
+        existing = set(self.ovs.bridges()) if self.bridge_mappings else set()
         for physnet, bridge in self.bridge_mappings.items():
             int_side, phy_side = patch_names(physnet)
-            self.ovs.ensure_bridge(bridge, datapath_type=self.datapath_type)
+            # A provider bridge the operator made (with the uplink in it)
+            # outlives the agent; one the agent made is marked as its own.
+            made = None if bridge in existing else {MADE_KEY: "true"}
+            self.ovs.ensure_bridge(bridge, datapath_type=self.datapath_type, external_ids=made)
             self.ovs.ensure_port(self.br_int, int_side, type="patch", options={"peer": phy_side})
             self.ovs.ensure_port(bridge, phy_side, type="patch", options={"peer": int_side})
+
+    def teardown(self) -> list[str]:
+        """Undo ensure_base (an uninstall): the tunnel and integration
+        bridges, the provider bridges this switch made, and on a provider
+        bridge the operator made only the patch port to br-int. Removing a
+        bridge from OVSDB removes its ports and interfaces with it."""
+        removed: list[str] = []
+        bridges = set(self.ovs.bridges())
+        for physnet, bridge in self.bridge_mappings.items():
+            if bridge not in bridges:
+                continue
+            if self.ovs.bridge_external_ids(bridge).get(MADE_KEY) == "true":
+                self.ovs.delete_bridge(bridge)
+                removed.append(bridge)
+            else:
+                _, phy_side = patch_names(physnet)
+                if phy_side in self.ovs.ports(bridge):
+                    self.ovs.delete_port(bridge, phy_side)
+                    removed.append(f"{bridge}:{phy_side}")
+        for bridge in (self.br_tun, self.br_int):
+            if bridge in bridges:
+                self.ovs.delete_bridge(bridge)
+                removed.append(bridge)
+        return removed
 
     def local_vlans(self) -> dict[str, int]:
         ids = self.ovs.bridge_external_ids(self.br_int)

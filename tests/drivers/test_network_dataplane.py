@@ -220,3 +220,25 @@ def test_dhcp_serves_port_addresses_and_reloads_hosts(fabric: Fabric, tmp_path: 
     assert not Links.netns_exists(netns)
     assert outer not in n1.vsctl("list-ports", "br-int")
     assert servers.networks() == set()
+
+
+def test_teardown_removes_only_what_the_switch_made(fabric: Fabric) -> None:
+    """An uninstall's teardown (agent/teardown.py): br-int, br-tun and the
+    provider bridge the agent created go; the operator's own provider bridge
+    stays, without the agent's patch port."""
+    n1, n2 = fabric.nodes
+    n1.vsctl("add-br", "br-ops", "--", "set", "bridge", "br-ops", "datapath_type=netdev")
+    sw = NodeSwitch(
+        Ovs(RUN, n1.endpoint),
+        datapath_type="netdev",
+        tunnel_ip=n1.tunnel_ip,
+        bridge_mappings={"physnet1": "br-ops", "physnet2": "br-made"},
+    )
+    sw.ensure_base()
+    sw.converge([NET_A], peers=[n2.tunnel_ip])
+    assert set(n1.vsctl("list-br").split()) == {"br-int", "br-tun", "br-ops", "br-made"}
+    removed = sw.teardown()
+    assert set(n1.vsctl("list-br").split()) == {"br-ops"}
+    assert n1.vsctl("list-ports", "br-ops").split() == []
+    assert {"br-int", "br-tun", "br-made"} <= set(removed)
+    assert sw.teardown() == []  # idempotent: nothing of it is left

@@ -27,6 +27,9 @@ from tests.helpers import ROOT, eventually, free_port
 
 CACHE = Path(os.environ.get("NUBES_CACHE", os.path.expanduser("~/.cache/nubes")))
 NS = "nubes-system"
+HELM_BRIDGE = "br-helm"
+AGENT_BRIDGES = {"br-int", "br-tun", HELM_BRIDGE}
+"""The host OVS bridges the installed agent makes (it uses the node's switch)."""
 
 
 @dataclass
@@ -35,6 +38,8 @@ class Cluster:
     env: dict[str, str]
     api_port: int
     values: list[str]
+    host: Path = Path()
+    """The agent's state and run directories live below."""
 
     def run(self, *argv: str, check: bool = True, timeout: float = 300, both: bool = False) -> str:
         """stdout (and stderr with `both`) of a command in this cluster's environment."""
@@ -79,7 +84,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         "NUBES_CNI_BRIDGE": "nubes-cni-h",
         "NUBES_POD_CIDR": "10.244.200.0/24",
     }
-    c = Cluster(state, env, api_port, [])
+    c = Cluster(state, env, api_port, [], host)
     try:
         c.run(str(ROOT / "hack" / "cluster.sh"), "up")
         c.env["KUBECONFIG"] = str(state / "kubeconfig")
@@ -102,6 +107,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             f"agent.healthPort={free_port()}",
             f"agent.stateDir={host / 'state'}",
             f"agent.runDir={host / 'run'}",
+            # A provider bridge the agent makes (and must remove on uninstall).
+            f"agent.bridgeMappings[0]=physnet-helm:{HELM_BRIDGE}",
             f"controller.imageStore.hostPath={host / 'images'}",
         ]
         yield c
@@ -115,6 +122,27 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         assert not (state / "run" / f"{name}.pid").exists(), name
     assert not list(Path("/sys/fs/cgroup").glob(f"*/{_cgroup_root(state)}"))
     assert subprocess.run(["ip", "link", "show", "nubes-cni-h"], capture_output=True).returncode
+
+
+def _host_bridges() -> set[str]:
+    out = subprocess.run(["ovs-vsctl", "list-br"], capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def _netns() -> set[str]:
+    return set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+
+
+def _firewall_rules(node: str) -> list[str]:
+    """Chains and rules of the node's firewall (nb-TAG-*) in the host's tables."""
+    from nubes.drivers.network.firewall_rules import node_tag
+
+    prefix = f"nb-{node_tag(node)}-"
+    found = []
+    for save in ("iptables-save", "ip6tables-save", "ebtables-save"):
+        out = subprocess.run([save], capture_output=True, text=True, check=False).stdout
+        found += [line for line in out.splitlines() if prefix in line]
+    return found
 
 
 def _cgroup_root(state: Path) -> str:
@@ -241,12 +269,94 @@ async def test_upgrade_with_a_changed_value_rolls_the_pods(installed: Cluster) -
     assert "REVISION: 2" in c.helm("status", "nubes", "-n", NS)
 
 
+def _apply(c: Cluster, *docs: dict[str, Any]) -> None:
+    subprocess.run(
+        [str(CACHE / "bin" / "kubectl"), "apply", "-f", "-"],
+        input="\n---\n".join(json.dumps(d) for d in docs),
+        env=c.env, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+
+
+async def test_uninstall_is_refused_while_the_node_is_in_use(installed: Cluster) -> None:
+    """A Port bound to the node: the hook's request is answered Blocked,
+    `helm uninstall` fails naming the Port, nothing is deleted or torn down
+    (the agent still runs, its bridges are there), and the request is
+    withdrawn. The next test uninstalls once the Port is gone."""
+    c = installed
+    node = c.json("get", "nodes")["items"][0]["metadata"]["name"]
+    project = "helm-busy"
+    _apply(c, {
+        "apiVersion": "identity.nubes.io/v1alpha1", "kind": "Project",
+        "metadata": {"name": project},
+        "spec": {"members": [{"kind": "User", "name": "alice", "role": "admin"}]},
+    })  # fmt: skip
+    await eventually(
+        lambda: c.kubectl("get", "namespace", project, "--ignore-not-found", "-o", "name"),
+        timeout=120, what="the project's namespace",
+    )  # fmt: skip
+    _apply(c, {
+        "apiVersion": "network.nubes.io/v1alpha1", "kind": "Network",
+        "metadata": {"name": "net", "namespace": project}, "spec": {"type": "local"},
+    }, {
+        "apiVersion": "network.nubes.io/v1alpha1", "kind": "Subnet",
+        "metadata": {"name": "v4", "namespace": project},
+        "spec": {"network": {"name": "net"}, "cidr": "10.77.0.0/24", "enableDhcp": False},
+    }, {
+        "apiVersion": "network.nubes.io/v1alpha1", "kind": "Port",
+        "metadata": {"name": "busy", "namespace": project},
+        "spec": {"network": {"name": "net"}, "binding": {"host": node}},
+    })  # fmt: skip
+
+    def bound() -> bool:
+        port = c.json("get", "ports", "busy", "-n", project)
+        return bool(port.get("status", {}).get("host") == node)
+
+    await eventually(bound, timeout=120, what="the Port bound to the node")
+
+    def workload_pods() -> set[str]:
+        return {
+            p["metadata"]["uid"]
+            for p in _pods(c)
+            if p["metadata"]["labels"].get("app.kubernetes.io/component") in ("controller", "agent")
+        }
+
+    pods_before = workload_pods()
+    out = c.helm("uninstall", "nubes", "-n", NS, "--wait", "--timeout", "3m", check=False)
+    assert "pre-delete" in out, out
+    job = c.json("get", "pods", "-n", NS, "-l", "app.kubernetes.io/component=teardown")
+    [message] = [
+        s["state"]["terminated"]["message"]
+        for p in job["items"]
+        for s in p["status"]["containerStatuses"]
+    ]
+    assert f"Port {project}/busy" in message and "uninstall refused" in message, message
+    hv = c.json("get", "hypervisor", node)
+    assert "nubes.io/teardown" not in hv["metadata"].get("annotations", {})
+    assert hv["status"]["teardown"]["state"] == "Blocked"
+    assert workload_pods() == pods_before
+    assert _host_bridges() >= AGENT_BRIDGES
+    c.kubectl("delete", "project", project, "--wait=true", "--timeout=120s")
+    await eventually(
+        lambda: not c.kubectl("get", "ports", "-A", "-o", "name").strip(),
+        timeout=120, what="the Port gone",
+    )  # fmt: skip
+
+
 async def test_uninstall_keeps_only_the_crds(installed: Cluster) -> None:
+    """Everything of the release goes but the CRDs, and so does everything
+    the agent made on the host: the pre-delete hook has every agent tear
+    down its node first (agent/teardown.py)."""
     c = installed
     crds_before = {i["metadata"]["name"] for i in c.json("get", "crds")["items"]}
     assert any(n.endswith(".nubes.io") for n in crds_before)
     released = [d for d in yaml.safe_load_all(c.helm("get", "manifest", "nubes", "-n", NS)) if d]
     assert len(released) > 20
+    node = c.json("get", "nodes")["items"][0]["metadata"]["name"]
+    # What the agent made, so that its absence afterwards means something.
+    await eventually(
+        lambda: _host_bridges() >= AGENT_BRIDGES, timeout=60, what="the agent's bridges"
+    )
+    assert any((c.host / "state").iterdir())
     c.helm("uninstall", "nubes", "-n", NS, "--wait", "--timeout", "3m")
     for obj in released:
         meta = obj["metadata"]
@@ -261,3 +371,19 @@ async def test_uninstall_keeps_only_the_crds(installed: Cluster) -> None:
     await eventually(lambda: not _pods(c), timeout=120, what="the Pods gone")
     await eventually(lambda: not _nubes_processes(), timeout=60, what="no nubes process left")
     assert {i["metadata"]["name"] for i in c.json("get", "crds")["items"]} == crds_before
+    # The hook's own objects and the node registrations went too.
+    for kind, name in (
+        ("job", "nubes-teardown"),
+        ("serviceaccount", "nubes-teardown"),
+        ("clusterrole", "nubes:teardown"),
+        ("clusterrolebinding", "nubes:teardown"),
+    ):
+        assert not c.kubectl("get", kind, name, "-n", NS, "--ignore-not-found", "-o", "name")
+    assert not c.json("get", "hypervisors")["items"]
+    # Nothing of the agent on the host.
+    assert not AGENT_BRIDGES & _host_bridges(), _host_bridges()
+    for directory in ("state", "run"):
+        left = list((c.host / directory).iterdir()) if (c.host / directory).exists() else []
+        assert not left, left
+    assert not _firewall_rules(node)
+    assert not [n for n in _netns() if n.startswith("nubes-")], _netns()
