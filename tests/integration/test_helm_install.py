@@ -321,8 +321,11 @@ async def test_uninstall_is_refused_while_the_node_is_in_use(installed: Cluster)
         }
 
     pods_before = workload_pods()
-    out = c.helm("uninstall", "nubes", "-n", NS, "--wait", "--timeout", "3m", check=False)
-    assert "pre-delete" in out, out
+    proc = subprocess.run(
+        [str(CACHE / "bin" / "helm"), "uninstall", "nubes", "-n", NS, "--wait", "--timeout", "3m"],
+        env=c.env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "nubes-teardown" in proc.stderr, proc.stdout + proc.stderr
     job = c.json("get", "pods", "-n", NS, "-l", "app.kubernetes.io/component=teardown")
     [message] = [
         s["state"]["terminated"]["message"]
