@@ -1,8 +1,9 @@
 """Quotas that change with what a project's objects do, against the real API
 server, the controller and a real storage/compute agent: snapshots and
-backups count toward `gigabytes` with volumes; an extend, a restore and a
-Resize count the difference and are refused past the limit with the message,
-holding nothing and leaving what exists untouched; deleting gives back.
+backups count toward `gigabytes` with volumes; an extend, a restore, a
+Resize and an unshelve count the difference and are refused past the limit
+with the message, holding nothing and leaving what exists untouched;
+deleting gives back, and what waits takes it.
 
 (test_quotas.py covers creation, concurrency and counts without a node.)
 """
@@ -207,7 +208,7 @@ def blank_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-async def test_resize_counts_the_difference(
+async def test_resize_and_unshelve_count_cores_and_ram(
     kube: Kube, project: ProjectFactory, ready_node: StorageNode, blank_image: Path
 ) -> None:
     node = ready_node
@@ -222,6 +223,10 @@ async def test_resize_counts_the_difference(
     assert vm.status.node == node.name
     await usage(kube, ns, "cores", "1/2")
     await usage(kube, ns, "ram_mib", "256/768")
+
+    def power(ns: str, state: str) -> None:
+        body = f'{{"spec":{{"powerState":"{state}"}}}}'
+        kubectl("patch", "instance", "vm", "-n", ns, "--type=merge", "-p", body, user=MEMBER)
 
     def resize(name: str, to: str) -> None:
         as_member(
@@ -262,6 +267,37 @@ async def test_resize_counts_the_difference(
         return set(held) == {vm.uid} and (held[vm.uid].cores, held[vm.uid].ram_mib) == (2, 512)
 
     await eventually(only_the_instance, timeout=30, what="the Resize's entry handed over")
+
+    # Shelved and offloaded, the instance holds no cores or RAM; unshelving
+    # reserves them again, and waits while the quota has no room.
+    power(ns, "Shelved")
+
+    async def shelved() -> Instance | None:
+        got = await kube.get(Instance, "vm", ns)
+        ok = got and got.status.node is None and got.status.shelved_disk is not None
+        return got if ok and got.status.is_true("Ready") else None
+
+    await eventually(shelved, timeout=120, what="vm shelved")
+    await usage(kube, ns, "cores", "0/2")
+    await usage(kube, ns, "ram_mib", "0/768")
+    kubectl("patch", "project", ns, "--type=merge", "-p", '{"spec":{"quotas":{"cores":1}}}')
+    await usage(kube, ns, "cores", "0/1")
+    power(ns, "Running")
+    assert await refused(kube, Instance, "vm", ns) == "cores: 0 of 1 in use, this instance needs 2"
+    vm = await kube.get(Instance, "vm", ns)
+    assert vm is not None and vm.status.node is None and vm.status.shelved_disk is not None
+    assert await ledger(kube, ns) == {}
+    # Room again: the waiting unshelve goes on by itself.
+    kubectl("patch", "project", ns, "--type=merge", "-p", '{"spec":{"quotas":{"cores":2}}}')
+
+    async def unshelved() -> Instance | None:
+        got = await kube.get(Instance, "vm", ns)
+        ok = got and got.status.node == node.name and got.status.power_state == "Running"
+        return got if ok and got.status.is_true("Ready") and not got.status.shelved_disk else None
+
+    await eventually(unshelved, timeout=120, what="vm unshelved")
+    await usage(kube, ns, "cores", "2/2")
+    await usage(kube, ns, "ram_mib", "512/768")
     delete("instance", ns, "vm")
     await gone(kube, Instance, "vm", ns)
     await usage(kube, ns, "cores", "0/2")
