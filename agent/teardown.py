@@ -116,6 +116,8 @@ class NodeTeardown:
     def __init__(self, config: AgentConfig):
         self.config = config
         self.done: TeardownReport | None = None
+        self.quiesced = False
+        """Its loops are stopped: only a restart brings them back."""
 
     def _drivers(self) -> tuple[NodeSwitch, DhcpServers, Routers, Firewall, Links]:
         """Drivers of its own, in the thread that tears down (an OVSDB client
@@ -149,8 +151,9 @@ class NodeTeardown:
         """status fields for this pass of the node's Hypervisor."""
         request = hv.metadata.annotations.get(ANNOTATION)
         if request is None:
-            if self.done is not None:
-                # Withdrawn after this node was torn down: start afresh.
+            if self.quiesced:
+                # Withdrawn after the loops stopped (another node was
+                # blocked, or this removal kept failing): start afresh.
                 log.warning("teardown withdrawn; restarting to rebuild the node")
                 os.kill(os.getpid(), signal.SIGTERM)
             return {}
@@ -161,6 +164,7 @@ class NodeTeardown:
             log.info("teardown blocked", request=request, message=blocked.message)
             return {"teardown": blocked.wire()}
         await self.op.quiesce(keep=[Hypervisor])
+        self.quiesced = True
         late = answer(request, blocking(self.config.node, self._cached()))
         if late is not None:
             # Placed here while the loops still ran: resume by a restart.
