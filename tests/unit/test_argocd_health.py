@@ -30,6 +30,14 @@ def test_messages_name_the_reason() -> None:
     )
 
 
+def test_an_object_without_any_status_is_progressing() -> None:
+    """Without the CRD's status default (an older CRD, a tool reading the
+    stored object), Argo CD still waits for the controller."""
+    for kind in ALL_KINDS:
+        bare = {k: v for k, v in obj(kind, "new").items() if k != "status"}
+        assert argocd_health(bare) == ("Progressing", "Waiting for the Nubes controller")
+
+
 def test_kstatus_and_argocd_agree() -> None:
     """In every state but deletion (Argo CD has no Terminating), Argo CD says
     what kstatus says; a fresh object is Progressing for both."""
