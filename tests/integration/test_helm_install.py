@@ -325,7 +325,8 @@ async def test_uninstall_is_refused_while_the_node_is_in_use(installed: Cluster)
         [str(CACHE / "bin" / "helm"), "uninstall", "nubes", "-n", NS, "--wait", "--timeout", "3m"],
         env=c.env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
-    assert proc.returncode != 0 and "nubes-teardown" in proc.stderr, proc.stdout + proc.stderr
+    # Helm names the failed hook Job; the hook's own words are in its Pod.
+    assert proc.returncode != 0, proc.stdout + proc.stderr
     job = c.json("get", "pods", "-n", NS, "-l", "app.kubernetes.io/component=teardown")
     [message] = [
         s["state"]["terminated"]["message"]
