@@ -236,16 +236,23 @@ def test_the_components_cannot_read_tenant_secrets(cast: Cast, namespace: str) -
 
 
 def test_the_controller_deletes_only_application_credentials(cast: Cast, namespace: str) -> None:
+    # A stand-in in the components' namespace: were the policy broken, the
+    # components' own accounts would survive this test.
+    decoy = f"decoy-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "serviceaccount", decoy, "-n", COMPONENTS_NAMESPACE)
     kubectl("create", "serviceaccount", "plain", "-n", namespace)
     kubectl("create", "serviceaccount", "app", "-n", namespace)
     kubectl("label", "serviceaccount", "app", "nubes.io/app-credential=true", "-n", namespace)
-    for target in (("plain", namespace), ("nubes-agent", COMPONENTS_NAMESPACE)):
-        got = cast.controller.run("delete", "serviceaccount", target[0], "-n", target[1])
-        assert got.returncode != 0, got.stdout
-        assert "nubes-controller-serviceaccounts" in got.stderr, got.stderr
-        assert "deletes only application credentials" in got.stderr
-    allowed(cast.controller.run("delete", "serviceaccount", "app", "-n", namespace))
-    assert kubectl("get", "serviceaccount", "plain", "-n", namespace).returncode == 0
+    try:
+        for name, where in (("plain", namespace), (decoy, COMPONENTS_NAMESPACE)):
+            got = cast.controller.run("delete", "serviceaccount", name, "-n", where)
+            assert got.returncode != 0, got.stdout
+            assert "nubes-controller-serviceaccounts" in got.stderr, got.stderr
+            assert "deletes only application credentials" in got.stderr
+            assert kubectl("get", "serviceaccount", name, "-n", where).returncode == 0
+        allowed(cast.controller.run("delete", "serviceaccount", "app", "-n", namespace))
+    finally:
+        kubectl("delete", "serviceaccount", decoy, "-n", COMPONENTS_NAMESPACE, check=False)
 
 
 def test_an_agent_writes_only_its_own_hypervisor(cast: Cast) -> None:
