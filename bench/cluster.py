@@ -47,3 +47,32 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
             if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+WRITE_VERBS = {"POST", "PUT", "PATCH", "DELETE", "APPLY"}
+
+
+def api_writes(group: str) -> dict[str, int]:
+    """Writes the API server has served for an API group since it started,
+    by `resource[/subresource] VERB`, from its own request counters."""
+    text = SubprocessRunner()([str(KUBECTL), "get", "--raw", "/metrics"], timeout=60).stdout
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels_text, _, value = line.rpartition("} ")
+        labels = dict(
+            part.split("=", 1)
+            for part in labels_text.removeprefix("apiserver_request_total{").split(",")
+        )
+        labels = {k: v.strip('"') for k, v in labels.items()}
+        if labels.get("group") != group or labels.get("verb") not in WRITE_VERBS:
+            continue
+        sub = f"/{labels['subresource']}" if labels.get("subresource") else ""
+        key = f"{labels['resource']}{sub} {labels['verb']}"
+        counts[key] = counts.get(key, 0) + int(float(value))
+    return counts
+
+
+def writes_since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in sorted(after.items()) if v - before.get(k, 0)}

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.cluster import install_crds, namespace_gone, rss_mib, wait_for
+from bench.cluster import api_writes, install_crds, namespace_gone, rss_mib, wait_for, writes_since
 from nubes.api.network import Network, Port, Subnet
 from nubes.runtime.kube import NAMESPACES, Kube, path_of
 from tests.helpers import Process, free_port
@@ -87,11 +87,13 @@ async def run(count: int, concurrency: int) -> dict[str, Any]:
                     ns,
                 )
 
+        writes_before = api_writes("network.nubes.io")
         started = time.monotonic()
         await asyncio.gather(*(create(i) for i in range(count)))
         created = time.monotonic() - started
         await wait_for(lambda: all_ready(kube, ns, count), 900, f"{count} ports Ready")
         elapsed = time.monotonic() - started
+        writes = writes_since(writes_before, api_writes("network.nubes.io"))
         ports = await user_ports(kube, ns)
         ips = [p.status.fixed_ips[0].ip_address for p in ports if p.status.fixed_ips]
         macs = [p.status.mac_address for p in ports]
@@ -104,6 +106,9 @@ async def run(count: int, concurrency: int) -> dict[str, Any]:
             "seconds": round(elapsed, 2),
             "create_seconds": round(created, 2),
             "duplicates": duplicates,
+            # Every write to network.nubes.io meanwhile (the creates included).
+            "writes_per_port": round(sum(writes.values()) / count, 2),
+            "writes_by_kind": writes,
             "dhcp_entries_served": served,
             "controller_peak_rss_mib": round(rss_mib(controller.proc.pid, "VmHWM"), 1),
             "agent_peak_rss_mib": (

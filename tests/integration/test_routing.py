@@ -293,13 +293,13 @@ async def test_snat_floating_ips_and_two_subnets(
             kubectl(
                 "delete", "floatingips,routers,securitygroups", "--all", "-n", n, "--wait=false"
             )
-    await _routers_removed(kube, fabric, [ns, other])
+    await routers_removed(kube, fabric, [ns, other])
     for n in (ns, other):
         kubectl("delete", "ports,subnets,networks", "--all", "-n", n, "--wait=false")
     kubectl("delete", "namespace", other, "--wait=false")
 
 
-async def _routers_removed(kube: Kube, fabric: Fabric, namespaces: list[str]) -> None:
+async def routers_removed(kube: Kube, fabric: Fabric, namespaces: list[str]) -> None:
     async def clean() -> bool:
         for n in namespaces:
             if await kube.list(Router, n) or await kube.list(FloatingIP, n):
@@ -432,7 +432,7 @@ async def test_bad_input_is_refused_or_stalled(
             kubectl(
                 "delete", "floatingips,routers,securitygroups", "--all", "-n", n, "--wait=false"
             )
-    await _routers_removed(kube, fabric, [ns, other])
+    await routers_removed(kube, fabric, [ns, other])
     for n in (ns, other):
         kubectl("delete", "ports,subnets,networks", "--all", "-n", n, "--wait=false")
     kubectl("delete", "subnet", "small-v4", "-n", external, "--wait=false")
@@ -498,6 +498,6 @@ async def test_router_moves_when_its_node_dies(
         s1.kill()
         s1.wait()
         kubectl("delete", "floatingips,routers,securitygroups", "--all", "-n", ns, "--wait=false")
-    await _routers_removed(kube, fabric, [ns])
+    await routers_removed(kube, fabric, [ns])
     plugger(survivor).unplug(p1.uid)
     kubectl("delete", "ports,subnets,networks", "--all", "-n", ns, "--wait=false")
