@@ -17,7 +17,7 @@ from nubes.drivers.network.netns import Links
 from nubes.drivers.network.ovs import Ovs
 from nubes.drivers.network.switch import NetworkSegment, NodeSwitch
 from nubes.drivers.runner import SubprocessRunner
-from tests.nodes import Fabric, sh
+from tests.nodes import Fabric
 
 RUN = SubprocessRunner()
 
