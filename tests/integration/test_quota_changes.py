@@ -36,10 +36,14 @@ pytestmark = pytest.mark.skipif(not tgtd_running(), reason="tgtd is not running"
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory, image_store: Path) -> Iterator[StorageNode]:
-    """One real agent: file pools, a backup store, and libvirt for guests."""
+def node(
+    tmp_path_factory: pytest.TempPathFactory, workdir: Path, image_store: Path
+) -> Iterator[StorageNode]:
+    """One real agent: file pools, a backup store, and libvirt for guests
+    (its state below the world-traversable workdir: QEMU runs as its own user)."""
     name = f"qc-{uuid.uuid4().hex[:6]}"
-    root = tmp_path_factory.mktemp("quota-node")
+    root = workdir / f"agent-{name}"
+    root.mkdir(mode=0o755)
     proc = start_storage_agent(tmp_path_factory, name, root, image_store)
     yield StorageNode(name, root, proc)
     proc.stop()
