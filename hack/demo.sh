@@ -143,11 +143,7 @@ quickstart() {
   kubectl get nubes -n demo
 
   say "demo-vm's serial console (kubectl get configmap demo-vm-console -n demo)"
-  for _ in $(seq 60); do
-    console=$(kubectl get configmap demo-vm-console -n demo -o jsonpath='{.data.console\.log}' 2>/dev/null || true)
-    grep -q "nubes-guest: ready" <<<"$console" && break
-    sleep 2
-  done
+  console=$(console_with "nubes-guest: ready" 60)
   grep -E "^(nubes-guest: (boot|lease|hostname|ready|disk)|hello from)" <<<"$console" || true
   routed
 
@@ -159,15 +155,21 @@ quickstart() {
   say "done: KUBECONFIG=$KUBECONFIG kubectl get nubes -n demo; make demo-down to clean up"
 }
 
+console_with() { # pattern tries: demo-vm's console once it shows the pattern (or the last seen)
+  local console
+  for _ in $(seq "$2"); do
+    console=$(kubectl get configmap demo-vm-console -n demo -o jsonpath='{.data.console\.log}' 2>/dev/null || true)
+    grep -q "$1" <<<"$console" && break
+    sleep 2
+  done
+  printf '%s\n' "$console"
+}
+
 routed() {
   local gateway console fip page
   gateway=$(kubectl get router demo-router -n demo -o jsonpath='{.status.gatewayIp}')
   say "from inside: demo-vm reaches 203.0.113.1 through the router's SNAT (gateway $gateway)"
-  for _ in $(seq 90); do
-    console=$(kubectl get configmap demo-vm-console -n demo -o jsonpath='{.data.console\.log}' 2>/dev/null || true)
-    grep -q "^upstream 203.0.113.1 says" <<<"$console" && break
-    sleep 2
-  done
+  console=$(console_with "^upstream 203.0.113.1 says" 90)
   grep "^upstream 203.0.113.1 says" <<<"$console" || echo "demo-vm's console shows no answer from 203.0.113.1"
 
   say "from outside: 203.0.113.1 reaches demo-vm through its floating IP"
