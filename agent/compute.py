@@ -334,24 +334,12 @@ class InstanceAgent(Reconciler[Instance]):
         self.compute.plug(vif_plugs(plan))
 
     async def forget(self, key: str) -> None:
-        """The Instance left this agent's cache: deleted from the API (its
-        finalizer was not ours, or it was deleted mid-move), or no longer
-        labelled for this node (moved away, shelved, a failed move's target).
-        Remove whatever this node still has, and our finalizer. Only after
-        asking the API server: an instance still placed here that lost its
-        node label (a tool that replaced the labels) keeps its guest and disks;
-        the controller labels it again."""
+        """The Instance is gone from the API (its finalizer was not ours, or
+        it was deleted mid-move): remove whatever this node still has."""
         last = self._seen.pop(key, None)
-        if last is None or last.uid not in self.local:
-            return
-        fresh = await self.op.kube.get(Instance, last.name, last.namespace)
-        if fresh is not None and fresh.uid == last.uid and self._placed_here(fresh):
-            log.warning("instance placed here is not labelled for this node", instance=key)
-            self._seen[key] = last
-            return
-        await asyncio.to_thread(self._teardown, last)
-        await self.consoles.drop(last)
-        await self._drop_finalizer(fresh if fresh is not None and fresh.uid == last.uid else last)
+        if last is not None and last.uid in self.local:
+            await asyncio.to_thread(self._teardown, last)
+            self.local.discard(last.uid)
 
     async def finalize(self, obj: Instance) -> Outcome | None:
         if self.own_finalizer in obj.metadata.finalizers:

@@ -65,21 +65,11 @@ class AgentConfig(BaseModel):
     """Host routers (Neutron's L3 agent role); shown on the Hypervisor as
     status.l3Agent, where the controller places routers."""
     image_cache_grace: float = 86400.0
-    cache_only_node: bool = False
-    """List and watch the kinds that grow with guests only where labelled for
-    this node (nubes.agent.cache_only_this_node). Off by default until the
-    integration suite has run with it on."""
     """Seconds a cached base image no local disk uses is kept before pruning
     (Nova's remove_unused_original_minimum_age_seconds)."""
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--cache-only-node",
-            action="store_true",
-            default=_env("CACHE_ONLY_NODE", "") in ("1", "true"),
-            help="cache Ports, Instances, Volumes, ... only where labelled for this node",
-        )
         p.add_argument("--node", default=_env("NODE", socket.gethostname()))
         p.add_argument("--state-dir", default=_env("STATE_DIR", "/var/lib/nubes"))
         p.add_argument("--run-dir", default=_env("RUN_DIR", "/run/nubes"))
@@ -150,7 +140,6 @@ class AgentConfig(BaseModel):
             backup_store=args.backup_store,
             iscsi_portal=args.iscsi_portal,
             image_cache_grace=args.image_cache_grace,
-            cache_only_node=args.cache_only_node,
             l3=args.l3,
             port_binding_timeout=args.port_binding_timeout,
             secret_namespace=args.secret_namespace,

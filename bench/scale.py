@@ -148,11 +148,7 @@ async def run(ports: int, instances: int, concurrency: int) -> dict[str, Any]:
     controller = Process("controller", controller_argv, logs / "controller.log", controller_port)
     controller.start()
     agent = Process(
-        "agent",
-        # Caching only what is labelled for its node: what the benchmark shows.
-        [*fabric.agent_argv(fabric.nodes[0], root / "agent"), "--cache-only-node"],
-        logs / "agent.log",
-        agent_port,
+        "agent", fabric.agent_argv(fabric.nodes[0], root / "agent"), logs / "agent.log", agent_port
     ).start()
     kube = await Kube.connect(field_manager="bench")
     ns = f"bench-scale-{uuid.uuid4().hex[:6]}"

@@ -13,7 +13,6 @@ once its address is among them.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
 from typing import Any
 
 from nubes.api.network import Allocation, FloatingIP, Network, Port, Router, Subnet
@@ -36,10 +35,6 @@ class FloatingIPReconciler(Reconciler[FloatingIP]):
     kind = FloatingIP
     finalizer = "network.nubes.io/floatingip"
     workers = 4
-
-    def nodes(self, obj: FloatingIP, status: Mapping[str, Any]) -> list[str | None]:
-        """The L3 node of its router, which applies it."""
-        return [status.get("node")]
 
     def setup(self, op: Operator) -> None:
         super().setup(op)

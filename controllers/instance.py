@@ -12,7 +12,6 @@ are steps of one converge function.)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -26,7 +25,7 @@ from nubes.api.compute import (
     InstanceStatus,
 )
 from nubes.api.image import Image
-from nubes.api.lifecycle import MOVES, placement
+from nubes.api.lifecycle import placement
 from nubes.api.meta import now_precise
 from nubes.api.network import FixedIpRequest, FloatingIP, Network, Port, PortSpec
 from nubes.api.storage import Volume
@@ -248,11 +247,6 @@ class InstanceReconciler(Reconciler[Instance]):
             names.append(inst.spec.boot_volume.name)
         return names
 
-    def nodes(self, obj: Instance, status: Mapping[str, Any]) -> set[str | None]:
-        """Its node's agent runs it; during a move, the source and target too."""
-        actions = self.op.store(InstanceAction).by_index("instance", obj.key)
-        return {status.get("node"), *moving_nodes(status, actions)}
-
     # --- converge ------------------------------------------------------------------
 
     async def converge(self, obj: Instance) -> Outcome:
@@ -456,29 +450,7 @@ def _owned_by(port: Port, inst: Instance) -> bool:
 def _completion(action: InstanceAction | None) -> tuple[Any, ...] | None:
     if action is None:
         return None
-    # The nodes too: a move's target caches the instance (its node label)
-    # from the moment it is chosen.
-    return (
-        action.status.completed_at,
-        action.status.error is None,
-        action.status.source_node,
-        action.status.target_node,
-    )
-
-
-def moving_nodes(status: Mapping[str, Any], actions: list[InstanceAction]) -> set[str]:
-    """The nodes of moves (Migrate, Resize elsewhere) under way, or completed
-    and not yet recorded in `status` (nodeSince): both take part until then."""
-    since = status.get("nodeSince") or ""
-    nodes: set[str] = set()
-    for a in actions:
-        s = a.status
-        if a.spec.action not in MOVES or not s.target_node or s.target_node == s.source_node:
-            continue
-        if s.completed_at and (s.error is not None or s.completed_at <= since):
-            continue
-        nodes.update(n for n in (s.source_node, s.target_node) if n)
-    return nodes
+    return (action.status.completed_at, action.status.error is None)
 
 
 def _spec(obj: Any) -> Any:

@@ -10,7 +10,6 @@ image store. Actions of one instance run one at a time, oldest first.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 from typing import Any
 
 from nubes.api.compute import ActionResources, Flavor, Instance, InstanceAction
@@ -52,10 +51,6 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
     def __init__(self, config: ControllerConfig):
         # Only to remove the agent's snapshot file once its image is imported.
         self.store = ImageStore(config.image_store, SubprocessRunner())
-
-    def nodes(self, obj: InstanceAction, status: Mapping[str, Any]) -> list[str | None]:
-        """The nodes that carry it out: its source and (for a move) its target."""
-        return [status.get("sourceNode"), status.get("targetNode")]
 
     def setup(self, op: Operator) -> None:
         super().setup(op)

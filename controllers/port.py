@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -309,15 +308,6 @@ class PortReconciler(Reconciler[Port]):
         if waiting:
             return Outcome.progressing(waiting[0], f"{addresses}; {waiting[1]}", status)
         return Outcome.ready(status, f"{mac} {addresses}")
-
-    def nodes(self, obj: Port, status: Mapping[str, Any]) -> list[str | None]:
-        """Its host's agent binds it, its network's DHCP node serves it (router
-        ports are bound on the router's node). Read from the caches like
-        converge does, so that a new port gets its labels with its finalizer."""
-        net: Network | None = self.op.store(Network).lookup(
-            obj.spec.network.name, obj.spec.network.namespace or obj.namespace
-        )
-        return [self._host(obj), net.status.dhcp_node if net is not None else None]
 
     def _host(self, port: Port) -> str | None:
         if port.spec.binding.host:

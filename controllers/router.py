@@ -19,7 +19,6 @@ one converge function and share its state.)
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -84,10 +83,6 @@ class RouterReconciler(Reconciler[Router]):
     kind = Router
     finalizer = "network.nubes.io/router"
     workers = 2
-
-    def nodes(self, obj: Router, status: Mapping[str, Any]) -> list[str | None]:
-        """The L3 node hosting it."""
-        return [status.get("node")]
 
     def setup(self, op: Operator) -> None:
         super().setup(op)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -83,12 +82,6 @@ class VolumeReconciler(Reconciler[Volume]):
     kind = Volume
     finalizer = VOLUME_FINALIZER
     workers = 8
-
-    def nodes(self, obj: Volume, status: Mapping[str, Any]) -> list[str | None]:
-        """The storage node's agent holds it; the attached instance's node's
-        agent reads its export."""
-        attachment = status.get("attachment") or {}
-        return [status.get("node"), attachment.get("node")]
 
     def setup(self, op: Operator) -> None:
         super().setup(op)

@@ -9,7 +9,6 @@ incremental one builds on cannot be deleted first (HasDependentBackups).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from nubes.api.storage import BACKUP_FINALIZER, Volume, VolumeBackup
@@ -32,10 +31,6 @@ class VolumeBackupReconciler(Reconciler[VolumeBackup]):
     kind = VolumeBackup
     finalizer = BACKUP_FINALIZER
     workers = 4
-
-    def nodes(self, obj: VolumeBackup, status: Mapping[str, Any]) -> list[str | None]:
-        """The storage node that takes it (the volume's)."""
-        return [status.get("node")]
 
     def setup(self, op: Operator) -> None:
         super().setup(op)

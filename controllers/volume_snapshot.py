@@ -8,7 +8,6 @@ snapshot and reports its size.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from nubes.api.storage import SNAPSHOT_FINALIZER, Volume, VolumeSnapshot
@@ -27,10 +26,6 @@ class VolumeSnapshotReconciler(Reconciler[VolumeSnapshot]):
     kind = VolumeSnapshot
     finalizer = SNAPSHOT_FINALIZER
     workers = 4
-
-    def nodes(self, obj: VolumeSnapshot, status: Mapping[str, Any]) -> list[str | None]:
-        """The storage node that takes it (the volume's)."""
-        return [status.get("node")]
 
     def setup(self, op: Operator) -> None:
         super().setup(op)

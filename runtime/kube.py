@@ -345,22 +345,15 @@ class Kube:
         )
 
     async def set_finalizers(
-        self,
-        obj: Resource[Any, Any],
-        finalizers: builtins.list[str],
-        *,
-        labels: dict[str, str | None] | None = None,
+        self, obj: Resource[Any, Any], finalizers: builtins.list[str]
     ) -> dict[str, Any]:
-        """Replace finalizers, failing with 409 if the object changed meanwhile;
-        `labels`, a merge patch of labels to make in the same write."""
+        """Replace finalizers, failing with 409 if the object changed meanwhile."""
         patch: dict[str, Any] = {
             "metadata": {
                 "finalizers": finalizers or None,
                 "resourceVersion": obj.metadata.resource_version,
             }
         }
-        if labels:
-            patch["metadata"]["labels"] = labels
         return await self.patch_raw(path_of(type(obj)), obj.name, patch, obj.namespace)
 
     async def event(

@@ -25,7 +25,6 @@ import structlog
 from aiohttp import web
 
 from nubes.api.meta import Resource
-from nubes.api.nodes import node_labels_patch
 from nubes.runtime import health
 from nubes.runtime.health import (
     OBJECTS,
@@ -35,7 +34,7 @@ from nubes.runtime.health import (
     STATUS_WRITES,
 )
 from nubes.runtime.informer import Informer, Selector
-from nubes.runtime.kube import ApiError, Kube, path_of
+from nubes.runtime.kube import ApiError, Kube
 from nubes.runtime.reconcile import (
     Outcome,
     Reconciler,
@@ -384,17 +383,12 @@ class Operator:
                 reg.queue.add_after(key, outcome.requeue_after or 2.0)
             return
         if finalizer and finalizer not in obj.metadata.finalizers:
-            # The watch delivers the updated object and queues it again. The
-            # node labels known already go in the same write.
-            labels = self._labels_patch(reconciler, obj)
-            await self.kube.set_finalizers(
-                obj, [*obj.metadata.finalizers, finalizer], labels=labels
-            )
+            # The watch delivers the updated object and queues it again.
+            await self.kube.set_finalizers(obj, [*obj.metadata.finalizers, finalizer])
             return
         outcome = await self._guarded(reconciler.converge, obj)
         assert outcome is not None
         await self._write_status(obj, outcome)
-        await self._write_labels(reconciler, obj, outcome)
         reg.queue.forget(key)
         if outcome.requeue_after:
             reg.queue.add_after(key, outcome.requeue_after)
@@ -443,43 +437,6 @@ class Operator:
                 return
             raise
         STATUS_WRITES.labels(self.name, obj.crd.kind).inc()
-
-    @staticmethod
-    def _labels_patch(
-        reconciler: Reconciler[Any], obj: Resource[Any, Any], status: dict[str, Any] | None = None
-    ) -> dict[str, str | None] | None:
-        """The patch of the object's node labels, if its kind has them; with
-        `status` (wire) as this pass leaves it, else as it is."""
-        if type(reconciler).nodes is Reconciler.nodes:
-            return None
-        nodes = reconciler.nodes(obj, obj.status.wire() if status is None else status)
-        return None if nodes is None else node_labels_patch(obj.metadata.labels, nodes)
-
-    async def _write_labels(
-        self, reconciler: Reconciler[Any], obj: Resource[Any, Any], outcome: Outcome
-    ) -> None:
-        """Keep the object's node labels (the node agents' label selectors)
-        matching the nodes it concerns after this pass. Only these keys are
-        patched and only the controller writes them, so no precondition: the
-        next pass of the object corrects a write from an outdated view."""
-        if type(reconciler).nodes is Reconciler.nodes or obj.deleting:
-            return
-        patch = self._labels_patch(reconciler, obj, {**obj.status.wire(), **outcome.status})
-        if patch is None:
-            return
-        try:
-            await self.kube.patch_raw(
-                path_of(type(obj)), obj.name, {"metadata": {"labels": patch}}, obj.namespace
-            )
-        except ApiError as e:
-            # Not this pass's result: the status is written; a refused label
-            # write is reported and tried again on the object's next pass.
-            if not e.not_found:
-                self.log.warning(
-                    "node labels not written", kind=obj.crd.kind, key=obj.key, error=str(e)
-                )
-            return
-        self.log.debug("node labels", kind=obj.crd.kind, key=obj.key, labels=patch)
 
     # --- health and metrics ----------------------------------------------------------
 

@@ -10,7 +10,6 @@ only when it changed.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
@@ -164,12 +163,6 @@ class Reconciler(Generic[R]):
 
     async def finalize(self, obj: R) -> Outcome | None:
         """Clean up before deletion; None when done (the finalizer goes)."""
-        return None
-
-    def nodes(self, obj: R, status: Mapping[str, Any]) -> Iterable[str | None] | None:
-        """The nodes whose agents must cache the object, given `status` (wire
-        names) as this pass leaves it; the runtime keeps the object's node
-        labels (nubes.api.nodes) to match. None: the kind carries none."""
         return None
 
     async def forget(self, key: str) -> None:
