@@ -28,7 +28,7 @@ async def namespace_gone(kube: Kube, ns: str) -> bool:
     return await kube.get_raw(NAMESPACES, ns) is None
 
 
-async def wait_for(probe: Any, timeout: float, what: str) -> Any:
+async def wait_for(probe: Any, timeout: float, what: str, interval: float = 0.5) -> Any:
     """Poll the coroutine function `probe` until it returns something truthy."""
     deadline = time.monotonic() + timeout
     while True:
@@ -37,7 +37,7 @@ async def wait_for(probe: Any, timeout: float, what: str) -> Any:
             return result
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(interval)
 
 
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
