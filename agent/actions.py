@@ -32,7 +32,7 @@ from nubes.drivers.compute.node import ComputeNode
 from nubes.drivers.images.cache import ImageSource
 from nubes.drivers.images.store import internal_path, internal_ref
 from nubes.drivers.problem import fail, problem_of
-from nubes.runtime.kube import path_of
+from nubes.runtime.status_apply import apply_status
 
 if TYPE_CHECKING:
     from nubes.agent.compute import InstanceAgent
@@ -56,13 +56,7 @@ class ActionRunner:
         return self.agent.compute
 
     async def _patch(self, action: InstanceAction, status: InstanceActionStatus) -> None:
-        await self.agent.op.kube.patch_raw(
-            path_of(InstanceAction),
-            action.name,
-            {"status": status.patch()},
-            action.namespace,
-            subresource="status",
-        )
+        await apply_status(self.agent.op.kube, action, status.patch(), refresh_when_stale=True)
 
     async def step(self, inst: Instance, action: InstanceAction, plan: Plan | None) -> bool:
         """Advance the action as far as this node can. True when the caller

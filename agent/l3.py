@@ -32,8 +32,8 @@ from nubes.drivers.network.ovs import Ovs, OvsEndpoint
 from nubes.drivers.network.router import RouterError, Routers
 from nubes.drivers.network.switch import NodeSwitch
 from nubes.drivers.runner import SubprocessRunner
-from nubes.runtime.kube import ApiError, path_of
 from nubes.runtime.operator import Operator
+from nubes.runtime.status_apply import apply_status
 
 log = structlog.get_logger()
 
@@ -165,14 +165,4 @@ class NodeRouters:
                 await self._report(router, entry)
 
     async def _report(self, router: Router, entry: dict[str, Any]) -> None:
-        try:
-            await self.op.kube.patch_raw(
-                path_of(Router),
-                router.name,
-                {"status": {"l3": entry}},
-                router.namespace,
-                subresource="status",
-            )
-        except ApiError as e:
-            if not e.not_found:
-                raise
+        await apply_status(self.op.kube, router, {"l3": entry}, refresh_when_stale=True)

@@ -27,8 +27,8 @@ from nubes.drivers.network.netns import Links
 from nubes.drivers.network.ovs import DatapathType, Ovs, OvsEndpoint, kernel_datapath_available
 from nubes.drivers.network.switch import DEAD_VLAN, NetworkSegment, NodeSwitch
 from nubes.drivers.runner import SubprocessRunner
-from nubes.runtime.kube import ApiError, path_of
 from nubes.runtime.operator import Operator
+from nubes.runtime.status_apply import apply_status
 
 log = structlog.get_logger()
 
@@ -291,33 +291,13 @@ class NodeNetworking:
         current = net.status.dhcp.model_dump(mode="json") if net.status.dhcp else None
         if current == entry:
             return
-        try:
-            await self.op.kube.patch_raw(
-                path_of(Network),
-                net.name,
-                {"status": {"dhcp": entry}},
-                net.namespace,
-                subresource="status",
-            )
-        except ApiError as e:
-            if not e.not_found:
-                raise
+        await apply_status(self.op.kube, net, {"dhcp": entry}, refresh_when_stale=True)
 
     async def _patch(self, patches: list[tuple[Port, dict[str, Any]]]) -> None:
         semaphore = asyncio.Semaphore(PATCH_CONCURRENCY)
 
         async def one(port: Port, status: dict[str, Any]) -> None:
             async with semaphore:
-                try:
-                    await self.op.kube.patch_raw(
-                        path_of(Port),
-                        port.name,
-                        {"status": status},
-                        port.namespace,
-                        subresource="status",
-                    )
-                except ApiError as e:
-                    if not e.not_found:
-                        raise
+                await apply_status(self.op.kube, port, status, refresh_when_stale=True)
 
         await asyncio.gather(*(one(p, s) for p, s in patches))

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from nubes.runtime import status_apply
 from nubes.runtime.kube import Kube
 from nubes.runtime.logging import configure
 from nubes.runtime.operator import Operator
@@ -19,6 +20,7 @@ from nubes.runtime.operator import Operator
 
 def _run(
     name: str,
+    field_manager: str,
     kubeconfig: str | None,
     health_port: int | None,
     build: Callable[[Operator], Awaitable[None]],
@@ -32,7 +34,7 @@ def _run(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        kube = await Kube.connect(kubeconfig, field_manager=name)
+        kube = await Kube.connect(kubeconfig, field_manager=field_manager)
         try:
             op = Operator(
                 name,
@@ -70,6 +72,7 @@ def controller(args: argparse.Namespace) -> int:
     structlog.get_logger().info("starting controller", shard=f"{config.shard}/{config.shards}")
     return _run(
         f"nubes-controller-{config.shard}",
+        status_apply.CONTROLLER,  # one writer, whichever shard holds an object
         args.kubeconfig,
         args.health_port,
         lambda op: build_controller(op, config),
@@ -87,6 +90,7 @@ def agent(args: argparse.Namespace) -> int:
     structlog.get_logger().info("starting agent", node=config.node)
     return _run(
         f"nubes-agent-{config.node}",
+        f"{status_apply.AGENT_PREFIX}{config.node}",
         args.kubeconfig,
         args.health_port,
         lambda op: build_agent(op, config),

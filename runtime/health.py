@@ -12,7 +12,12 @@ RECONCILES = Counter("nubes_reconcile_total", "Converge passes", ["process", "ki
 RECONCILE_SECONDS = Histogram(
     "nubes_reconcile_duration_seconds", "Converge pass duration", ["process", "kind"]
 )
-STATUS_WRITES = Counter("nubes_status_writes_total", "Status patches", ["process", "kind"])
+STATUS_WRITES = Counter("nubes_status_writes_total", "Status applies", ["process", "kind"])
+STATUS_CONFLICTS = Counter(
+    "nubes_status_conflicts_total",
+    "Status writes refused: a field belongs to another writer",
+    ["process", "kind"],
+)
 QUEUE_DEPTH = Gauge("nubes_queue_depth", "Keys waiting", ["process", "kind"])
 OBJECTS = Gauge("nubes_cached_objects", "Objects in the watch caches", ["process", "kind"])
 

@@ -136,6 +136,10 @@ class Kube:
         timeout: float = 30,
     ) -> dict[str, Any]:
         headers = {"Accept": "application/json", "Content-Type": content_type}
+        if method in ("POST", "PUT", "PATCH"):
+            # Every write is recorded under this writer's name, not the
+            # client library's, so managedFields say who owns what.
+            query = {"fieldManager": self.field_manager, **(query or {})}
         for attempt in range(THROTTLE_RETRIES + 1):
             response = await self._api.call_api(
                 path,
@@ -332,17 +336,11 @@ class Kube:
             meta.pop(key, None)
         return await self.create_raw(path_of(kind), body, obj.namespace)
 
-    async def patch_status(
-        self, obj: Resource[Any, Any], status: dict[str, Any], *, if_unchanged: bool = False
+    async def apply_status(
+        self, kind: type[R], body: dict[str, Any], *, force: bool
     ) -> dict[str, Any]:
-        """Merge-patch status; with `if_unchanged`, fail with 409 unless the
-        object is still at the resourceVersion `obj` was read at."""
-        body: dict[str, Any] = {"status": status}
-        if if_unchanged:
-            body["metadata"] = {"resourceVersion": obj.metadata.resource_version}
-        return await self.patch_raw(
-            path_of(type(obj)), obj.name, body, obj.namespace, subresource="status"
-        )
+        """Server-side apply of a status body (runtime.status_apply builds it)."""
+        return await self.apply_raw(path_of(kind), body, subresource="status", force=force)
 
     async def set_finalizers(
         self, obj: Resource[Any, Any], finalizers: builtins.list[str]

@@ -25,12 +25,13 @@ import structlog
 from aiohttp import web
 
 from nubes.api.meta import Resource
-from nubes.runtime import health
+from nubes.runtime import health, status_apply
 from nubes.runtime.health import (
     OBJECTS,
     QUEUE_DEPTH,
     RECONCILE_SECONDS,
     RECONCILES,
+    STATUS_CONFLICTS,
     STATUS_WRITES,
 )
 from nubes.runtime.informer import Informer, Selector
@@ -431,11 +432,14 @@ class Operator:
         try:
             # Never write status computed from an outdated view of the object:
             # the write fails and the newer version is reconciled instead.
-            await self.kube.patch_status(obj, patch, if_unchanged=True)
-        except ApiError as e:
-            if e.not_found:
+            if not await status_apply.apply_status(self.kube, obj, patch):
                 return
-            raise
+        except status_apply.OwnedElsewhere as e:
+            # A bug in the writers, not in the object: say so and leave the
+            # other writer's field alone.
+            self.log.error("status write refused", kind=obj.crd.kind, key=obj.key, error=str(e))
+            STATUS_CONFLICTS.labels(self.name, obj.crd.kind).inc()
+            return
         STATUS_WRITES.labels(self.name, obj.crd.kind).inc()
 
     # --- health and metrics ----------------------------------------------------------

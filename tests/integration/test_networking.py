@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 
 from nubes.api.network import Allocation, Network, Port, Subnet
-from nubes.runtime.kube import Kube
+from nubes.runtime.kube import ApiError, Kube, path_of
+from nubes.runtime.status_apply import (
+    AGENT_PREFIX,
+    CONTROLLER,
+    apply_body,
+    conflicting_managers,
+    owned_fields,
+)
 from tests.helpers import Process, eventually, kubectl
 from tests.integration.cloud import (
     NET,
@@ -28,6 +35,7 @@ from tests.integration.cloud import (
     subnet,
 )
 from tests.integration.conftest import start_controller
+from tests.integration.identity import agent_kubeconfig
 from tests.nodes import Fabric, dhcp_lease, ping, sh
 
 
@@ -112,6 +120,8 @@ async def test_guests_get_their_port_by_dhcp_and_networks_are_isolated(
         for ns, name in guests:
             ports[(ns, name)] = await condition(kube, Port, name, ns, timeout=60)
 
+        await _status_fields_have_one_writer_each(kube, ports[(ns_a, "a2")], tmp_path)
+
         for (ns, name), netns in guests.items():
             p = ports[(ns, name)]
             lease = dhcp_lease(netns)
@@ -193,6 +203,34 @@ async def test_provider_networks_reach_the_other_node(
     for _, node, p in guests.values():
         plugger(node).unplug(p.uid)
     kubectl("delete", "ports,subnets,networks", "--all", "-n", ns, "--wait=false")
+
+
+async def _status_fields_have_one_writer_each(kube: Kube, port: Port, tmp_path: Path) -> None:
+    """The API server records each status field's writer (server-side apply),
+    and refuses an agent that writes a field of the controller's."""
+    raw = await kube.get_raw(path_of(Port), port.name, port.namespace)
+    assert raw is not None
+    owned = {
+        e["manager"]: owned_fields(raw["metadata"]["managedFields"], e["manager"])
+        for e in raw["metadata"]["managedFields"]
+        if e.get("subresource") == "status"
+    }
+    host, dhcp = port.status.host, port.status.dhcp_node
+    assert host and dhcp
+    assert {"macAddress", "fixedIps", "conditions", "observedGeneration"} <= owned[CONTROLLER]
+    assert "binding" in owned[AGENT_PREFIX + host], owned
+    assert "dhcp" in owned[AGENT_PREFIX + dhcp], owned
+    assert not owned[CONTROLLER] & (owned[AGENT_PREFIX + host] | owned[AGENT_PREFIX + dhcp])
+
+    kubeconfig = agent_kubeconfig(tmp_path, host)
+    async with await Kube.connect(str(kubeconfig), field_manager=AGENT_PREFIX + host) as agent:
+        body = apply_body(raw, agent.field_manager, {"macAddress": "fa:16:3e:66:66:66"})
+        assert body is not None
+        with pytest.raises(ApiError) as refused:
+            await agent.apply_status(Port, body, force=False)
+        assert conflicting_managers(refused.value) == [CONTROLLER], refused.value
+    fresh = await kube.get(Port, port.name, port.namespace)
+    assert fresh is not None and fresh.status.mac_address == port.status.mac_address
 
 
 def _factory(tmp_path: Path) -> Any:

@@ -1,0 +1,155 @@
+"""Status writes as server-side apply, one field manager per writer.
+
+The controller (every shard) writes as `nubes-controller`, each node agent as
+`nubes-agent-<node>`. The API server records which manager owns which status
+field, so a writer that strays onto another's field is refused with a
+conflict instead of silently overwriting it.
+
+An apply states the writer's whole part: a field it owned and leaves out is
+removed. Writers compute changes, not whole parts, so the body is the fields
+this manager already owns (from `metadata.managedFields`) with the changes
+laid over them; a change to None removes that field, as a merge patch did.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nubes.api.meta import Resource
+from nubes.runtime.kube import ApiError, Kube, path_of
+
+CONTROLLER = "nubes-controller"
+AGENT_PREFIX = "nubes-agent-"
+
+
+def owned_fields(managed_fields: list[dict[str, Any]], manager: str) -> set[str]:
+    """The top-level status fields `manager` owns through its applies."""
+    owned: set[str] = set()
+    for entry in managed_fields:
+        if (
+            entry.get("manager") != manager
+            or entry.get("operation") != "Apply"
+            or entry.get("subresource") != "status"
+        ):
+            continue
+        status = (entry.get("fieldsV1") or {}).get("f:status") or {}
+        owned.update(key[2:] for key in status if key.startswith("f:"))
+    return owned
+
+
+def apply_body(obj: dict[str, Any], manager: str, changes: dict[str, Any]) -> dict[str, Any] | None:
+    """The apply request for `changes` to the status of `obj` (a wire-form
+    object as last read), with its resourceVersion as a precondition; None
+    when the writer would own nothing afterwards and had nothing before."""
+    meta = obj["metadata"]
+    current = obj.get("status") or {}
+    owned = owned_fields(meta.get("managedFields") or [], manager)
+    status = {key: current[key] for key in owned if key in current}
+    for key, value in changes.items():
+        if value is None:
+            status.pop(key, None)
+        else:
+            status[key] = value
+    if not status and not owned:
+        return None
+    body_meta = {"name": meta["name"], "resourceVersion": meta["resourceVersion"]}
+    if meta.get("namespace"):
+        body_meta["namespace"] = meta["namespace"]
+    return {
+        "apiVersion": obj["apiVersion"],
+        "kind": obj["kind"],
+        "metadata": body_meta,
+        "status": status,
+    }
+
+
+def conflicting_managers(error: ApiError) -> list[str] | None:
+    """The managers named by a field-ownership conflict; None when `error` is
+    another kind of failure (a stale resourceVersion is a 409 too)."""
+    if error.status != 409 or not isinstance(error.body, dict):
+        return None
+    causes = (error.body.get("details") or {}).get("causes") or []
+    conflicts = [c for c in causes if c.get("reason") == "FieldManagerConflict"]
+    if not conflicts:
+        return None
+    managers = []
+    for cause in conflicts:
+        # 'conflict with "nubes-controller" using compute.nubes.io/v1alpha1'
+        message = str(cause.get("message", ""))
+        name = message.split('"')[1] if message.count('"') >= 2 else message
+        if name not in managers:
+            managers.append(name)
+    return managers
+
+
+class OwnedElsewhere(Exception):
+    """A status write touched a field that another writer owns."""
+
+    def __init__(self, owners: list[str], error: ApiError):
+        self.owners = owners
+        super().__init__(f"status field owned by {', '.join(owners)}: {error}")
+
+
+async def apply_status(
+    kube: Kube,
+    obj: Resource[Any, Any],
+    changes: dict[str, Any],
+    *,
+    refresh_when_stale: bool = False,
+) -> bool:
+    """Write `changes` to the status of `obj` under this client's field
+    manager; False when the object is gone. `obj` as cached may be stale:
+    the write then fails with a 409 (the caller reconciles the newer
+    version), or with `refresh_when_stale` is redone on the object as read
+    now. Raises OwnedElsewhere rather than take a field from another
+    writer that may not be taken over."""
+    kind = type(obj)
+    wire = {**obj.wire(), "apiVersion": kind.crd.api_version, "kind": kind.crd.kind}
+    for attempt in range(3):
+        body = apply_body(wire, kube.field_manager, changes)
+        if body is None:
+            return True
+        try:
+            await _apply(kube, kind, body)
+            return True
+        except ApiError as e:
+            if e.not_found:
+                return False
+            stale = e.conflict and conflicting_managers(e) is None
+            if not (refresh_when_stale and stale and attempt < 2):
+                raise
+        fresh = await kube.get_raw(path_of(kind), obj.name, obj.namespace)
+        if fresh is None:
+            return False
+        wire = fresh
+    raise AssertionError("unreachable")
+
+
+async def _apply(kube: Kube, kind: type[Resource[Any, Any]], body: dict[str, Any]) -> None:
+    try:
+        await kube.apply_status(kind, body, force=False)
+    except ApiError as e:
+        others = conflicting_managers(e)
+        if others is None:
+            raise
+        refused = [m for m in others if not may_take_over(kube.field_manager, m)]
+        if refused:
+            raise OwnedElsewhere(refused, e) from e
+        await kube.apply_status(kind, body, force=True)
+
+
+def role(manager: str) -> str:
+    if manager == CONTROLLER or manager.startswith(CONTROLLER + "-"):
+        return "controller"
+    if manager.startswith(AGENT_PREFIX):
+        return "agent"
+    return "other"
+
+
+def may_take_over(manager: str, other: str) -> bool:
+    """Whether `manager` may force its write over a field `other` owns: an
+    agent takes over from another node's agent (the object moved), a writer
+    from its own earlier form (shard names, merge patches) and from people
+    and tools editing status by hand; never the controller from an agent or
+    an agent from the controller."""
+    return role(other) in (role(manager), "other")
