@@ -10,10 +10,11 @@ only when it changed.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeAlias, TypeVar
 
-from nubes.api.meta import Condition, Resource, now_rfc3339
+from nubes.api.meta import ApiModel, Condition, Resource, now_rfc3339
 from nubes.drivers.problem import Failure
 
 if TYPE_CHECKING:
@@ -24,53 +25,82 @@ R = TypeVar("R", bound=Resource[Any, Any])
 State = Literal["ready", "progressing", "stalled"]
 _CAMEL = re.compile(r"^[A-Z][A-Za-z0-9]*$")
 
+StatusFields: TypeAlias = ApiModel | Mapping[str, Any] | None
+"""What a writer hands over: its kind's status model with the fields it owns
+set explicitly (preferred: a wrong name or type fails at the writer), or the
+same fields already in wire form."""
 
-@dataclass
+
+def wire_status(status: StatusFields) -> dict[str, Any]:
+    """The wire form of a writer's status fields: camelCase, only the fields
+    set explicitly, an explicit None kept (the write clears that field)."""
+    if status is None:
+        return {}
+    if isinstance(status, ApiModel):
+        return status.patch()
+    return dict(status)
+
+
+@dataclass(init=False)
 class Outcome:
     """What one converge pass found.
 
-    `status` holds only the fields this process owns (wire names). `state`
-    None means the process does not own the kstatus conditions (the agent).
+    `status` holds only the fields this process owns, in wire form: a status
+    model given to the constructor is converted here, once, so the runtime
+    always sees a dict. `state` None means the process does not own the
+    kstatus conditions (the agent).
     """
 
-    status: dict[str, Any] = field(default_factory=dict)
-    state: State | None = None
-    reason: str = ""
-    message: str = ""
-    requeue_after: float | None = None
+    status: dict[str, Any]
+    state: State | None
+    reason: str
+    message: str
+    requeue_after: float | None
 
-    def __post_init__(self) -> None:
-        if self.reason and not _CAMEL.match(self.reason):
-            raise ValueError(f"condition reason must be CamelCase: {self.reason!r}")
+    def __init__(
+        self,
+        status: StatusFields = None,
+        state: State | None = None,
+        reason: str = "",
+        message: str = "",
+        requeue_after: float | None = None,
+    ) -> None:
+        if reason and not _CAMEL.match(reason):
+            raise ValueError(f"condition reason must be CamelCase: {reason!r}")
+        self.status = wire_status(status)
+        self.state = state
+        self.reason = reason
+        self.message = message
+        self.requeue_after = requeue_after
 
     @classmethod
     def ready(
         cls,
-        status: dict[str, Any] | None = None,
+        status: StatusFields = None,
         message: str = "",
         *,
         reason: str = "Ready",
         requeue_after: float | None = None,
     ) -> Outcome:
-        return cls(status or {}, "ready", reason, message, requeue_after)
+        return cls(status, "ready", reason, message, requeue_after)
 
     @classmethod
     def progressing(
         cls,
         reason: str,
         message: str,
-        status: dict[str, Any] | None = None,
+        status: StatusFields = None,
         *,
         requeue_after: float | None = None,
     ) -> Outcome:
-        return cls(status or {}, "progressing", reason, message, requeue_after)
+        return cls(status, "progressing", reason, message, requeue_after)
 
     @classmethod
-    def stalled(cls, reason: str, message: str, status: dict[str, Any] | None = None) -> Outcome:
-        return cls(status or {}, "stalled", reason, message)
+    def stalled(cls, reason: str, message: str, status: StatusFields = None) -> Outcome:
+        return cls(status, "stalled", reason, message)
 
     @classmethod
-    def observed(cls, status: dict[str, Any], *, requeue_after: float | None = None) -> Outcome:
+    def observed(cls, status: StatusFields, *, requeue_after: float | None = None) -> Outcome:
         """Status fields only, no conditions (node agents)."""
         return cls(status, None, requeue_after=requeue_after)
 
