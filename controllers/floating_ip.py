@@ -15,7 +15,15 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from nubes.api.network import Allocation, FloatingIP, Network, Port, Router, Subnet
+from nubes.api.network import (
+    Allocation,
+    FloatingIP,
+    FloatingIPStatus,
+    Network,
+    Port,
+    Router,
+    Subnet,
+)
 from nubes.controllers.allocations import Ledger
 from nubes.controllers.indexes import index_floating_ips
 from nubes.controllers.router import ready_v4_subnets
@@ -175,14 +183,15 @@ class FloatingIPReconciler(Reconciler[FloatingIP]):
         if not subnets:
             raise Wait("ExternalSubnetNotReady", f"network {net.name} has no ready IPv4 subnet", 5)
         subnet, address = await self._address(obj, subnets)
-        status: dict[str, Any] = {
-            "floatingIpAddress": address,
-            "subnet": subnet.name,
-            "fixedIpAddress": None,
-            "portUid": None,
-            "router": None,
-            "node": None,
-        }
+        # Unassociated: the association's fields are cleared explicitly.
+        status = FloatingIPStatus(
+            floating_ip_address=address,
+            subnet=subnet.name,
+            fixed_ip_address=None,
+            port_uid=None,
+            router=None,
+            node=None,
+        )
         try:
             association = self._association(obj, net)
         except (Stall, Wait) as e:
@@ -206,13 +215,13 @@ class FloatingIPReconciler(Reconciler[FloatingIP]):
                     f" {other.name}",
                     status,
                 )
-        status.update(
-            {
-                "fixedIpAddress": fixed,
-                "portUid": port.uid,
-                "router": router.name,
-                "node": router.status.node,
-            }
+        status = FloatingIPStatus(
+            floating_ip_address=address,
+            subnet=subnet.name,
+            fixed_ip_address=fixed,
+            port_uid=port.uid,
+            router=router.name,
+            node=router.status.node,
         )
         summary = f"{address} -> {fixed} via router {router.name}"
         l3 = router.status.l3

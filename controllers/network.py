@@ -9,7 +9,15 @@ import structlog
 
 from nubes.api.compute import Hypervisor
 from nubes.api.meta import ProjectRef
-from nubes.api.network import FixedIpRequest, Network, Port, PortBinding, PortSpec, Subnet
+from nubes.api.network import (
+    FixedIpRequest,
+    Network,
+    NetworkStatus,
+    Port,
+    PortBinding,
+    PortSpec,
+    Subnet,
+)
 from nubes.controllers.allocations import Ledger
 from nubes.controllers.config import ControllerConfig
 from nubes.controllers.hypervisor import usable
@@ -208,13 +216,9 @@ class NetworkReconciler(Reconciler[Network]):
         mtu = obj.spec.mtu or limit
         node, dhcp_port = await self._dhcp(obj)
         ports = len(self.op.store(Port).by_index("network", obj.key))
-        status: dict[str, Any] = {
-            "segmentationId": segment,
-            "mtu": mtu,
-            "dhcpNode": node,
-            "dhcpPort": dhcp_port,
-            "ports": ports,
-        }
+        status = NetworkStatus(
+            segmentation_id=segment, mtu=mtu, dhcp_node=node, dhcp_port=dhcp_port, ports=ports
+        )
         summary = (
             f"{obj.spec.type}" + (f" {segment}" if segment is not None else "") + f", mtu {mtu}"
         )

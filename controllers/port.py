@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
 from nubes.api.compute import Instance
 from nubes.api.identity import Project
 from nubes.api.meta import seconds_since
-from nubes.api.network import Allocation, Network, Port, Router, Subnet
+from nubes.api.network import Allocation, FixedIp, Network, Port, PortStatus, Router, Subnet
 from nubes.controllers.allocations import Ledger
 from nubes.controllers.indexes import index_instances, index_ports, index_projects
 from nubes.controllers.ipam import SubnetPlan, random_mac
@@ -251,7 +251,7 @@ class PortReconciler(Reconciler[Port]):
         router = self.op.store(Router).lookup(_owner_name(port), port.namespace)
         return router is not None and router.uid == port.spec.device_id
 
-    async def _fixed_ips(self, port: Port, subnets: list[Subnet]) -> list[dict[str, str]]:
+    async def _fixed_ips(self, port: Port, subnets: list[Subnet]) -> list[FixedIp]:
         result = []
         for subnet, wanted in self._requests(port, subnets):
             explicit = (
@@ -259,10 +259,8 @@ class PortReconciler(Reconciler[Port]):
                 and wanted is not None
             )
             ip = await self._allocate(port, subnet, plan_of(subnet), wanted, explicit)
-            result.append({"subnet": subnet.name, "ipAddress": ip})
-        keep = {
-            (ip_pool(s), f["ipAddress"]) for s in subnets for f in result if f["subnet"] == s.name
-        }
+            result.append(FixedIp(subnet=subnet.name, ip_address=ip))
+        keep = {(ip_pool(s), f.ip_address) for s in subnets for f in result if f.subnet == s.name}
         for alloc in self.ledger.held(port.uid, "ip."):
             if (alloc.spec.pool, alloc.spec.value) not in keep:
                 await self.ledger.release(alloc)
@@ -282,24 +280,26 @@ class PortReconciler(Reconciler[Port]):
         mac = await self._mac(obj, net)
         fixed = await self._fixed_ips(obj, subnets)
         host = self._host(obj)
-        status: dict[str, Any] = {
-            "macAddress": mac,
-            "fixedIps": fixed,
-            "mtu": net.status.mtu,
-            "networkUid": net.uid,
-            "host": host,
-            "dhcpNode": net.status.dhcp_node,
-            **security_of(obj, net),
-        }
+        security = security_of(obj, net)
+        status = PortStatus(
+            mac_address=mac,
+            fixed_ips=fixed,
+            mtu=net.status.mtu,
+            network_uid=net.uid,
+            host=host,
+            dhcp_node=net.status.dhcp_node,
+            port_security_enabled=security.enabled,
+            security_groups=security.groups,
+        )
         namespace = obj.namespace or ""
-        if "default" in status["securityGroups"] and not self.op.store(Project).by_index(
+        if "default" in security.groups and not self.op.store(Project).by_index(
             "namespace", namespace
         ):
             # A project's reconciler alone makes its default group (a second
             # writer's refused create would still count against its quota);
             # other namespaces get theirs on first use, as in Neutron.
             await ensure_default_group(self.op, namespace)
-        addresses = ", ".join(f["ipAddress"] for f in fixed) or "no address"
+        addresses = ", ".join(f.ip_address for f in fixed) or "no address"
         if net.status.mtu is None:
             return Outcome.progressing(
                 "WaitingForNetwork", f"network {net.name} is not ready", status
@@ -325,11 +325,11 @@ class PortReconciler(Reconciler[Port]):
         net: Network,
         subnets: list[Subnet],
         mac: str,
-        fixed: list[dict[str, str]],
+        fixed: list[FixedIp],
         host: str | None,
     ) -> tuple[str, str] | None:
         dhcp_subnets = {s.name for s in subnets if s.spec.enable_dhcp and s.spec.ip_version == 4}
-        dhcp_ips = sorted(f["ipAddress"] for f in fixed if f["subnet"] in dhcp_subnets)
+        dhcp_ips = sorted(f.ip_address for f in fixed if f.subnet in dhcp_subnets)
         if dhcp_ips and net.status.dhcp_node and port.spec.device_owner != DHCP_OWNER:
             entry = port.status.dhcp
             if (
@@ -385,7 +385,12 @@ def _network_facts(net: Network | None) -> tuple[Any, ...] | None:
     )
 
 
-def security_of(port: Port, net: Network) -> dict[str, Any]:
+class PortSecurity(NamedTuple):
+    enabled: bool
+    groups: list[str]
+
+
+def security_of(port: Port, net: Network) -> PortSecurity:
     """Port security and security groups in effect, resolved once here so
     the agents and the SecurityGroup reconciler read one answer: the port's
     setting or its network's; the port's groups, or the project's
@@ -402,7 +407,7 @@ def security_of(port: Port, net: Network) -> dict[str, Any]:
         groups = []
     elif groups is None:
         groups = ["default"]
-    return {"portSecurityEnabled": enabled, "securityGroups": sorted(set(groups))}
+    return PortSecurity(enabled, sorted(set(groups)))
 
 
 def _subnet_facts(subnet: Subnet | None) -> tuple[Any, ...] | None:

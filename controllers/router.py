@@ -33,6 +33,8 @@ from nubes.api.network import (
     PortBinding,
     PortSpec,
     Router,
+    RouterPortStatus,
+    RouterStatus,
     Subnet,
 )
 from nubes.controllers.hypervisor import alive
@@ -297,7 +299,7 @@ class RouterReconciler(Reconciler[Router]):
         self._no_overlap(subnets, ext_subnet)
         node = self._node(obj)
         keep: set[str] = set()
-        interfaces: list[dict[str, Any]] = []
+        interfaces: list[RouterPortStatus] = []
         ready = True
         waiting = ""
         for subnet in sorted(subnets, key=lambda s: s.name):
@@ -315,26 +317,22 @@ class RouterReconciler(Reconciler[Router]):
             keep.add(f"{obj.namespace}/{name}")
             prefix = ipaddress.ip_network(subnet.spec.cidr).prefixlen
             interfaces.append(
-                {
-                    "name": name,
-                    "namespace": obj.namespace,
-                    "subnet": subnet.name,
-                    "cidr": subnet.spec.cidr,
-                    "ipAddress": f"{subnet.status.gateway_ip}/{prefix}",
-                }
+                RouterPortStatus(
+                    name=name,
+                    namespace=obj.namespace or "",
+                    subnet=subnet.name,
+                    cidr=subnet.spec.cidr,
+                    ip_address=f"{subnet.status.gateway_ip}/{prefix}",
+                )
             )
             if port is None or not port.status.is_true("Ready"):
                 ready = False
                 waiting = waiting or f"port {name}: {_why(port)}"
-        status: dict[str, Any] = {
-            "node": node,
-            "interfaces": interfaces,
-            "routes": [r.wire() for r in obj.spec.routes],
-            "gatewayIp": None,
-            "gatewayPort": None,
-            "externalNetworkUid": None,
-            "enableSnat": None,
-        }
+        # Without a gateway its fields are cleared explicitly (None is written).
+        gateway_ip: str | None = None
+        gateway_port: RouterPortStatus | None = None
+        external_network_uid: str | None = None
+        enable_snat: bool | None = None
         if external is not None:
             net, ext_subnet = external
             gw = obj.spec.external_gateway
@@ -362,19 +360,28 @@ class RouterReconciler(Reconciler[Router]):
                 waiting = waiting or f"gateway port: {_why(port)}"
             if address is not None:
                 prefix = ipaddress.ip_network(ext_subnet.spec.cidr).prefixlen
-                status["gatewayIp"] = address
-                status["gatewayPort"] = {
-                    "name": name,
-                    "namespace": net.namespace,
-                    "subnet": ext_subnet.name,
-                    "cidr": ext_subnet.spec.cidr,
-                    "ipAddress": f"{address}/{prefix}",
-                    "gatewayIp": ext_subnet.status.gateway_ip,
-                }
-            status["externalNetworkUid"] = net.uid
-            status["enableSnat"] = gw.enable_snat
+                gateway_ip = address
+                gateway_port = RouterPortStatus(
+                    name=name,
+                    namespace=net.namespace or "",
+                    subnet=ext_subnet.name,
+                    cidr=ext_subnet.spec.cidr,
+                    ip_address=f"{address}/{prefix}",
+                    gateway_ip=ext_subnet.status.gateway_ip,
+                )
+            external_network_uid = net.uid
+            enable_snat = gw.enable_snat
+        status = RouterStatus(
+            node=node,
+            interfaces=interfaces,
+            routes=list(obj.spec.routes),
+            gateway_ip=gateway_ip,
+            gateway_port=gateway_port,
+            external_network_uid=external_network_uid,
+            enable_snat=enable_snat,
+        )
         await self._remove_ports(obj, keep)
-        for port in (self.op.store(Port).lookup(n["name"], n["namespace"]) for n in interfaces):
+        for port in (self.op.store(Port).lookup(n.name, n.namespace) for n in interfaces):
             if port is not None and port.status.is_true("Stalled"):
                 cond = port.status.condition("Stalled")
                 raise Stall(
@@ -382,7 +389,7 @@ class RouterReconciler(Reconciler[Router]):
                     f"interfaces: {cond.message if cond else 'interface port failed'}",
                 )
         summary = f"{len(interfaces)} interface(s)" + (
-            f", gateway {status['gatewayIp']}" if status["gatewayIp"] else ""
+            f", gateway {gateway_ip}" if gateway_ip else ""
         )
         if node is None:
             return Outcome.progressing(

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from nubes.api.identity import Project
-from nubes.api.network import Port, SecurityGroup
+from nubes.api.network import Port, SecurityGroup, SecurityGroupStatus
 from nubes.controllers import quota
 from nubes.runtime.kube import ApiError, path_of
 from nubes.runtime.operator import Operator
@@ -156,10 +156,8 @@ class SecurityGroupReconciler(Reconciler[SecurityGroup]):
     async def converge(self, obj: SecurityGroup) -> Outcome:
         namespace = obj.namespace or ""
         using = self.op.store(Port).by_index("security-group", obj.key)
-        status: dict[str, Any] = {
-            "ports": len([p for p in using if not p.deleting]),
-            "members": members_of(using),
-        }
+        ports = len([p for p in using if not p.deleting])
+        status = SecurityGroupStatus(ports=ports, members=members_of(using))
         siblings = self.op.store(SecurityGroup).by_index("sg-namespace", namespace)
         known = {g.name for g in siblings if not g.deleting}
         for index, rule in enumerate(obj.spec.rules):
@@ -183,6 +181,5 @@ class SecurityGroupReconciler(Reconciler[SecurityGroup]):
         rules = len(obj.spec.rules)
         return Outcome.ready(
             status,
-            f"{rules} rule{'s' if rules != 1 else ''}, {status['ports']} port"
-            f"{'s' if status['ports'] != 1 else ''}",
+            f"{rules} rule{'s' if rules != 1 else ''}, {ports} port{'s' if ports != 1 else ''}",
         )

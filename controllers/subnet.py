@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nubes.api.network import Allocation, Network, Subnet
+from nubes.api.network import Allocation, AllocationPool, Network, Subnet, SubnetStatus
 from nubes.controllers.allocations import Ledger
 from nubes.controllers.ipam import IpamError, SubnetPlan, overlaps, plan_subnet
 from nubes.runtime.operator import Operator
@@ -81,15 +81,15 @@ class SubnetReconciler(Reconciler[Subnet]):
                     f"on network {network.name}",
                 )
         used = self.ledger.count(ip_pool(obj))
-        status = {
-            "gatewayIp": str(plan.gateway) if plan.gateway else None,
-            "allocationPools": [
-                {"start": str(plan.address(first)), "end": str(plan.address(last))}
+        status = SubnetStatus(
+            gateway_ip=str(plan.gateway) if plan.gateway else None,
+            allocation_pools=[
+                AllocationPool(start=str(plan.address(first)), end=str(plan.address(last)))
                 for first, last in plan.pools
             ],
-            "capacity": plan.capacity,
-            "used": used,
-        }
+            capacity=plan.capacity,
+            used=used,
+        )
         return Outcome.ready(status, f"{used} of {plan.capacity} addresses in use")
 
     async def finalize(self, obj: Subnet) -> Outcome | None:

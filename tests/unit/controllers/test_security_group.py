@@ -8,7 +8,7 @@ from typing import Any
 
 from nubes.agent.firewall import device_of, filtered, port_intent
 from nubes.api.network import Network, Port, SecurityGroup
-from nubes.controllers.port import security_of
+from nubes.controllers.port import PortSecurity, security_of
 from nubes.controllers.security_group import default_group, members_of, rules_before
 from nubes.drivers.network.firewall_rules import FwRule
 from nubes.drivers.network.ovs import OvsPort
@@ -51,24 +51,18 @@ def group(
 
 
 def test_port_uses_its_groups_or_default() -> None:
-    assert security_of(port(), network()) == {
-        "portSecurityEnabled": True,
-        "securityGroups": ["default"],
-    }
+    assert security_of(port(), network()) == PortSecurity(True, ["default"])
     listed = port({"securityGroups": ["web", "db", "web"]})
-    assert security_of(listed, network())["securityGroups"] == ["db", "web"]
-    assert security_of(port({"securityGroups": []}), network())["securityGroups"] == []
+    assert security_of(listed, network()).groups == ["db", "web"]
+    assert security_of(port({"securityGroups": []}), network()).groups == []
 
 
 def test_port_security_off_means_no_groups() -> None:
-    assert security_of(port(), network(security=False)) == {
-        "portSecurityEnabled": False,
-        "securityGroups": [],
-    }
+    assert security_of(port(), network(security=False)) == PortSecurity(False, [])
     on_port = port({"portSecurityEnabled": True})
-    assert security_of(on_port, network(security=False))["portSecurityEnabled"] is True
+    assert security_of(on_port, network(security=False)).enabled is True
     dhcp = port({"deviceOwner": "network:dhcp"})
-    assert security_of(dhcp, network()) == {"portSecurityEnabled": False, "securityGroups": []}
+    assert security_of(dhcp, network()) == PortSecurity(False, [])
 
 
 def test_default_group_is_neutrons() -> None:
