@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from nubes.api.compute import InstanceAction
 from nubes.api.identity import Project
-from nubes.api.image import Image
+from nubes.api.image import Image, ImageStatus
 from nubes.api.meta import ProjectRef
 from nubes.controllers.config import ControllerConfig
 from nubes.controllers.image_import import ImportPool
@@ -92,12 +92,12 @@ class ImageReconciler(Reconciler[Image]):
             raise problem from finished.error
         stored = finished.stored
         assert stored is not None
-        status = {
-            "format": stored.format,
-            "sizeBytes": stored.size,
-            "virtualSizeBytes": stored.virtual_size,
-            "sha256": stored.sha256,
-        }
+        status = ImageStatus(
+            format=stored.format,
+            size_bytes=stored.size,
+            virtual_size_bytes=stored.virtual_size,
+            sha256=stored.sha256,
+        )
         return Outcome.ready(status, self._summary(stored.format, stored.virtual_size))
 
     def _start(self, obj: Image) -> None:

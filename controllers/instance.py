@@ -287,7 +287,7 @@ class InstanceReconciler(Reconciler[Instance]):
         if node is None:
             if obj.spec.power_state == "Shelved" and obj.status.shelved_disk:
                 typed.addresses = []
-                return Outcome.ready(typed.patch(), "shelved: the disk is in the image store")
+                return Outcome.ready(typed, "shelved: the disk is in the image store")
             raise Wait("Scheduling", "waiting for a node", 5)
         ports = await self._ensure_ports(obj)
         typed.intent = node_intent(obj, flavor, image, disk_gib, eff, ports, actions)
@@ -301,20 +301,19 @@ class InstanceReconciler(Reconciler[Instance]):
             )
             for p in ports
         ]
-        status = typed.patch()
         # What the node agent cannot do (a port not bound in time), with its reason.
         reported = obj.status.node_problem
         if reported is not None and reported.node not in (None, node):
             reported = None  # from the node the instance left
-        problem = agent_problem(reported, f"node {node}", status)
+        problem = agent_problem(reported, f"node {node}", typed)
         if problem is not None:
             return problem
         waiting = self._waiting_for(obj, ports)
         if waiting:
-            return Outcome.progressing(waiting[0], waiting[1], status)
+            return Outcome.progressing(waiting[0], waiting[1], typed)
         ips = ", ".join(ip for p in ports for ip in (f.ip_address for f in p.status.fixed_ips))
         return Outcome.ready(
-            status, f"{obj.status.power_state} on {node}" + (f", {ips}" if ips else "")
+            typed, f"{obj.status.power_state} on {node}" + (f", {ips}" if ips else "")
         )
 
     def _check_boot_volume(self, obj: Instance) -> None:

@@ -10,9 +10,14 @@ image store. Actions of one instance run one at a time, oldest first.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
-from nubes.api.compute import ActionResources, Flavor, Instance, InstanceAction
+from nubes.api.compute import (
+    ActionResources,
+    Flavor,
+    Instance,
+    InstanceAction,
+    InstanceActionStatus,
+)
 from nubes.api.image import Image
 from nubes.api.meta import ProjectRef
 from nubes.controllers.access import index_projects, require_flavor
@@ -104,7 +109,7 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
             # The growth is reserved before the Resize is accepted (Nova's upsize
             # check); once accepted it is held until the action completes.
             old = self.op.store(Flavor).lookup(inst.status.flavor or inst.spec.flavor)
-            new = self.op.store(Flavor).lookup(plan["flavor"])
+            new = self.op.store(Flavor).lookup(plan.flavor or "")
             assert new is not None  # _plan checked it
             grow = resize_amounts(old, new)
             held = grow if obj.status.flavor else Amounts()
@@ -115,11 +120,11 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
         what = f"{obj.spec.action} of {inst.name}"
         if obj.status.started_at:
             return Outcome.progressing(
-                "InProgress", f"{what} is running on {plan['sourceNode']}", plan
+                "InProgress", f"{what} is running on {plan.source_node}", plan
             )
-        return Outcome.progressing("Pending", f"{what} handed to node {plan['sourceNode']}", plan)
+        return Outcome.progressing("Pending", f"{what} handed to node {plan.source_node}", plan)
 
-    def _plan(self, obj: InstanceAction, inst: Instance) -> dict[str, Any]:
+    def _plan(self, obj: InstanceAction, inst: Instance) -> InstanceActionStatus:
         """Validate and fix the plan (sticky once recorded)."""
         s = obj.status
         if inst.spec.locked and not s.source_node:
@@ -140,12 +145,9 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
                 f"{obj.spec.action} is not supported for instances booted from a volume yet;"
                 " snapshot or back up the volume instead",
             )
-        plan: dict[str, Any] = {
-            "sourceNode": source,
-            "targetNode": s.target_node or source,
-            "flavor": s.flavor,
-            "image": s.image,
-        }
+        plan = InstanceActionStatus(
+            source_node=source, target_node=s.target_node or source, flavor=s.flavor, image=s.image
+        )
         action = obj.spec.action
         if action == "Resize":
             assert obj.spec.flavor is not None
@@ -156,20 +158,20 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
                 require_flavor(self.op, flavor, inst.namespace or "")
             if flavor.name == inst.status.flavor:
                 raise Stall("SameFlavor", f"instance {inst.name} already has flavor {flavor.name}")
-            plan["flavor"] = flavor.name
+            plan.flavor = flavor.name
             # What the node builds from: the new flavor, resolved here once.
             disk_gib = root_disk_gib(flavor, self._image_of(inst))
-            plan["resources"] = ActionResources(
+            plan.resources = ActionResources(
                 vcpus=flavor.spec.vcpus, ram_mib=flavor.spec.ram_mib, disk_bytes=disk_gib * GIB
-            ).wire()
+            )
             if not s.target_node:
-                plan["targetNode"] = self._target(inst, flavor, allow_same=True)
+                plan.target_node = self._target(inst, flavor, allow_same=True)
         elif action == "Migrate":
             if not s.target_node:
                 flavor = self.op.store(Flavor).lookup(inst.status.flavor or inst.spec.flavor)
                 if flavor is None:
                     raise Stall("FlavorNotFound", f"flavor {inst.status.flavor} does not exist")
-                plan["targetNode"] = self._target(
+                plan.target_node = self._target(
                     inst, flavor, allow_same=False, only=obj.spec.target_node
                 )
         elif action in ("Rebuild", "Rescue"):
@@ -180,8 +182,8 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
             if ref is None:
                 raise Stall("ImageRequired", f"{action} needs an image")
             image = resolve_image(self.op, ref, inst.namespace or "")
-            plan["image"] = image.key
-            plan["imageSource"] = image_source(image).wire()
+            plan.image = image.key
+            plan.image_source = image_source(image)
         elif action == "Unrescue" and not inst.status.rescued:
             raise Stall("NotRescued", f"instance {inst.name} is not in rescue mode")
         elif action == "Snapshot":

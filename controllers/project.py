@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from nubes.api.identity import Project
+from nubes.api.identity import Project, ProjectStatus, ProjectUsage, UsageItem
 from nubes.controllers import quota
 from nubes.controllers.security_group import ensure_default_group
 from nubes.runtime.kube import NAMESPACES, RESOURCEQUOTAS, ROLEBINDINGS, path_of
@@ -198,7 +198,7 @@ class ProjectReconciler(Reconciler[Project]):
         await self._drop_gone(obj, name)
         members = len(obj.spec.members)
         summary = f"namespace {name}, {members} member{'s' if members != 1 else ''}"
-        status = {"namespace": name, "usage": self._usage(obj, name)}
+        status = ProjectStatus(namespace=name, usage=self._usage(obj, name))
         if not obj.spec.enabled:
             # A disabled project is in the state asked for (its members bound to
             # nothing, its resources kept), so kstatus sees it Current: Ready
@@ -212,8 +212,9 @@ class ProjectReconciler(Reconciler[Project]):
 
     # --- quota usage and the ledger's deletions ---------------------------------------
 
-    def _usage(self, obj: Project, namespace: str) -> dict[str, Any]:
-        usage = {}
+    def _usage(self, obj: Project, namespace: str) -> ProjectUsage:
+        # Keyed by ProjectUsage's field names (a unit test checks every quota has one).
+        usage: dict[str, UsageItem] = {}
         quotas = obj.spec.quotas
         for field, kind in quota.COUNTED:
             used = len(self.op.store(kind).by_index("quota-namespace", namespace))
@@ -221,7 +222,7 @@ class ProjectReconciler(Reconciler[Project]):
         sums = quota.totals(obj.status.reservations)
         for field in quota.SUMMED:
             usage[field] = quota.usage_summary(sums.get(field), quota.limit_of(quotas, field))
-        return {quota.WIRE.get(k, _camel(k)): v for k, v in usage.items()}
+        return ProjectUsage(**usage)
 
     async def _drop_gone(self, obj: Project, namespace: str) -> None:
         """Give back what deleted consumers held. The cache suggests who is gone;
@@ -244,8 +245,3 @@ class ProjectReconciler(Reconciler[Project]):
             gone |= uids - {o["metadata"]["uid"] for o in live}
         if gone:
             await quota.drop(self.op, obj, gone)
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(p.title() for p in rest)

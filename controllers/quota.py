@@ -33,7 +33,7 @@ from typing import Any
 import structlog
 
 from nubes.api.compute import Flavor, Instance, InstanceAction
-from nubes.api.identity import Project, Quotas, Reservation
+from nubes.api.identity import Project, Quotas, Reservation, UsageItem
 from nubes.api.meta import Resource
 from nubes.api.network import FloatingIP, Network, Port, Router, SecurityGroup, Subnet
 from nubes.api.storage import Volume, VolumeBackup, VolumeSnapshot
@@ -173,12 +173,11 @@ def decide(
     return Change(Reservation(kind=kind, **{n: want.get(n) for n in SUMMED}))
 
 
-def usage_summary(used: int, limit: int | None) -> dict[str, Any]:
-    return {
-        "used": used,
-        "limit": limit,
-        "summary": f"{used}/{'unlimited' if limit is None else limit}",
-    }
+def usage_summary(used: int, limit: int | None) -> UsageItem:
+    # limit is set even when None (unlimited): the write clears an old limit.
+    return UsageItem(
+        used=used, limit=limit, summary=f"{used}/{'unlimited' if limit is None else limit}"
+    )
 
 
 def hard_limits(quotas: Quotas) -> dict[str, str]:

@@ -9,14 +9,16 @@ there (backing, export, sizes, backup facts) and `nodeProblem`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from nubes.api.compute import Hypervisor, Instance
 from nubes.api.meta import ApiModel, NodeProblem
 from nubes.api.storage import Volume, VolumeBackup, VolumeSnapshot
 from nubes.controllers.volume_scheduler import PoolState
 from nubes.runtime.operator import Operator
-from nubes.runtime.reconcile import Outcome, Stall, Wait
+from nubes.runtime.reconcile import Outcome, Stall, StatusFields, Wait
+
+M = TypeVar("M", bound=ApiModel)
 
 DEFAULT_VOLUME_TYPE = "default"
 """The VolumeType used when a volume names none (if it exists)."""
@@ -60,18 +62,20 @@ def storage_facts(hv: Hypervisor | None) -> tuple[Any, ...] | None:
     return (node_usable(hv), hv.spec.availability_zone, pools, hv.status.host_ip)
 
 
-def merged(current: ApiModel | None, wanted: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A nested status object for a merge patch: keys the new value lacks are
-    sent as null, or the API server would keep them."""
+def merged(current: M | None, wanted: M | None) -> M | None:
+    """A nested status object for a write: the wanted value's fields that are
+    not None, and the fields the current value has and the wanted value lacks
+    set to None explicitly, or the API server would keep them. (A field that
+    cannot be None cannot be cleared: validation fails here, at the writer.)"""
     if wanted is None:
         return None
-    out = {k: v for k, v in wanted.items() if v is not None}
+    out = {k: v for k, v in wanted.patch().items() if v is not None}
     for key in current.wire() if current is not None else {}:
         out.setdefault(key, None)
-    return out
+    return type(wanted).model_validate(out)
 
 
-def agent_problem(error: NodeProblem | None, where: str, status: dict[str, Any]) -> Outcome | None:
+def agent_problem(error: NodeProblem | None, where: str, status: StatusFields) -> Outcome | None:
     """A node agent's report (status.nodeProblem) as the object's state, with
     the agent's reason: Stalled when it waits for a change, Reconciling while
     it retries."""

@@ -35,7 +35,15 @@ import structlog
 from nubes.api.compute import Hypervisor, Instance
 from nubes.api.image import Image
 from nubes.api.meta import ProjectRef
-from nubes.api.storage import VOLUME_FINALIZER, Volume, VolumeBackup, VolumeSnapshot, VolumeType
+from nubes.api.storage import (
+    VOLUME_FINALIZER,
+    Volume,
+    VolumeAttachmentStatus,
+    VolumeBackup,
+    VolumeSnapshot,
+    VolumeStatus,
+    VolumeType,
+)
 from nubes.controllers.access import require_volume_type
 from nubes.controllers.image import project_of_namespace, visible
 from nubes.controllers.indexes import index_projects
@@ -142,15 +150,16 @@ class VolumeReconciler(Reconciler[Volume]):
 
     async def converge(self, obj: Volume) -> Outcome:
         attachment, waiting = self._attachment(obj, grant=True)
-        status: dict[str, Any] = {"attachment": merged(obj.status.attachment, attachment)}
+        # Fields are set as far as this pass gets: a Stall or Wait writes those.
+        status = VolumeStatus(attachment=merged(obj.status.attachment, attachment))
         try:
             # Gigabytes are reserved before placement and before an extend; the
             # storage agent creates and grows the volume only up to the grant.
             want, held = volume_amounts(obj)
             await hold(self.op, obj, want, held=held, what="volume")
-            status["grantedSizeGib"] = obj.spec.size_gib
-            status.update(self._placement(obj))
-            status["bootable"] = self._bootable(obj)
+            status.granted_size_gib = obj.spec.size_gib
+            status.node, status.backend, status.pool = self._placement(obj)
+            status.bootable = self._bootable(obj)
         except Stall as s:
             return Outcome.stalled(s.reason, s.message, status)
         except Wait as w:
@@ -160,22 +169,22 @@ class VolumeReconciler(Reconciler[Volume]):
     def _state(
         self,
         obj: Volume,
-        status: dict[str, Any],
-        attachment: dict[str, Any] | None,
+        status: VolumeStatus,
+        attachment: VolumeAttachmentStatus | None,
         waiting: list[Instance],
     ) -> Outcome:
         name, size = obj.name, obj.spec.size_gib
-        where = f"node {status['node']}, pool {status['backend']}/{status['pool']}"
+        where = f"node {status.node}, pool {status.backend}/{status.pool}"
         backing = obj.status.backing
         problem = agent_problem(obj.status.node_problem, where, status)
-        hv = self.op.store(Hypervisor).lookup(status["node"])
+        hv = self.op.store(Hypervisor).lookup(status.node or "")
         down = "" if hv is not None and node_usable(hv) else " (the node's agent is not ready)"
         if backing is None or not backing.source_done:
             if problem:
                 return problem
             what = f"copying {describe_source(obj)} into it" if obj.spec.source else "creating"
             return Outcome.progressing("Creating", f"{what} on {where}{down}", status)
-        holder = f"instance {attachment['instance']}" if attachment else ""
+        holder = f"instance {attachment.instance}" if attachment else ""
         if backing.size_gib < size:
             if attachment:
                 return Outcome.progressing(
@@ -197,7 +206,7 @@ class VolumeReconciler(Reconciler[Volume]):
         )
         export = obj.status.export
         if attachment:
-            if export is None or export.initiator_node != attachment.get("node"):
+            if export is None or export.initiator_node != attachment.node:
                 if problem:
                     return problem
                 return Outcome.progressing(
@@ -216,7 +225,7 @@ class VolumeReconciler(Reconciler[Volume]):
 
     def _attachment(
         self, obj: Volume, *, grant: bool
-    ) -> tuple[dict[str, Any] | None, list[Instance]]:
+    ) -> tuple[VolumeAttachmentStatus | None, list[Instance]]:
         """(attachment, other instances asking for the volume)."""
         name = obj.name
         instances = self.op.store(Instance).by_index("storage-volume", obj.key)
@@ -243,18 +252,17 @@ class VolumeReconciler(Reconciler[Volume]):
         if holder is None:
             return None, waiting
         boot = holder.spec.boot_volume is not None and holder.spec.boot_volume.name == name
-        return {
-            "instance": holder.name,
-            "instanceUid": holder.uid,
-            "node": holder.status.node,
-            "boot": boot,
-        }, waiting
+        attachment = VolumeAttachmentStatus(
+            instance=holder.name, instance_uid=holder.uid, node=holder.status.node, boot=boot
+        )
+        return attachment, waiting
 
     # --- placement ----------------------------------------------------------------------
 
-    def _placement(self, obj: Volume) -> dict[str, Any]:
+    def _placement(self, obj: Volume) -> tuple[str, str, str]:
+        """(node, backend, pool)"""
         if obj.status.node and obj.status.backend and obj.status.pool:
-            return {"node": obj.status.node, "backend": obj.status.backend, "pool": obj.status.pool}
+            return obj.status.node, obj.status.backend, obj.status.pool
         request = self._request(obj)
         result = schedule(pool_states(self.op, self._pending()), request)
         if not isinstance(result, Choice):
@@ -264,7 +272,7 @@ class VolumeReconciler(Reconciler[Volume]):
         pool = (result.node, result.backend, result.pool)
         self._placed[obj.key] = (obj.uid, pool, obj.spec.size_gib, time.monotonic())
         log.info("volume placed", volume=obj.key, node=result.node, pool=f"{pool[1]}/{pool[2]}")
-        return {"node": result.node, "backend": result.backend, "pool": result.pool}
+        return pool
 
     def _pending(self) -> dict[tuple[str, str, str], float]:
         """GiB placed per pool that the nodes' reports may not count yet: volumes
@@ -407,7 +415,7 @@ class VolumeReconciler(Reconciler[Volume]):
 
     async def finalize(self, obj: Volume) -> Outcome | None:
         attachment, _ = self._attachment(obj, grant=False)
-        status: dict[str, Any] = {"attachment": merged(obj.status.attachment, attachment)}
+        status = VolumeStatus(attachment=merged(obj.status.attachment, attachment))
         snaps = self.op.store(VolumeSnapshot).by_index("storage-volume", obj.key)
         if snaps:
             return Outcome.stalled(
@@ -416,10 +424,10 @@ class VolumeReconciler(Reconciler[Volume]):
                 status,
             )
         if attachment is not None:
-            how = "boots from it" if attachment["boot"] else "has it attached"
+            how = "boots from it" if attachment.boot else "has it attached"
             return Outcome.stalled(
                 "InUse",
-                f"instance {attachment['instance']} {how}; detach volume {obj.name} first"
+                f"instance {attachment.instance} {how}; detach volume {obj.name} first"
                 " (remove it from the instance's spec)",
                 status,
             )

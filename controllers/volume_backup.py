@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nubes.api.storage import BACKUP_FINALIZER, Volume, VolumeBackup
+from nubes.api.storage import BACKUP_FINALIZER, Volume, VolumeBackup, VolumeBackupStatus
 from nubes.controllers.quota import Amounts, hold, requeue_refused
 from nubes.controllers.storage import (
     add_indexes,
@@ -78,9 +78,9 @@ class VolumeBackupReconciler(Reconciler[VolumeBackup]):
             if s.size_gib is not None:
                 taken = Amounts(gigabytes=s.size_gib)
                 await hold(self.op, obj, taken, held=taken, what="backup")
-            status = {"node": s.node, "volumeUid": s.volume_uid, "parent": s.parent}
-        kind = "incremental backup" if status["parent"] else "full backup"
-        where = f"{kind} of volume {obj.spec.volume} on node {status['node']}"
+            status = VolumeBackupStatus(node=s.node, volume_uid=s.volume_uid, parent=s.parent)
+        kind = "incremental backup" if status.parent else "full backup"
+        where = f"{kind} of volume {obj.spec.volume} on node {status.node}"
         if s.container and s.chunks is not None:
             parent = f" on top of {s.parent}" if s.parent else ""
             return Outcome.ready(
@@ -93,7 +93,7 @@ class VolumeBackupReconciler(Reconciler[VolumeBackup]):
             return problem
         return Outcome.progressing("BackingUp", f"taking the {where}", status)
 
-    def _decide(self, obj: VolumeBackup) -> dict[str, Any]:
+    def _decide(self, obj: VolumeBackup) -> VolumeBackupStatus:
         name = obj.spec.volume
         vol = copyable_volume(self.op, name, obj.namespace, force=obj.spec.force, what="backup")
         parent = None
@@ -112,7 +112,7 @@ class VolumeBackupReconciler(Reconciler[VolumeBackup]):
                     f"no ready backup of volume {name} to build on: take a full backup first",
                 )
             parent = max(earlier, key=_created).name
-        return {"node": vol.status.node, "volumeUid": vol.uid, "parent": parent}
+        return VolumeBackupStatus(node=vol.status.node, volume_uid=vol.uid, parent=parent)
 
     async def finalize(self, obj: VolumeBackup) -> Outcome | None:
         children = self.backups.by_index("storage-parent", obj.key)

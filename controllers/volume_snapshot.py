@@ -8,9 +8,7 @@ snapshot and reports its size.
 
 from __future__ import annotations
 
-from typing import Any
-
-from nubes.api.storage import SNAPSHOT_FINALIZER, Volume, VolumeSnapshot
+from nubes.api.storage import SNAPSHOT_FINALIZER, Volume, VolumeSnapshot, VolumeSnapshotStatus
 from nubes.controllers.quota import Amounts, hold, requeue_refused
 from nubes.controllers.storage import (
     add_indexes,
@@ -60,7 +58,7 @@ class VolumeSnapshotReconciler(Reconciler[VolumeSnapshot]):
         elif obj.status.size_gib is not None:
             taken = Amounts(gigabytes=obj.status.size_gib)
             await hold(self.op, obj, taken, held=taken, what="snapshot")
-        status: dict[str, Any] = {"node": node}
+        status = VolumeSnapshotStatus(node=node)
         where = f"snapshot of volume {volume_name} on node {node}"
         if obj.status.size_gib is not None:
             return Outcome.ready(status, f"{obj.status.size_gib} GiB {where}")

@@ -81,9 +81,12 @@ def test_pool_report_rounds_conservatively_and_stringifies_capabilities() -> Non
 
 def test_merge_patch_values_null_what_went_away() -> None:
     current = VolumeExport(portal="p:3260", iqn="iqn", chap_secret="s", initiator_node="n1", lun=1)
-    wanted = {"portal": "p:3260", "iqn": "iqn", "lun": 1, "chapSecret": "s", "initiatorNode": None}
-    assert merged(current, wanted) == {**wanted, "initiatorNode": None}
-    assert merged(None, wanted) == {k: v for k, v in wanted.items() if v is not None}
+    wanted = VolumeExport(portal="p:3260", iqn="iqn", lun=1, chap_secret="s", initiator_node=None)
+    body = {"portal": "p:3260", "iqn": "iqn", "lun": 1, "chapSecret": "s"}
+    cleared = merged(current, wanted)
+    assert cleared is not None and cleared.patch() == {**body, "initiatorNode": None}
+    fresh = merged(None, wanted)
+    assert fresh is not None and fresh.patch() == body
     assert merged(current, None) is None
 
 

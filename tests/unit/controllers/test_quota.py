@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from nubes.api.compute import Flavor, Instance
-from nubes.api.identity import Quotas, Reservation
+from nubes.api.identity import ProjectUsage, Quotas, Reservation
 from nubes.api.storage import Volume
 from nubes.controllers.quota import (
+    COUNTED,
+    SUMMED,
     Amounts,
     Change,
     Refusal,
@@ -105,8 +107,17 @@ def test_lowered_quota_keeps_what_is_held_and_refuses_new() -> None:
 def test_unlimited() -> None:
     ledger = {"a": entry(cores=1000)}
     assert isinstance(decide(ledger, quotas(cores=-1), "b", "Instance", Amounts(cores=5)), Change)
-    assert usage_summary(3, None)["summary"] == "3/unlimited"
-    assert usage_summary(3, 10) == {"used": 3, "limit": 10, "summary": "3/10"}
+    assert usage_summary(3, None).patch() == {"used": 3, "limit": None, "summary": "3/unlimited"}
+    assert usage_summary(3, 10).patch() == {"used": 3, "limit": 10, "summary": "3/10"}
+
+
+def test_every_quota_has_a_usage_field() -> None:
+    # The Project reconciler builds ProjectUsage from these names; a name
+    # without a field would be dropped silently (models ignore extra keys).
+    names = {name for name, _ in COUNTED} | set(SUMMED)
+    assert names <= set(ProjectUsage.model_fields)
+    usage = ProjectUsage(**{name: usage_summary(1, None) for name in names})
+    assert set(usage.patch()) == {ProjectUsage.model_fields[n].alias for n in names}
 
 
 def test_zero_quota_refuses_everything() -> None:
