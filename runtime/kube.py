@@ -1,18 +1,19 @@
 """Thin typed access to the Kubernetes API.
 
-kubernetes_asyncio supplies configuration, authentication and the HTTP
-session; requests are issued directly against REST paths with explicit
-content types (merge patch, server-side apply) and answered as plain dicts or
-parsed into the API models.
+runtime.kubeconfig supplies the connection settings (kubeconfig or
+in-cluster) and aiohttp the HTTP session; requests are issued directly
+against REST paths with explicit content types (merge patch, server-side
+apply) and answered as plain dicts or parsed into the API models.
 
-(One module for the whole client (raw verbs, typed verbs, list/watch): a
-little over 400 lines, all one concern.)
+(One module for the whole client (raw verbs, typed verbs, list/watch, the
+HTTP session): about 430 lines, all one concern.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import datetime
 import json
 import os
 from collections.abc import AsyncIterator
@@ -20,10 +21,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
-from kubernetes_asyncio import config as kube_config
-from kubernetes_asyncio.client import ApiClient, Configuration
 
 from nubes.api.meta import Resource, now_rfc3339
+from nubes.runtime.kubeconfig import BearerToken, Connection, load_connection, ssl_context
 
 R = TypeVar("R", bound=Resource[Any, Any])
 
@@ -99,23 +99,64 @@ def default_kubeconfig() -> str | None:
 class Kube:
     """An API client. Create with `await Kube.connect()`, close with `close()`."""
 
-    def __init__(self, api: ApiClient, field_manager: str):
-        self._api = api
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        connection: Connection,
+        field_manager: str,
+    ):
+        self._session = session
+        self._server = connection.server
+        self._server_hostname = connection.tls_server_name
+        self._token = BearerToken(connection)
         self.field_manager = field_manager
 
     @classmethod
     async def connect(cls, kubeconfig: str | None = None, *, field_manager: str = "nubes") -> Kube:
-        configuration = Configuration()
-        path = kubeconfig or default_kubeconfig()
-        if path:
-            await kube_config.load_kube_config(config_file=path, client_configuration=configuration)
-        else:
-            kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        configuration.connection_pool_maxsize = 64
-        return cls(_direct(ApiClient(configuration)), field_manager)
+        """Connect per `kubeconfig` (default: default_kubeconfig(), else
+        in-cluster); raises KubeconfigError on unusable settings."""
+        connection = load_connection(kubeconfig or default_kubeconfig())
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64, ssl=ssl_context(connection)),
+            # Not trusting the environment: aiohttp would re-read ~/.netrc and
+            # the proxy variables in a thread on every request (most of the
+            # controller's CPU under load once); Nubes reaches the API server
+            # directly.
+            trust_env=False,
+            # 2 MiB reads: large objects arrive as one watch event line.
+            read_bufsize=2**21,
+        )
+        return cls(session, connection, field_manager)
 
     async def close(self) -> None:
-        await self._api.close()
+        await self._session.close()
+
+    def _headers(self, headers: dict[str, str]) -> dict[str, str]:
+        # Per request, so a rotated ServiceAccount token is picked up.
+        return {**headers, **self._token.headers()}
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str],
+        query: builtins.list[tuple[str, str]],
+        data: bytes | None,
+        timeout: float,
+    ) -> aiohttp.ClientResponse:
+        extra: dict[str, Any] = {}
+        if self._server_hostname:
+            extra["server_hostname"] = self._server_hostname
+        return await self._session.request(
+            method,
+            self._server + path,
+            params=query,
+            headers=self._headers(headers),
+            data=data,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            **extra,
+        )
 
     async def __aenter__(self) -> Kube:
         return self
@@ -140,16 +181,15 @@ class Kube:
             # Every write is recorded under this writer's name, not the
             # client library's, so managedFields say who owns what.
             query = {"fieldManager": self.field_manager, **(query or {})}
+        payload = None if body is None else json.dumps(body, default=_json_default).encode()
         for attempt in range(THROTTLE_RETRIES + 1):
-            response = await self._api.call_api(
-                path,
+            response = await self._send(
                 method,
-                query_params=list((query or {}).items()),
-                header_params=headers,
-                body=body,
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _request_timeout=timeout,
+                path,
+                headers=headers,
+                query=list((query or {}).items()),
+                data=payload,
+                timeout=timeout,
             )
             try:
                 raw = await response.read()
@@ -235,14 +275,13 @@ class Kube:
             query.append(("labelSelector", label_selector))
         if field_selector:
             query.append(("fieldSelector", field_selector))
-        response = await self._api.call_api(
-            kp.collection(),
+        response = await self._send(
             "GET",
-            query_params=query,
-            header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _request_timeout=timeout + 15,
+            kp.collection(),
+            headers={"Accept": "application/json"},
+            query=query,
+            data=None,
+            timeout=timeout + 15,
         )
         try:
             if response.status != 200:
@@ -387,17 +426,8 @@ class Kube:
         )
 
 
-def _direct(api: ApiClient) -> ApiClient:
-    """kubernetes_asyncio makes aiohttp trust the environment, which re-reads
-    ~/.netrc and the proxy variables in a thread on every request: most of the
-    controller's CPU under load. Nubes reaches the API server directly."""
-    session = api.rest_client.pool_manager
-    connector = session.connector
-    session.detach()
-    api.rest_client.pool_manager = aiohttp.ClientSession(
-        # 2 MiB reads, as kubernetes_asyncio sets: large objects in one event.
-        connector=connector,
-        trust_env=False,
-        read_bufsize=2**21,
-    )
-    return api
+def _json_default(value: object) -> str:
+    """Dates as ISO 8601, as the former client library serialised them."""
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
