@@ -33,11 +33,12 @@ from nubes.agent.actions import ActionRunner, is_move
 from nubes.agent.binding import Unbound, unbound_ports
 from nubes.agent.compute_intent import IntentReader
 from nubes.agent.compute_plan import (
+    DOMAIN_PREFIX,
+    SECRET_PREFIX,
     NodeFacts,
     Plan,
     domain_name,
     plan_guest,
-    secret_prefix,
     vif_plugs,
 )
 from nubes.agent.config import AgentConfig
@@ -63,6 +64,7 @@ from nubes.drivers.images.store import internal_path, internal_ref
 from nubes.drivers.network.vif import VifPlugger
 from nubes.drivers.problem import Failure, Problem, problem_of
 from nubes.drivers.runner import SubprocessRunner
+from nubes.runtime.kube import path_of
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Reconciler
 
@@ -161,6 +163,26 @@ class InstanceAgent(Reconciler[Instance]):
             self.local |= {
                 p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("_")
             }
+        await self._collect_strays()
+
+    async def _collect_strays(self) -> None:
+        """Instances this node still holds that its cache does not show: moved
+        away or deleted while the agent was down. The cache holds only this
+        node's instances, so one listing finds where the rest went (to drop
+        this node's finalizer); what no listing shows is removed by uid."""
+        cached = {i.uid for i in self.op.store(Instance)}
+        strays = self.local - cached
+        if not strays:
+            return
+        for raw in await self.op.kube.list_raw(path_of(Instance)):
+            if raw.get("metadata", {}).get("uid") in strays:
+                inst = Instance.model_validate(raw)
+                self._seen[inst.key] = inst
+                await self.forget(inst.key)
+                strays.discard(inst.uid)
+        for uid in strays:
+            await asyncio.to_thread(self._remove_local, uid)
+            self.local.discard(uid)
 
     def accepts(self, obj: Instance) -> bool:
         return self._placed_here(obj) or obj.uid in self.local or self._moving_here(obj)
@@ -334,12 +356,16 @@ class InstanceAgent(Reconciler[Instance]):
         self.compute.plug(vif_plugs(plan))
 
     async def forget(self, key: str) -> None:
-        """The Instance is gone from the API (its finalizer was not ours, or
-        it was deleted mid-move): remove whatever this node still has."""
+        """The Instance left this node's cache: gone from the API (its
+        finalizer was not ours, or it was deleted mid-move), or placed on
+        another node (the cache holds only this node's instances): remove
+        whatever this node still has, and this node's finalizer if the
+        instance is still there."""
         last = self._seen.pop(key, None)
         if last is not None and last.uid in self.local:
             await asyncio.to_thread(self._teardown, last)
-            self.local.discard(last.uid)
+            await self.consoles.drop(last)
+            await self._drop_finalizer(last)
 
     async def finalize(self, obj: Instance) -> Outcome | None:
         if self.own_finalizer in obj.metadata.finalizers:
@@ -422,15 +448,19 @@ class InstanceAgent(Reconciler[Instance]):
 
     def _teardown(self, inst: Instance) -> None:
         """Remove everything of the instance from this node."""
+        self._remove_local(inst.uid)
+        self.consoles.forget(inst)
+        log.info("instance removed from node", instance=inst.key, node=self.node)
+
+    def _remove_local(self, uid: str) -> None:
+        # Every local name of an instance derives from its uid alone.
         self.compute.teardown(
-            self.domain_name(inst),
-            self.instance_dir(inst),
-            secret_prefix(inst),
+            f"{DOMAIN_PREFIX}{uid}-{self.node_tag}",
+            self.root / uid,
+            f"{SECRET_PREFIX}{uid}-",
             f"-{self.node_tag}",
         )
-        self.consoles.forget(inst)
-        self._failures.pop(inst.uid, None)
-        log.info("instance removed from node", instance=inst.key, node=self.node)
+        self._failures.pop(uid, None)
         self._prune_image_cache()
 
     async def prune_image_cache(self) -> None:

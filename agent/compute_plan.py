@@ -73,10 +73,14 @@ class NodeFacts:
     """The rescue disk exists: the node's record of rescue mode."""
 
 
+DOMAIN_PREFIX = "nubes-"
+SECRET_PREFIX = "nubes-volume-"
+
+
 def domain_name(inst: Instance, node_tag: str) -> str:
     """Per node, so that simulated nodes sharing one libvirtd (tests) never
     touch each other's domains; a real node has its own libvirtd anyway."""
-    return f"nubes-{inst.uid}-{node_tag}"
+    return f"{DOMAIN_PREFIX}{inst.uid}-{node_tag}"
 
 
 def domain_uuid(inst: Instance, node: str) -> str:
@@ -88,7 +92,7 @@ def instance_dir(facts: NodeFacts, inst: Instance) -> Path:
 
 
 def secret_prefix(inst: Instance) -> str:
-    return f"nubes-volume-{inst.uid}-"
+    return f"{SECRET_PREFIX}{inst.uid}-"
 
 
 def vif_plugs(plan: Plan) -> tuple[VifPlug, ...]:

@@ -310,6 +310,9 @@ class InstanceStatus(Status):
     """Node the instance runs on (changes with Migrate and Resize)."""
     node_since: str | None = None
     """When the instance was placed on that node (scheduling or a move)."""
+    incoming_node: str | None = None
+    """Target node of a Migrate or Resize under way (the target's agent
+    builds the instance there before status.node names it)."""
     flavor: str | None = None
     """Flavor in effect (changes with Resize)."""
     image: str | None = None
@@ -346,6 +349,7 @@ class Instance(Resource[InstanceSpec, InstanceStatus]):
     crd = CrdInfo(
         group=GROUP,
         kind="Instance",
+        selectable_fields=(".status.node", ".status.incomingNode"),
         plural="instances",
         short_names=("inst", "vm", "server"),
         categories=CATEGORIES,
@@ -467,6 +471,7 @@ class InstanceAction(Resource[InstanceActionSpec, InstanceActionStatus]):
     crd = CrdInfo(
         group=GROUP,
         kind="InstanceAction",
+        selectable_fields=(".status.sourceNode", ".status.targetNode"),
         plural="instanceactions",
         short_names=("ia", "action"),
         categories=CATEGORIES,

@@ -174,6 +174,11 @@ def crd_for(kind: type[Resource[Any, Any]]) -> dict[str, Any]:
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": columns,
+                    **(
+                        {"selectableFields": [{"jsonPath": p} for p in info.selectable_fields]}
+                        if info.selectable_fields
+                        else {}
+                    ),
                     "schema": {"openAPIV3Schema": root},
                 }
             ],

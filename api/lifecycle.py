@@ -33,6 +33,16 @@ def placement(inst: Instance, move: InstanceAction | None) -> tuple[str | None, 
     return inst.status.node, inst.status.node_since
 
 
+def incoming_node(actions: list[InstanceAction], node: str | None) -> str | None:
+    """Target of the move under way when it is not `node` (its agent caches
+    the instance through this, status.incomingNode, before status.node)."""
+    move = pending(actions)
+    if move is None or move.spec.action not in MOVES:
+        return None
+    target = move.status.target_node
+    return target if target and target != node else None
+
+
 def pending(actions: list[InstanceAction]) -> InstanceAction | None:
     """The action to run next: the oldest unfinished one the controller accepted."""
     waiting = sorted(

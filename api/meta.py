@@ -221,6 +221,9 @@ class CrdInfo:
     description: str = ""
     # Rules on the whole spec (cross-field checks).
     spec_validations: tuple[dict[str, str], ...] = field(default_factory=tuple)
+    # Field selectors the API server answers (JSON paths of scalar fields): the
+    # node fields by which node agents watch only their node's objects.
+    selectable_fields: tuple[str, ...] = ()
 
     @property
     def api_version(self) -> str:

@@ -517,6 +517,7 @@ class Port(Resource[PortSpec, PortStatus]):
     crd = CrdInfo(
         group=GROUP,
         kind="Port",
+        selectable_fields=(".status.host", ".status.dhcpNode"),
         plural="ports",
         short_names=("nport",),
         categories=CATEGORIES,
@@ -639,6 +640,7 @@ class Router(Resource[RouterSpec, RouterStatus]):
     crd = CrdInfo(
         group=GROUP,
         kind="Router",
+        selectable_fields=(".status.node",),
         plural="routers",
         short_names=("rt",),
         categories=CATEGORIES,
@@ -692,6 +694,7 @@ class FloatingIP(Resource[FloatingIPSpec, FloatingIPStatus]):
     crd = CrdInfo(
         group=GROUP,
         kind="FloatingIP",
+        selectable_fields=(".status.node",),
         plural="floatingips",
         short_names=("fip",),
         categories=CATEGORIES,

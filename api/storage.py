@@ -200,6 +200,7 @@ class Volume(Resource[VolumeSpec, VolumeStatus]):
     crd = CrdInfo(
         group=GROUP,
         kind="Volume",
+        selectable_fields=(".status.node", ".status.attachment.node"),
         plural="volumes",
         short_names=("vol",),
         categories=CATEGORIES,
@@ -242,6 +243,7 @@ class VolumeSnapshot(Resource[VolumeSnapshotSpec, VolumeSnapshotStatus]):
     crd = CrdInfo(
         group=GROUP,
         kind="VolumeSnapshot",
+        selectable_fields=(".status.node",),
         plural="volumesnapshots",
         short_names=("vsnap", "volsnap"),
         categories=CATEGORIES,
@@ -300,6 +302,7 @@ class VolumeBackup(Resource[VolumeBackupSpec, VolumeBackupStatus]):
     crd = CrdInfo(
         group=GROUP,
         kind="VolumeBackup",
+        selectable_fields=(".status.node",),
         plural="volumebackups",
         short_names=("vbak", "volbackup"),
         categories=CATEGORIES,

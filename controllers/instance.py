@@ -25,7 +25,7 @@ from nubes.api.compute import (
     InstanceStatus,
 )
 from nubes.api.image import Image
-from nubes.api.lifecycle import placement
+from nubes.api.lifecycle import incoming_node, placement
 from nubes.api.meta import now_precise
 from nubes.api.network import FixedIpRequest, FloatingIP, Network, Port, PortSpec
 from nubes.api.storage import Volume
@@ -277,6 +277,7 @@ class InstanceReconciler(Reconciler[Instance]):
         typed = InstanceStatus(
             node=node,
             node_since=since,
+            incoming_node=incoming_node(actions, node),
             flavor=flavor.name,
             image=f"{eff.image.namespace or obj.namespace}/{eff.image.name}" if eff.image else None,
             vcpus=flavor.spec.vcpus if node else None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,8 @@ from pydantic import ValidationError
 
 from nubes.api.meta import Resource
 from nubes.runtime.kube import ApiError, Kube, path_of
-from nubes.runtime.store import Store, key_of
+from nubes.runtime.status_apply import own_status_entry, owned_fields
+from nubes.runtime.store import Store, key_of, version_of
 
 log = structlog.get_logger()
 
@@ -37,6 +39,52 @@ class Selector:
     label: str | None = None
     field: str | None = None
 
+    def matches_fields(self, raw: dict[str, Any]) -> bool:
+        """Whether `raw` satisfies the field selector (equality terms only,
+        as the CRDs' selectable fields offer), judged locally."""
+        for term in (self.field or "").split(","):
+            if not term:
+                continue
+            path, _, wanted = term.partition("=")
+            value: Any = raw
+            for part in path.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            if value is None or str(value) != wanted:
+                return False
+        return True
+
+
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+INTERN_MAX = 64
+
+
+def compact(raw: dict[str, Any], manager: str) -> dict[str, Any]:
+    """`raw` as a cache needs it, for memory at scale: of managedFields only
+    this process's own status applies (what status_apply reads), reduced to
+    their top-level field names; no copy of the last client-side apply; and
+    short strings (names, nodes, reasons, timestamps) shared between objects
+    rather than repeated in each (interned)."""
+    meta = raw.get("metadata")
+    if isinstance(meta, dict):
+        owned = owned_fields(meta.pop("managedFields", None) or [], manager)
+        if owned:
+            meta["managedFields"] = [own_status_entry(manager, owned)]
+        annotations = meta.get("annotations")
+        if isinstance(annotations, dict):
+            annotations.pop(LAST_APPLIED, None)
+    interned: dict[str, Any] = _interned(raw)
+    return interned
+
+
+def _interned(value: Any) -> Any:
+    if isinstance(value, str):
+        return sys.intern(value) if len(value) <= INTERN_MAX else value
+    if isinstance(value, dict):
+        return {sys.intern(k): _interned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interned(v) for v in value]
+    return value
+
 
 class Informer:
     def __init__(
@@ -46,12 +94,18 @@ class Informer:
         store: Store[Any],
         selector: Selector | None = None,
         *,
+        source: int = 0,
+        siblings: tuple[tuple[int, Selector], ...] = (),
         watch_timeout: int = 290,
     ):
         self.kube = kube
         self.kind = kind
         self.store = store
         self.selector = selector or Selector()
+        self.source = source
+        """This watch's number in the store; `siblings` are the other watches
+        feeding it, by number and field selector."""
+        self.siblings = siblings
         self.watch_timeout = watch_timeout
         self.resource_version: str | None = None
         """Where the watch resumes; None: list again first."""
@@ -60,7 +114,7 @@ class Informer:
 
     def _parse(self, raw: dict[str, Any]) -> Resource[Any, Any] | None:
         try:
-            return self.kind.model_validate(raw)
+            return self.kind.model_validate(compact(raw, self.kube.field_manager))
         except ValidationError as e:
             # One malformed object must not blind the process to the rest.
             meta = raw.get("metadata", {})
@@ -79,7 +133,7 @@ class Informer:
             field_selector=self.selector.field,
         )
         parsed = [obj for obj in map(self._parse, items) if obj is not None]
-        self.store.replace_all(parsed)
+        self.store.replace_all(parsed, self.source)
         self.resource_version = version
         self.relists += 1
 
@@ -105,6 +159,28 @@ class Informer:
                 failures += 1
                 await self._pause(failures, str(e) or type(e).__name__)
 
+    def _left(self, raw: dict[str, Any]) -> None:
+        """An object was deleted, or changed so that this watch no longer
+        selects it (the event then carries its new state). If another watch
+        of the store selects that state, it is handed over there at once:
+        that watch's own event may come later, and a moment's absence would
+        read as a deletion (a compute agent would tear down a guest that
+        just moved in). Only a state newer than the cached one is handed
+        over, so the second watch's copy of one deletion does not hand the
+        object back."""
+        meta = raw.get("metadata", {})
+        key = key_of(meta.get("namespace"), meta["name"])
+        cached = self.store.get(key)
+        rv = str(meta.get("resourceVersion", ""))
+        if cached is not None and rv.isdigit() and int(rv) > version_of(cached):
+            for source, selector in self.siblings:
+                if selector.matches_fields(raw):
+                    obj = self._parse(raw)
+                    if obj is not None:
+                        self.store.upsert(obj, source)
+                    break
+        self.store.remove(key, self.source)
+
     async def _pause(self, failures: int, error: str) -> None:
         delay = min(RETRY_MAX, 0.25 * 2**failures)
         self.log.warning("watch failed", error=error, retry_in=delay)
@@ -128,9 +204,9 @@ class Informer:
                 raise ApiError(int(raw.get("code") or 500), raw)
             meta = raw.get("metadata", {})
             if kind == "DELETED":
-                self.store.remove(key_of(meta.get("namespace"), meta["name"]))
+                self._left(raw)
             elif kind in ("ADDED", "MODIFIED"):
                 obj = self._parse(raw)
                 if obj is not None:
-                    self.store.upsert(obj)
+                    self.store.upsert(obj, self.source)
             self.resource_version = meta.get("resourceVersion") or self.resource_version

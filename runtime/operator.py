@@ -76,8 +76,8 @@ class Operator:
         self.health_port = health_port
         self.health_host = health_host
         self.stores: dict[type[Resource[Any, Any]], Store[Any]] = {}
-        self.selectors: dict[type[Resource[Any, Any]], Selector] = {}
-        self.informers: dict[type[Resource[Any, Any]], Informer] = {}
+        self.selectors: dict[type[Resource[Any, Any]], tuple[Selector, ...]] = {}
+        self.informers: list[Informer] = []
         self._registered: dict[type[Resource[Any, Any]], _Registered] = {}
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -100,10 +100,11 @@ class Operator:
             self.stores[kind] = Store(kind)
         return self.stores[kind]
 
-    def select(self, kind: type[Resource[Any, Any]], selector: Selector) -> None:
-        """Cache only the objects of `kind` that match (set before running)."""
+    def select(self, kind: type[Resource[Any, Any]], *selectors: Selector) -> None:
+        """Cache only the objects of `kind` that match any of `selectors`
+        (one watch each; set before running)."""
         self.store(kind)
-        self.selectors[kind] = selector
+        self.selectors[kind] = selectors
 
     def register(self, reconciler: Reconciler[Any]) -> None:
         kind = reconciler.kind
@@ -221,8 +222,9 @@ class Operator:
         await self._initial_sync()
         for hook in self._on_start:
             await hook()
-        for kind, informer in self.informers.items():
-            self._tasks.append(asyncio.create_task(informer.run(), name=f"watch-{kind.crd.plural}"))
+        for informer in self.informers:
+            name = f"watch-{informer.kind.crd.plural}-{informer.source}"
+            self._tasks.append(asyncio.create_task(informer.run(), name=name))
         for kind, reg in self._registered.items():
             for key in [o.key for o in self.stores[kind]]:
                 reg.queue.add(key)
@@ -298,20 +300,29 @@ class Operator:
         """List every watched kind before reconciling anything, so converge
         functions never mistake a not-yet-loaded cache for an absent object."""
         for kind, store in self.stores.items():
-            informer = Informer(self.kube, kind, store, self.selectors.get(kind))
-            self.informers[kind] = informer
-            for attempt in range(60):
-                try:
-                    await informer.list()
-                    break
-                except ApiError as e:
-                    if e.status != 404 or attempt == 59:
-                        raise
-                    self.log.warning("waiting for CRD", kind=kind.crd.kind)
-                    await asyncio.sleep(1)
+            selectors = self.selectors.get(kind) or (Selector(),)
+            numbered = tuple(enumerate(selectors))
+            for source, selector in numbered:
+                siblings = tuple((n, sel) for n, sel in numbered if n != source)
+                informer = Informer(
+                    self.kube, kind, store, selector, source=source, siblings=siblings
+                )
+                self.informers.append(informer)
+                await self._first_list(informer)
             gauge = OBJECTS.labels(self.name, kind.crd.kind)
             gauge.set(len(store))
             store.add_listener(_count_into(gauge, store))
+
+    async def _first_list(self, informer: Informer) -> None:
+        for attempt in range(60):
+            try:
+                await informer.list()
+                return
+            except ApiError as e:
+                if e.status != 404 or attempt == 59:
+                    raise
+                self.log.warning("waiting for CRD", kind=informer.kind.crd.kind)
+                await asyncio.sleep(1)
 
     async def _worker(self, kind: type[Resource[Any, Any]], reg: _Registered) -> None:
         queue = reg.queue

@@ -37,6 +37,17 @@ def owned_fields(managed_fields: list[dict[str, Any]], manager: str) -> set[str]
     return owned
 
 
+def own_status_entry(manager: str, fields: set[str]) -> dict[str, Any]:
+    """A managedFields entry saying `manager` owns these status fields (the
+    compact form a cache keeps; see runtime.informer.compact)."""
+    return {
+        "manager": manager,
+        "operation": "Apply",
+        "subresource": "status",
+        "fieldsV1": {"f:status": {f"f:{name}": {} for name in sorted(fields)}},
+    }
+
+
 def apply_body(obj: dict[str, Any], manager: str, changes: dict[str, Any]) -> dict[str, Any] | None:
     """The apply request for `changes` to the status of `obj` (a wire-form
     object as last read), with its resourceVersion as a precondition; None

@@ -22,10 +22,22 @@ def key_of(namespace: str | None, name: str) -> str:
     return f"{namespace}/{name}" if namespace else name
 
 
+def version_of(obj: Resource[Any, Any]) -> int:
+    # Opaque by contract, etcd's revision in practice: compared only to keep
+    # the newer of two watches' copies of one object, never for anything else.
+    rv = obj.metadata.resource_version
+    return int(rv) if rv.isdigit() else 0
+
+
 class Store(Generic[R]):
+    """One kind's cache. Several watches may feed it (`source`: one field
+    selector each, e.g. a node's ports by host and by DHCP server): an object
+    is in the store while any source has it, and the newest copy wins."""
+
     def __init__(self, kind: type[R]):
         self.kind = kind
         self._items: dict[str, R] = {}
+        self._sources: dict[str, set[int]] = {}
         self._index_fns: dict[str, Callable[[R], Iterable[str]]] = {}
         self._indexes: dict[str, defaultdict[str, set[str]]] = {}
         self._listeners: list[Listener] = []
@@ -69,10 +81,14 @@ class Store(Generic[R]):
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
-    def upsert(self, obj: R) -> None:
+    def upsert(self, obj: R, source: int = 0) -> None:
         key = obj.key
+        self._sources.setdefault(key, set()).add(source)
         old = self._items.get(key)
-        if old is not None and old.metadata.resource_version == obj.metadata.resource_version:
+        if old is not None and (
+            old.metadata.resource_version == obj.metadata.resource_version
+            or (old.uid == obj.uid and version_of(old) > version_of(obj))
+        ):
             return
         self._unindex(key, old)
         self._items[key] = obj
@@ -82,7 +98,13 @@ class Store(Generic[R]):
         for listener in self._listeners:
             listener(old, obj)
 
-    def remove(self, key: str) -> None:
+    def remove(self, key: str, source: int = 0) -> None:
+        held = self._sources.get(key)
+        if held is not None:
+            held.discard(source)
+            if held:
+                return  # another watch still has it
+            del self._sources[key]
         old = self._items.pop(key, None)
         if old is None:
             return
@@ -90,14 +112,15 @@ class Store(Generic[R]):
         for listener in self._listeners:
             listener(old, None)
 
-    def replace_all(self, objs: Iterable[R]) -> None:
-        """Load a full listing: upsert everything, drop what is gone."""
+    def replace_all(self, objs: Iterable[R], source: int = 0) -> None:
+        """Load a full listing of one source: upsert everything, drop what
+        that source no longer has."""
         fresh = {o.key: o for o in objs}
-        for key in list(self._items):
+        for key in [k for k, held in self._sources.items() if source in held]:
             if key not in fresh:
-                self.remove(key)
+                self.remove(key, source)
         for obj in fresh.values():
-            self.upsert(obj)
+            self.upsert(obj, source)
         self.synced = True
 
     def _unindex(self, key: str, old: R | None) -> None:

@@ -3,16 +3,19 @@ rules between writers."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
 
 from nubes.api.network import Port
+from nubes.runtime.informer import LAST_APPLIED, compact
 from nubes.runtime.kube import ApiError
 from nubes.runtime.status_apply import (
     apply_body,
     conflicting_managers,
     may_take_over,
+    own_status_entry,
     owned_fields,
 )
 
@@ -126,3 +129,17 @@ def test_conflicting_managers_from_the_api_servers_answer() -> None:
 )
 def test_who_may_take_over_a_field(manager: str, other: str, allowed: bool) -> None:
     assert may_take_over(manager, other) is allowed
+
+
+def test_a_cache_keeps_only_the_own_status_fields_and_bodies_stay_the_same() -> None:
+    raw = copy.deepcopy(PORT)
+    raw["metadata"]["annotations"] = {LAST_APPLIED: "{...}", "keep": "me"}
+    kept = compact(copy.deepcopy(raw), "nubes-agent-a")
+    assert kept["metadata"]["managedFields"] == [own_status_entry("nubes-agent-a", {"binding"})]
+    assert kept["metadata"]["annotations"] == {"keep": "me"}
+    for manager in ("nubes-controller", "nubes-agent-a"):
+        changes = {"mtu": 1400}
+        assert apply_body(compact(copy.deepcopy(raw), manager), manager, changes) == apply_body(
+            raw, manager, changes
+        )
+    assert "managedFields" not in compact(copy.deepcopy(raw), "nubes-agent-b")["metadata"]
