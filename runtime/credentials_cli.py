@@ -12,6 +12,7 @@ from typing import TypeVar
 
 from nubes.runtime import credentials as cred
 from nubes.runtime.kube import ApiError, Kube
+from nubes.runtime.kubeconfig import KubeconfigError
 
 T = TypeVar("T")
 
@@ -67,7 +68,7 @@ def issue(args: argparse.Namespace) -> int:
                 out=Path(args.output),
             ),
         )
-    except (cred.CredentialError, ApiError) as e:
+    except (cred.CredentialError, ApiError, KubeconfigError) as e:
         return _fail(e)
     print(f"{args.output}: {args.user} in project {args.project}, expires {expires}")
     return 0
@@ -89,7 +90,7 @@ def app_create(args: argparse.Namespace) -> int:
                 out=Path(args.output),
             ),
         )
-    except (cred.CredentialError, ApiError) as e:
+    except (cred.CredentialError, ApiError, KubeconfigError) as e:
         return _fail(e)
     print(f"{args.output}: {args.name} ({args.role}) in project {args.project}, expires {expires}")
     return 0
@@ -101,7 +102,7 @@ def app_delete(args: argparse.Namespace) -> int:
             args.kubeconfig,
             lambda kube: cred.delete_app_credential(kube, project=args.project, name=args.name),
         )
-    except (cred.CredentialError, ApiError) as e:
+    except (cred.CredentialError, ApiError, KubeconfigError) as e:
         return _fail(e)
     if not gone:
         print(f"nubes: no application credential {args.name} in project {args.project}")
@@ -115,7 +116,7 @@ def app_list(args: argparse.Namespace) -> int:
         found = _run(
             args.kubeconfig, lambda kube: cred.list_app_credentials(kube, project=args.project)
         )
-    except (cred.CredentialError, ApiError) as e:
+    except (cred.CredentialError, ApiError, KubeconfigError) as e:
         return _fail(e)
     for name, role, expires in found:
         print(f"{name}\t{role}\t{expires}")
