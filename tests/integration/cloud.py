@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,28 @@ def start_agent(
         else {}
     )
     return start_process(tmp_path_factory, f"agent-{node.name}", *args, env=env)
+
+
+def one_node_fabric(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Fabric]:
+    """A module's simulated node (the body of its `fabric` fixture)."""
+    fab = Fabric.start(tmp_path_factory.mktemp("fabric"), [name])
+    yield fab
+    fab.stop()
+
+
+def agent_of_the_node(
+    fabric: Fabric, tmp_path_factory: pytest.TempPathFactory, **options: Any
+) -> Iterator[Process]:
+    """The agent of a one-node fabric (the body of an `agent` fixture): its
+    Hypervisor goes with it, and it must not have crashed meanwhile."""
+    node = fabric.nodes[0]
+    proc = start_agent(fabric, node, tmp_path_factory, **options)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        kubectl("delete", "hypervisor", node_name(fabric, node), "--ignore-not-found")
+    proc.assert_no_crash()
 
 
 def plugger(node: SimNode) -> VifPlugger:

@@ -26,12 +26,13 @@ from tests.drivers.guest import build_guest_image
 from tests.helpers import Process, apply, eventually, kubectl
 from tests.integration.cloud import (
     COMPUTE,
+    agent_of_the_node,
     condition,
     domain_state,
     flavor,
     image,
     node_name,
-    start_agent,
+    one_node_fabric,
     virsh,
 )
 from tests.nodes import Fabric
@@ -39,31 +40,21 @@ from tests.nodes import Fabric
 
 @pytest.fixture(scope="module")
 def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
-    fab = Fabric.start(tmp_path_factory.mktemp("fabric"), ["p1"])
-    yield fab
-    fab.stop()
+    yield from one_node_fabric(tmp_path_factory, "p1")
 
 
 @pytest.fixture(scope="module")
 def agent(
     fabric: Fabric, tmp_path_factory: pytest.TempPathFactory, workdir: Path, image_store: Path
 ) -> Iterator[Process]:
-    node = fabric.nodes[0]
     # No grace for unused cached images: nothing of the test stays in the cache.
-    proc = start_agent(
+    yield from agent_of_the_node(
         fabric,
-        node,
         tmp_path_factory,
         state_root=workdir,
         image_store=image_store,
         extra_args=("--image-cache-grace", "0"),
     )
-    try:
-        yield proc
-    finally:
-        proc.stop()
-        kubectl("delete", "hypervisor", node_name(fabric, node), "--ignore-not-found")
-    proc.assert_no_crash()
 
 
 async def test_a_vanished_image_shows_on_the_instance(

@@ -23,14 +23,15 @@ from tests.helpers import Process, apply, eventually, kubectl
 from tests.integration.cloud import (
     COMPUTE,
     NET,
+    agent_of_the_node,
     condition,
     flavor,
     image,
     network,
     node_name,
+    one_node_fabric,
     plugger,
     port,
-    start_agent,
     subnet,
     virsh,
     wait_console,
@@ -40,29 +41,20 @@ from tests.nodes import Fabric, ping, sh
 
 @pytest.fixture(scope="module")
 def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
-    fab = Fabric.start(tmp_path_factory.mktemp("fabric"), ["q1"])
-    yield fab
-    fab.stop()
+    yield from one_node_fabric(tmp_path_factory, "q1")
 
 
 @pytest.fixture(scope="module")
 def agent(
     fabric: Fabric, tmp_path_factory: pytest.TempPathFactory, workdir: Path, image_store: Path
 ) -> Iterator[Process]:
-    proc = start_agent(
+    yield from agent_of_the_node(
         fabric,
-        fabric.nodes[0],
         tmp_path_factory,
         state_root=workdir,
         image_store=image_store,
         extra_args=("--image-cache-grace", "0"),
     )
-    try:
-        yield proc
-    finally:
-        proc.stop()
-        kubectl("delete", "hypervisor", node_name(fabric, fabric.nodes[0]), "--ignore-not-found")
-    proc.assert_no_crash()
 
 
 @pytest.fixture

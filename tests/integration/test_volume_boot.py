@@ -20,6 +20,7 @@ from tests.helpers import Process, apply, eventually, kubectl
 from tests.integration.cloud import (
     COMPUTE,
     MARKER_SCRIPT,
+    agent_of_the_node,
     condition,
     console,
     flavor,
@@ -27,8 +28,8 @@ from tests.integration.cloud import (
     iscsi_secrets,
     network,
     node_name,
+    one_node_fabric,
     said,
-    start_agent,
     subnet,
     virsh,
     wait_console,
@@ -40,23 +41,16 @@ STORAGE = "storage.nubes.io/v1alpha1"
 
 @pytest.fixture(scope="module")
 def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
-    fab = Fabric.start(tmp_path_factory.mktemp("fabric"), ["v1"])
-    yield fab
-    fab.stop()
+    yield from one_node_fabric(tmp_path_factory, "v1")
 
 
 @pytest.fixture(scope="module")
 def agent(
     fabric: Fabric, tmp_path_factory: pytest.TempPathFactory, workdir: Path, image_store: Path
 ) -> Iterator[Process]:
-    node = fabric.nodes[0]
-    proc = start_agent(fabric, node, tmp_path_factory, state_root=workdir, image_store=image_store)
-    try:
-        yield proc
-    finally:
-        proc.stop()
-        kubectl("delete", "hypervisor", node_name(fabric, node), "--ignore-not-found")
-    proc.assert_no_crash()
+    yield from agent_of_the_node(
+        fabric, tmp_path_factory, state_root=workdir, image_store=image_store
+    )
 
 
 @pytest.fixture
