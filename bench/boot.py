@@ -26,7 +26,7 @@ from typing import Any
 from bench.cluster import install_crds
 from nubes.api.compute import Instance
 from nubes.api.image import Image
-from nubes.api.network import Network
+from nubes.api.network import Network, Port
 from nubes.drivers.compute.configdrive import ConfigDriveSpec, ensure_config_drive
 from nubes.drivers.runner import SubprocessRunner
 from nubes.runtime.kube import NAMESPACES, KindPath, Kube, path_of
@@ -60,8 +60,13 @@ async def wait_file(path: Path, text: str, timeout: float) -> float:
 # --- ours -------------------------------------------------------------------------
 
 
-async def ours(kube: Kube, ns: str, root: Path, zone: str, flavor: str, boots: int) -> list[float]:
-    latencies = []
+async def ours(
+    kube: Kube, ns: str, root: Path, zone: str, flavor: str, boots: int
+) -> tuple[list[float], list[dict[str, float]]]:
+    """Latencies to the lease, and per boot when each step was done (seconds
+    after the create): the intent resolved (scheduled, ports made), the ports
+    Ready (bound, in DHCP), the guest started (QEMU opened its console)."""
+    latencies, steps = [], []
     for i in range(boots + 1):  # the first boot fills the node's image cache: not counted
         name = f"vm{i}"
         started = time.monotonic()
@@ -81,13 +86,37 @@ async def ours(kube: Kube, ns: str, root: Path, zone: str, flavor: str, boots: i
             ns,
         )
         log = root / "agent" / "instances" / created["metadata"]["uid"] / "console.log"
+        watcher = asyncio.create_task(milestones(kube, ns, name, log, started))
         leased = await wait_file(log, LEASE, 180)
+        seen = await watcher
         if i:
             latencies.append(leased - started)
+            steps.append(seen)
         await kube.delete_raw(path_of(Instance), name, ns)
         while await kube.get(Instance, name, ns) is not None:
             await asyncio.sleep(0.2)
-    return latencies
+    return latencies, steps
+
+
+async def milestones(
+    kube: Kube, ns: str, name: str, console: Path, started: float
+) -> dict[str, float]:
+    seen: dict[str, float] = {}
+    deadline = started + 180
+    while "guest_started" not in seen and time.monotonic() < deadline:
+        now = time.monotonic() - started
+        if "intent" not in seen:
+            inst = await kube.get(Instance, name, ns)
+            if inst is not None and inst.status.intent is not None:
+                seen["intent"] = now
+        elif "ports_ready" not in seen:
+            mine = [p for p in await kube.list(Port, ns) if p.name.startswith(f"{name}-")]
+            if mine and all(p.status.is_true("Ready") for p in mine):
+                seen["ports_ready"] = now
+        if console.exists():
+            seen["guest_started"] = now
+        await asyncio.sleep(0.02)
+    return seen
 
 
 # --- raw QEMU ------------------------------------------------------------------------
@@ -286,7 +315,7 @@ async def run(boots: int) -> dict[str, Any]:
     bridge = ""
     try:
         await setup(kube, ns, zone, image, flavor)
-        latencies = await ours(kube, ns, root, zone, flavor, boots)
+        latencies, steps = await ours(kube, ns, root, zone, flavor, boots)
         bridge, tap, netns = raw_network(zone)
         raw = [
             await asyncio.to_thread(raw_boot, root, image, tap, netns[0]) for _ in range(boots + 1)
@@ -321,6 +350,20 @@ async def run(boots: int) -> dict[str, Any]:
         "raw_p50_s": round(raw_p50, 2),
         "raw_p95_s": round(percentile(raw, 95), 2),
         "overhead_p50_s": round(p50 - raw_p50, 2),
+        # Medians, seconds after the create: where the overhead goes.
+        "steps_p50_s": {
+            step: round(statistics.median(s[step] for s in steps if step in s), 2)
+            for step in ("intent", "ports_ready", "guest_started")
+            if any(step in s for s in steps)
+        },
+        "guest_started_to_lease_p50_s": round(
+            statistics.median(
+                lat - s["guest_started"]
+                for lat, s in zip(latencies, steps, strict=True)
+                if "guest_started" in s
+            ),
+            2,
+        ),
         "accel": "tcg",
     }
 
