@@ -9,6 +9,9 @@ An apply states the writer's whole part: a field it owned and leaves out is
 removed. Writers compute changes, not whole parts, so the body is the fields
 this manager already owns (from `metadata.managedFields`) with the changes
 laid over them; a change to None removes that field, as a merge patch did.
+An apply cannot remove a field another manager owns (a node agent clearing
+what the node before it wrote, after a move): such a removal follows the
+apply as a merge patch, once the owners are checked.
 """
 
 from __future__ import annotations
@@ -26,15 +29,31 @@ def owned_fields(managed_fields: list[dict[str, Any]], manager: str) -> set[str]
     """The top-level status fields `manager` owns through its applies."""
     owned: set[str] = set()
     for entry in managed_fields:
-        if (
-            entry.get("manager") != manager
-            or entry.get("operation") != "Apply"
-            or entry.get("subresource") != "status"
-        ):
-            continue
-        status = (entry.get("fieldsV1") or {}).get("f:status") or {}
-        owned.update(key[2:] for key in status if key.startswith("f:"))
+        if entry.get("manager") == manager and entry.get("operation") == "Apply":
+            owned |= _status_fields(entry)
     return owned
+
+
+def owners_of(managed_fields: list[dict[str, Any]], fields: set[str]) -> set[str]:
+    """The managers (any operation) owning any of these top-level status fields."""
+    return {e.get("manager", "") for e in managed_fields if _status_fields(e) & fields}
+
+
+def _status_fields(entry: dict[str, Any]) -> set[str]:
+    if entry.get("subresource") != "status":
+        return set()
+    status = (entry.get("fieldsV1") or {}).get("f:status") or {}
+    return {key[2:] for key in status if key.startswith("f:")}
+
+
+def _present(value: Any) -> Any:
+    """`value` without None members: in an apply a null is no value (a merge
+    patch read it as "remove"); leaving a member out removes it here."""
+    if isinstance(value, dict):
+        return {k: _present(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_present(v) for v in value]
+    return value
 
 
 def own_status_entry(manager: str, fields: set[str]) -> dict[str, Any]:
@@ -60,7 +79,7 @@ def apply_body(obj: dict[str, Any], manager: str, changes: dict[str, Any]) -> di
         if value is None:
             status.pop(key, None)
         else:
-            status[key] = value
+            status[key] = _present(value)
     if not status and not owned:
         return None
     body_meta = {"name": meta["name"], "resourceVersion": meta["resourceVersion"]}
@@ -96,7 +115,7 @@ def conflicting_managers(error: ApiError) -> list[str] | None:
 class OwnedElsewhere(Exception):
     """A status write touched a field that another writer owns."""
 
-    def __init__(self, owners: list[str], error: ApiError):
+    def __init__(self, owners: list[str], error: object):
         self.owners = owners
         super().__init__(f"status field owned by {', '.join(owners)}: {error}")
 
@@ -116,12 +135,16 @@ async def apply_status(
     writer that may not be taken over."""
     kind = type(obj)
     wire = {**obj.wire(), "apiVersion": kind.crd.api_version, "kind": kind.crd.kind}
+    manager = kube.field_manager
     for attempt in range(3):
-        body = apply_body(wire, kube.field_manager, changes)
-        if body is None:
-            return True
+        body = apply_body(wire, manager, changes)
+        current = wire.get("status") or {}
+        owned = owned_fields(wire["metadata"].get("managedFields") or [], manager)
+        foreign = {k for k, v in changes.items() if v is None and k in current and k not in owned}
         try:
-            await _apply(kube, kind, body)
+            written = await _apply(kube, kind, body) if body is not None else wire
+            if foreign:
+                await _remove(kube, kind, written, foreign)
             return True
         except ApiError as e:
             if e.not_found:
@@ -136,9 +159,35 @@ async def apply_status(
     raise AssertionError("unreachable")
 
 
-async def _apply(kube: Kube, kind: type[Resource[Any, Any]], body: dict[str, Any]) -> None:
+async def _remove(
+    kube: Kube, kind: type[Resource[Any, Any]], seen: dict[str, Any], fields: set[str]
+) -> None:
+    """Remove status fields other managers own, as of the version `seen`
+    (what this writer decided from): read again for the owners (a cache
+    keeps only its own), refuse owners that may not be taken over, and
+    merge-patch them away with that version as a precondition."""
+    meta = seen["metadata"]
+    fresh = await kube.get_raw(path_of(kind), meta["name"], meta.get("namespace"))
+    if fresh is None:
+        return
+    version = meta["resourceVersion"]
+    if fresh["metadata"]["resourceVersion"] != version:
+        raise ApiError(409, {"reason": "Conflict", "message": "the object has been modified"})
+    owners = owners_of(fresh["metadata"].get("managedFields") or [], fields)
+    refused = sorted(m for m in owners if not may_take_over(kube.field_manager, m))
+    if refused:
+        raise OwnedElsewhere(refused, f"may not remove {', '.join(sorted(fields))}")
+    patch = {"metadata": {"resourceVersion": version}, "status": dict.fromkeys(fields)}
+    await kube.patch_raw(
+        path_of(kind), meta["name"], patch, meta.get("namespace"), subresource="status"
+    )
+
+
+async def _apply(
+    kube: Kube, kind: type[Resource[Any, Any]], body: dict[str, Any]
+) -> dict[str, Any]:
     try:
-        await kube.apply_status(kind, body, force=False)
+        return await kube.apply_status(kind, body, force=False)
     except ApiError as e:
         others = conflicting_managers(e)
         if others is None:
@@ -146,7 +195,7 @@ async def _apply(kube: Kube, kind: type[Resource[Any, Any]], body: dict[str, Any
         refused = [m for m in others if not may_take_over(kube.field_manager, m)]
         if refused:
             raise OwnedElsewhere(refused, e) from e
-        await kube.apply_status(kind, body, force=True)
+        return await kube.apply_status(kind, body, force=True)
 
 
 def role(manager: str) -> str:

@@ -17,6 +17,7 @@ from nubes.runtime.status_apply import (
     may_take_over,
     own_status_entry,
     owned_fields,
+    owners_of,
 )
 
 
@@ -143,3 +144,16 @@ def test_a_cache_keeps_only_the_own_status_fields_and_bodies_stay_the_same() -> 
             raw, manager, changes
         )
     assert "managedFields" not in compact(copy.deepcopy(raw), "nubes-agent-b")["metadata"]
+
+
+def test_nested_nones_are_left_out_of_an_apply() -> None:
+    export = {"portal": "127.0.0.1:3260", "initiatorNode": None, "lun": 1}
+    body = apply_body(PORT, "nubes-agent-a", {"export": export})
+    assert body is not None and body["status"]["export"] == {"portal": "127.0.0.1:3260", "lun": 1}
+
+
+def test_owners_of_status_fields_whatever_the_operation() -> None:
+    managed = PORT["metadata"]["managedFields"]
+    assert owners_of(managed, {"binding"}) == {"nubes-agent-a"}
+    assert owners_of(managed, {"reservations", "host"}) == {"nubes-controller"}
+    assert owners_of(managed, {"nothing"}) == set()
