@@ -32,6 +32,7 @@ from nubes.drivers.network.ovs import Ovs, OvsEndpoint
 from nubes.drivers.network.router import RouterError, Routers
 from nubes.drivers.network.switch import NodeSwitch
 from nubes.drivers.runner import SubprocessRunner
+from nubes.runtime.kube import ApiError
 from nubes.runtime.operator import Operator
 from nubes.runtime.status_apply import apply_status
 
@@ -165,4 +166,9 @@ class NodeRouters:
                 await self._report(router, entry)
 
     async def _report(self, router: Router, entry: dict[str, Any]) -> None:
-        await apply_status(self.op.kube, router, {"l3": entry}, refresh_when_stale=True)
+        try:
+            await apply_status(self.op.kube, router, {"l3": entry})
+        except ApiError as e:
+            if not e.conflict:
+                raise
+            # Decided from an outdated view: the next pass has the newer one.

@@ -27,6 +27,7 @@ from nubes.drivers.network.netns import Links
 from nubes.drivers.network.ovs import DatapathType, Ovs, OvsEndpoint, kernel_datapath_available
 from nubes.drivers.network.switch import DEAD_VLAN, NetworkSegment, NodeSwitch
 from nubes.drivers.runner import SubprocessRunner
+from nubes.runtime.kube import ApiError
 from nubes.runtime.operator import Operator
 from nubes.runtime.status_apply import apply_status
 
@@ -291,13 +292,22 @@ class NodeNetworking:
         current = net.status.dhcp.model_dump(mode="json") if net.status.dhcp else None
         if current == entry:
             return
-        await apply_status(self.op.kube, net, {"dhcp": entry}, refresh_when_stale=True)
+        await self._apply(net, {"dhcp": entry})
+
+    async def _apply(self, obj: Port | Network, status: dict[str, Any]) -> None:
+        try:
+            await apply_status(self.op.kube, obj, status)
+        except ApiError as e:
+            if not e.conflict:
+                raise
+            # Decided from an outdated view: the newer one is in the cache
+            # soon and brings the next pass.
 
     async def _patch(self, patches: list[tuple[Port, dict[str, Any]]]) -> None:
         semaphore = asyncio.Semaphore(PATCH_CONCURRENCY)
 
         async def one(port: Port, status: dict[str, Any]) -> None:
             async with semaphore:
-                await apply_status(self.op.kube, port, status, refresh_when_stale=True)
+                await self._apply(port, status)
 
         await asyncio.gather(*(one(p, s) for p, s in patches))

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from nubes.api.meta import Resource
 from nubes.runtime.kube import ApiError, Kube, path_of
 from nubes.runtime.status_apply import own_status_entry, owned_fields
-from nubes.runtime.store import Store, key_of, version_of
+from nubes.runtime.store import Store, key_of
 
 log = structlog.get_logger()
 
@@ -159,25 +159,32 @@ class Informer:
                 failures += 1
                 await self._pause(failures, str(e) or type(e).__name__)
 
-    def _left(self, raw: dict[str, Any]) -> None:
+    async def _left(self, raw: dict[str, Any]) -> None:
         """An object was deleted, or changed so that this watch no longer
-        selects it (the event then carries its new state). If another watch
-        of the store selects that state, it is handed over there at once:
-        that watch's own event may come later, and a moment's absence would
-        read as a deletion (a compute agent would tear down a guest that
-        just moved in). Only a state newer than the cached one is handed
-        over, so the second watch's copy of one deletion does not hand the
-        object back."""
+        selects it. The event carries the object as it was (the API server
+        sends the last state the selector matched), so where the object went
+        is read again when other watches feed the store: if one of them (or
+        this one again) selects it now, it stays, handed over at once. That
+        watch's own event may come later, and a moment's absence would read
+        as a deletion (a compute agent would tear down a guest that just
+        moved in)."""
         meta = raw.get("metadata", {})
-        key = key_of(meta.get("namespace"), meta["name"])
-        cached = self.store.get(key)
-        rv = str(meta.get("resourceVersion", ""))
-        if cached is not None and rv.isdigit() and int(rv) > version_of(cached):
-            for source, selector in self.siblings:
-                if selector.matches_fields(raw):
-                    obj = self._parse(raw)
+        name, namespace = meta["name"], meta.get("namespace")
+        key = key_of(namespace, name)
+        if self.siblings and self.store.get(key) is not None:
+            try:
+                now = await self.kube.get_raw(path_of(self.kind), name, namespace)
+            except ApiError as e:
+                self.log.warning("object not read again", key=key, error=str(e))
+                now = None
+            watches = ((self.source, self.selector), *self.siblings) if now is not None else ()
+            for source, selector in watches:
+                if now is not None and selector.matches_fields(now):
+                    obj = self._parse(now)
                     if obj is not None:
                         self.store.upsert(obj, source)
+                        if source == self.source:
+                            return
                     break
         self.store.remove(key, self.source)
 
@@ -204,7 +211,7 @@ class Informer:
                 raise ApiError(int(raw.get("code") or 500), raw)
             meta = raw.get("metadata", {})
             if kind == "DELETED":
-                self._left(raw)
+                await self._left(raw)
             elif kind in ("ADDED", "MODIFIED"):
                 obj = self._parse(raw)
                 if obj is not None:

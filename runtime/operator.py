@@ -419,7 +419,11 @@ class Operator:
 
     async def _write_status(self, obj: Resource[Any, Any], outcome: Outcome) -> None:
         current = obj.status.wire()
-        patch = {k: v for k, v in outcome.status.items() if current.get(k) != v}
+        # Compared as the API server keeps them (no nested Nones), so a value
+        # with one is not written again on every pass.
+        patch = {
+            k: v for k, v in outcome.status.items() if current.get(k) != status_apply.present(v)
+        }
         if outcome.state is not None:
             conditions = conditions_for(outcome, obj.status.conditions, obj.generation)
             if not same_conditions(obj.status.conditions, conditions):

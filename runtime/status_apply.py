@@ -25,6 +25,11 @@ CONTROLLER = "nubes-controller"
 AGENT_PREFIX = "nubes-agent-"
 
 
+def stale() -> ApiError:
+    """The error of a write from an outdated view, as the API server gives it."""
+    return ApiError(409, {"reason": "Conflict", "message": "the object has been modified"})
+
+
 def owned_fields(managed_fields: list[dict[str, Any]], manager: str) -> set[str]:
     """The top-level status fields `manager` owns through its applies."""
     owned: set[str] = set()
@@ -46,13 +51,13 @@ def _status_fields(entry: dict[str, Any]) -> set[str]:
     return {key[2:] for key in status if key.startswith("f:")}
 
 
-def _present(value: Any) -> Any:
+def present(value: Any) -> Any:
     """`value` without None members: in an apply a null is no value (a merge
     patch read it as "remove"); leaving a member out removes it here."""
     if isinstance(value, dict):
-        return {k: _present(v) for k, v in value.items() if v is not None}
+        return {k: present(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
-        return [_present(v) for v in value]
+        return [present(v) for v in value]
     return value
 
 
@@ -79,7 +84,7 @@ def apply_body(obj: dict[str, Any], manager: str, changes: dict[str, Any]) -> di
         if value is None:
             status.pop(key, None)
         else:
-            status[key] = _present(value)
+            status[key] = present(value)
     if not status and not owned:
         return None
     body_meta = {"name": meta["name"], "resourceVersion": meta["resourceVersion"]}
@@ -172,7 +177,7 @@ async def _remove(
         return
     version = meta["resourceVersion"]
     if fresh["metadata"]["resourceVersion"] != version:
-        raise ApiError(409, {"reason": "Conflict", "message": "the object has been modified"})
+        raise stale()
     owners = owners_of(fresh["metadata"].get("managedFields") or [], fields)
     refused = sorted(m for m in owners if not may_take_over(kube.field_manager, m))
     if refused:
@@ -192,6 +197,12 @@ async def _apply(
         others = conflicting_managers(e)
         if others is None:
             raise
+        # The API server judges ownership before the resourceVersion: a
+        # conflict may come from a stale view, which must not be forced.
+        meta = body["metadata"]
+        now = await kube.get_raw(path_of(kind), meta["name"], meta.get("namespace"))
+        if now is None or now["metadata"]["resourceVersion"] != meta["resourceVersion"]:
+            raise stale() from e
         refused = [m for m in others if not may_take_over(kube.field_manager, m)]
         if refused:
             raise OwnedElsewhere(refused, e) from e

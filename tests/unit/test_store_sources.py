@@ -30,10 +30,18 @@ def port(rv: int, host: str | None, dhcp: str | None, name: str = "p") -> dict[s
 
 
 class Fake:
+    """The API server as the watches' re-reads see it."""
+
     field_manager = "nubes-agent-n1"
 
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, Any]] = {}
 
-def watches() -> tuple[Store[Port], Informer, Informer, list[tuple[Any, Any]]]:
+    async def get_raw(self, _kp: Any, name: str, _ns: str | None = None) -> Any:
+        return self.objects.get(name)
+
+
+def watches() -> tuple[Store[Port], Informer, Informer, Fake, list[tuple[Any, Any]]]:
     store: Store[Port] = Store(Port)
     events: list[tuple[Any, Any]] = []
     store.add_listener(
@@ -41,10 +49,11 @@ def watches() -> tuple[Store[Port], Informer, Informer, list[tuple[Any, Any]]]:
             (old and old.metadata.resource_version, new and new.metadata.resource_version)
         )
     )
-    kube: Any = Fake()
+    api = Fake()
+    kube: Any = api
     host = Informer(kube, Port, store, BY_HOST, source=0, siblings=((1, BY_DHCP),))
     dhcp = Informer(kube, Port, store, BY_DHCP, source=1, siblings=((0, BY_HOST),))
-    return store, host, dhcp, events
+    return store, host, dhcp, api, events
 
 
 def added(informer: Informer, raw: dict[str, Any]) -> None:
@@ -61,39 +70,46 @@ def test_selector_matches_locally() -> None:
     assert Selector(field="status.host=n1,status.dhcpNode=n1").matches_fields(port(1, "n1", "n1"))
 
 
-def test_moving_between_watches_is_never_a_deletion() -> None:
-    store, host, dhcp, events = watches()
+async def test_moving_between_watches_is_never_a_deletion() -> None:
+    store, host, dhcp, api, events = watches()
     added(host, port(10, "n1", "n2"))
     # Re-bound elsewhere while this node's DHCP server now serves it: the host
-    # watch says "deleted" first, the DHCP watch's "added" comes later.
-    host._left(port(11, "n2", "n1"))
+    # watch says "deleted" (with the state it last matched) first, the DHCP
+    # watch's "added" comes later.
+    api.objects["p"] = port(11, "n2", "n1")
+    await host._left(port(11, "n1", "n2"))
     assert store.lookup("p", "t") is not None
     added(dhcp, port(11, "n2", "n1"))
     assert [e for e in events if e[1] is None] == []
     # Then it leaves the node for good.
-    dhcp._left(port(12, "n2", "n3"))
+    api.objects["p"] = port(12, "n2", "n3")
+    await dhcp._left(port(12, "n2", "n1"))
     assert store.lookup("p", "t") is None
     assert events[-1][1] is None
 
 
-def test_a_deletion_seen_by_both_watches_goes_for_good() -> None:
-    store, host, dhcp, _ = watches()
+async def test_leaving_and_coming_back_to_the_same_watch_stays() -> None:
+    store, host, _, api, events = watches()
+    added(host, port(10, "n1", None))
+    api.objects["p"] = port(12, "n1", None)  # moved away and back meanwhile
+    await host._left(port(11, "n1", None))
+    cached = store.lookup("p", "t")
+    assert cached is not None and cached.metadata.resource_version == "12"
+    assert [e for e in events if e[1] is None] == []
+
+
+async def test_a_deletion_seen_by_both_watches_goes_for_good() -> None:
+    store, host, dhcp, _, _ = watches()
     added(host, port(10, "n1", "n1"))
     added(dhcp, port(10, "n1", "n1"))
-    host._left(port(20, "n1", "n1"))
+    await host._left(port(20, "n1", "n1"))
     assert store.lookup("p", "t") is not None  # the DHCP watch still has it
-    dhcp._left(port(20, "n1", "n1"))
+    await dhcp._left(port(20, "n1", "n1"))
     assert store.lookup("p", "t") is None
-    # In the other order too.
-    added(host, port(30, "n1", "n1", name="q"))
-    added(dhcp, port(30, "n1", "n1", name="q"))
-    dhcp._left(port(40, "n1", "n1", name="q"))
-    host._left(port(40, "n1", "n1", name="q"))
-    assert store.lookup("q", "t") is None
 
 
 def test_an_older_copy_from_the_slower_watch_never_replaces_a_newer_one() -> None:
-    store, host, dhcp, _ = watches()
+    store, host, dhcp, _, _ = watches()
     added(host, port(10, "n1", "n1"))
     added(host, port(12, "n1", "n1"))
     added(dhcp, port(10, "n1", "n1"))
@@ -102,7 +118,7 @@ def test_an_older_copy_from_the_slower_watch_never_replaces_a_newer_one() -> Non
 
 
 def test_a_relisting_drops_only_what_that_watch_had() -> None:
-    store, host, dhcp, _ = watches()
+    store, host, dhcp, _, _ = watches()
     added(host, port(10, "n1", None, name="a"))
     added(dhcp, port(10, "n2", "n1", name="b"))
     added(host, port(10, "n1", "n1", name="c"))
