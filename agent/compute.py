@@ -14,8 +14,8 @@ shelved disk, node problem.
 The layers: the controller's status.intent (what to run) and this node's
 facts go through the pure planner (nubes.agent.compute_plan) to a GuestPlan,
 which the node driver's sync verbs (nubes.drivers.compute.node) carry out.
-About 450 lines, one reconciler: placement, the ports gate, problems,
-finalizers; reading intents (compute_intent), planning (compute_plan),
+About 490 lines, one reconciler: placement, the ports gate, problems,
+finalizers, strays left by moves while the agent was down; reading intents (compute_intent), planning (compute_plan),
 consoles (console) and node work (drivers.compute.node) live elsewhere.
 """
 
