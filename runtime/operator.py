@@ -302,13 +302,33 @@ class Operator:
         for kind, store in self.stores.items():
             selectors = self.selectors.get(kind) or (Selector(),)
             numbered = tuple(enumerate(selectors))
-            for source, selector in numbered:
-                siblings = tuple((n, sel) for n, sel in numbered if n != source)
-                informer = Informer(
-                    self.kube, kind, store, selector, source=source, siblings=siblings
+            informers = [
+                Informer(
+                    self.kube,
+                    kind,
+                    store,
+                    selector,
+                    source=source,
+                    siblings=tuple((n, sel) for n, sel in numbered if n != source),
                 )
-                self.informers.append(informer)
-                await self._first_list(informer)
+                for source, selector in numbered
+            ]
+            try:
+                for informer in informers:
+                    await self._first_list(informer)
+            except ApiError as e:
+                if e.status != 400 or kind not in self.selectors:
+                    raise
+                # An API server without the CRDs' selectable fields (before
+                # Kubernetes 1.31) refuses the field selectors: cache it all.
+                self.log.warning(
+                    "field selectors refused, caching every object",
+                    kind=kind.crd.kind,
+                    error=str(e),
+                )
+                informers = [Informer(self.kube, kind, store)]
+                await self._first_list(informers[0])
+            self.informers += informers
             gauge = OBJECTS.labels(self.name, kind.crd.kind)
             gauge.set(len(store))
             store.add_listener(_count_into(gauge, store))

@@ -8,6 +8,8 @@ from typing import Any
 
 from nubes.api.network import Port
 from nubes.runtime.informer import Informer, Selector
+from nubes.runtime.kube import ApiError
+from nubes.runtime.operator import Operator
 from nubes.runtime.store import Store
 
 BY_HOST = Selector(field="status.host=n1")
@@ -125,3 +127,29 @@ def test_a_relisting_drops_only_what_that_watch_had() -> None:
     added(dhcp, port(10, "n1", "n1", name="c"))
     store.replace_all([], source=0)
     assert {p.name for p in store} == {"b", "c"}
+
+
+class OldApiServer(Fake):
+    """An API server without CRD selectable fields: field selectors refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lists: list[str | None] = []
+
+    async def list_with_version(
+        self, _kp: Any, *, label_selector: str | None = None, field_selector: str | None = None
+    ) -> tuple[list[dict[str, Any]], str]:
+        self.lists.append(field_selector)
+        if field_selector:
+            raise ApiError(400, {"reason": "BadRequest", "message": "field label not supported"})
+        return [port(5, "n1", None, name="a"), port(6, "n2", None, name="b")], "7"
+
+
+async def test_without_selectable_fields_the_whole_kind_is_cached() -> None:
+    api = OldApiServer()
+    op = Operator("agent-n1", api)  # type: ignore[arg-type]
+    op.select(Port, BY_HOST, BY_DHCP)
+    await op._initial_sync()
+    assert api.lists == ["status.host=n1", None]
+    assert sorted(p.name for p in op.store(Port)) == ["a", "b"]
+    assert [i.selector for i in op.informers] == [Selector()]
