@@ -156,6 +156,25 @@ def _pods(c: Cluster) -> list[dict[str, Any]]:
     return pods
 
 
+def _why_not_ready(c: Cluster, pod: dict[str, Any]) -> dict[str, Any]:
+    """What a failing assertion should say of a Pod: its conditions, its
+    containers' states and the end of its log (and of the previous one)."""
+    name = pod["metadata"]["name"]
+    logs = {
+        previous: c.kubectl(
+            "logs", "-n", NS, name, f"--previous={previous}", "--tail=20", check=False
+        )[-3000:]
+        for previous in ("false", "true")
+    }
+    conditions = pod["status"].get("conditions", [])
+    return {
+        "pod": name,
+        "conditions": [(x["type"], x["status"], x.get("reason")) for x in conditions],
+        "containers": pod["status"].get("containerStatuses"),
+        "logs": logs,
+    }
+
+
 def _ready(pod: dict[str, Any]) -> bool:
     conds = pod.get("status", {}).get("conditions", [])
     return pod["status"].get("phase") == "Running" and any(
@@ -180,7 +199,7 @@ async def test_install_runs_ready_pods_under_the_charts_service_accounts(
     pods = _pods(c)
     by_component = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in pods}
     assert set(by_component) == {"controller", "agent"}
-    assert all(_ready(p) for p in pods), [p["status"] for p in pods]
+    assert all(_ready(p) for p in pods), [_why_not_ready(c, p) for p in pods if not _ready(p)]
     assert by_component["controller"]["spec"]["serviceAccountName"] == "nubes-controller"
     assert by_component["agent"]["spec"]["serviceAccountName"] == "nubes-agent"
     agent = by_component["agent"]["spec"]
