@@ -185,10 +185,14 @@ def _ready(pod: dict[str, Any]) -> bool:
 @pytest.fixture(scope="module")
 def installed(cluster: Cluster) -> Cluster:
     sets = [a for v in cluster.values for a in ("--set", v)]
-    cluster.helm(
-        "install", "nubes", str(ROOT / "charts" / "nubes"), "-n", NS, "--create-namespace",
-        *sets, "--wait", "--timeout", "5m",
-    )  # fmt: skip
+    try:
+        cluster.helm(
+            "install", "nubes", str(ROOT / "charts" / "nubes"), "-n", NS, "--create-namespace",
+            *sets, "--wait", "--timeout", "5m",
+        )  # fmt: skip
+    except (AssertionError, subprocess.TimeoutExpired) as e:
+        pods = [_why_not_ready(cluster, p) for p in _pods(cluster) if not _ready(p)]
+        raise AssertionError(f"helm install: {e}; Pods not Ready: {pods}") from e
     return cluster
 
 
