@@ -200,10 +200,19 @@ async def test_install_runs_ready_pods_under_the_charts_service_accounts(
     installed: Cluster,
 ) -> None:
     c = installed
-    pods = _pods(c)
+
+    # `helm --wait` saw the rollouts complete; a Pod's readiness can lag a
+    # moment behind (its probe period), and a Pod that stays unready says why.
+    def all_ready() -> list[dict[str, Any]] | None:
+        pods = _pods(c)
+        return pods if pods and all(_ready(p) for p in pods) else None
+
+    try:
+        pods = await eventually(all_ready, timeout=60, what="every Pod Ready")
+    except AssertionError as e:
+        raise AssertionError([_why_not_ready(c, p) for p in _pods(c) if not _ready(p)]) from e
     by_component = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in pods}
     assert set(by_component) == {"controller", "agent"}
-    assert all(_ready(p) for p in pods), [_why_not_ready(c, p) for p in pods if not _ready(p)]
     assert by_component["controller"]["spec"]["serviceAccountName"] == "nubes-controller"
     assert by_component["agent"]["spec"]["serviceAccountName"] == "nubes-agent"
     agent = by_component["agent"]["spec"]
