@@ -15,8 +15,9 @@ The layers: the controller's status.intent (what to run) and this node's
 facts go through the pure planner (nubes.agent.compute_plan) to a GuestPlan,
 which the node driver's sync verbs (nubes.drivers.compute.node) carry out.
 About 490 lines, one reconciler: placement, the ports gate, problems,
-finalizers, strays left by moves while the agent was down; reading intents (compute_intent), planning (compute_plan),
-consoles (console) and node work (drivers.compute.node) live elsewhere.
+finalizers, strays left by moves while the agent was down; reading intents
+(compute_intent), planning (compute_plan), consoles (console) and node work
+(drivers.compute.node) live elsewhere.
 """
 
 from __future__ import annotations
