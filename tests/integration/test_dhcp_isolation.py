@@ -110,8 +110,13 @@ async def test_broken_dhcp_server_is_reported_and_others_are_served(
         assert not stalled.status.dhcp.running
 
         # The other project's guest is served all the same.
-        g1 = await kube.get(Port, "g1", ns_good)
-        assert g1 is not None and g1.status.mac_address
+        async def addressed() -> Port | None:
+            got = await kube.get(Port, "g1", ns_good)
+            return got if got is not None and got.status.mac_address else None
+
+        # The broken network can stall before the other project's port has
+        # its addresses: they come on their own schedule.
+        g1 = await eventually(addressed, timeout=60, what="port g1 addressed")
         guest = fabric.guest(f"g1{uuid.uuid4().hex[:4]}")
         plugger(node).plug_netns(g1.uid, g1.status.mac_address, g1.status.mtu or 1500, guest)
         await condition(kube, Port, "g1", ns_good, timeout=60)
