@@ -14,7 +14,7 @@ shelved disk, node problem.
 The layers: the controller's status.intent (what to run) and this node's
 facts go through the pure planner (nubes.agent.compute_plan) to a GuestPlan,
 which the node driver's sync verbs (nubes.drivers.compute.node) carry out.
-About 490 lines, one reconciler: placement, the ports gate, problems,
+About 500 lines, one reconciler: placement, the ports gate, problems,
 finalizers, strays left by moves while the agent was down; reading intents
 (compute_intent), planning (compute_plan), consoles (console) and node work
 (drivers.compute.node) live elsewhere.
@@ -65,7 +65,7 @@ from nubes.drivers.images.store import internal_path, internal_ref
 from nubes.drivers.network.vif import VifPlugger
 from nubes.drivers.problem import Failure, Problem, problem_of
 from nubes.drivers.runner import SubprocessRunner
-from nubes.runtime.kube import path_of
+from nubes.runtime.kube import ApiError, path_of
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Reconciler
 
@@ -78,6 +78,7 @@ POWER = {
     DomainState.SAVED: "Suspended",
 }
 IMAGE_CACHE_PRUNE_INTERVAL = 3600.0
+FINALIZER_ATTEMPTS = 5
 
 
 class InstanceAgent(Reconciler[Instance]):
@@ -186,7 +187,11 @@ class InstanceAgent(Reconciler[Instance]):
             self.local.discard(uid)
 
     def accepts(self, obj: Instance) -> bool:
-        return self._placed_here(obj) or obj.uid in self.local or self._moving_here(obj)
+        return self._holds(obj) or self._placed_here(obj) or self._moving_here(obj)
+
+    def _holds(self, obj: Instance) -> bool:
+        """Whether this node has something of the instance to let go of."""
+        return obj.uid in self.local or self.own_finalizer in obj.metadata.finalizers
 
     def _placed_here(self, obj: Instance) -> bool:
         # A move that just completed counts before the controller records it:
@@ -230,7 +235,7 @@ class InstanceAgent(Reconciler[Instance]):
             return Outcome.observed({})
         if not self._placed_here(obj):
             # Moved away, shelved or never ours: collect what is left here.
-            if obj.uid in self.local:
+            if self._holds(obj):
                 await asyncio.to_thread(self._teardown, obj)
                 await self.consoles.drop(obj)
                 await self._drop_finalizer(obj)
@@ -361,12 +366,14 @@ class InstanceAgent(Reconciler[Instance]):
         finalizer was not ours, or it was deleted mid-move), or placed on
         another node (the cache holds only this node's instances): remove
         whatever this node still has, and this node's finalizer if the
-        instance is still there."""
-        last = self._seen.pop(key, None)
-        if last is not None and last.uid in self.local:
+        instance is still there. What it last looked like is kept until that
+        worked, so a failed attempt is retried."""
+        last = self._seen.get(key)
+        if last is not None and self._holds(last):
             await asyncio.to_thread(self._teardown, last)
             await self.consoles.drop(last)
             await self._drop_finalizer(last)
+        self._seen.pop(key, None)
 
     async def finalize(self, obj: Instance) -> Outcome | None:
         if self.own_finalizer in obj.metadata.finalizers:
@@ -379,13 +386,24 @@ class InstanceAgent(Reconciler[Instance]):
             await self.op.kube.set_finalizers(obj, [*obj.metadata.finalizers, self.own_finalizer])
 
     async def _drop_finalizer(self, obj: Instance) -> None:
-        self.local.discard(obj.uid)
-        if self.own_finalizer in obj.metadata.finalizers:
+        """Remove this node's finalizer, judged on a fresh read: the cached
+        object may predate the finalizer, and the other writers of the list
+        (the target node's agent during a move) make conflicts likely. The
+        uid stays local until it is done, so a failure is retried."""
+        for attempt in range(FINALIZER_ATTEMPTS):
             fresh = await self.op.kube.get(Instance, obj.name, obj.namespace)
-            if fresh is not None:
-                await self.op.kube.set_finalizers(
-                    fresh, [f for f in fresh.metadata.finalizers if f != self.own_finalizer]
-                )
+            if fresh is None or fresh.uid != obj.uid:
+                break
+            if self.own_finalizer not in fresh.metadata.finalizers:
+                break
+            kept = [f for f in fresh.metadata.finalizers if f != self.own_finalizer]
+            try:
+                await self.op.kube.set_finalizers(fresh, kept)
+                break
+            except ApiError as e:
+                if not e.conflict or attempt == FINALIZER_ATTEMPTS - 1:
+                    raise
+        self.local.discard(obj.uid)
 
     # --- planning (async: reads the caches and Secrets) ------------------------------
 

@@ -83,11 +83,7 @@ async def instances_removed(
     need them), and make sure nothing of them is left on the node."""
     yield
     kubectl("delete", "instances", "--all", "-n", namespace, "--wait=false", check=False)
-
-    async def gone() -> bool:
-        return not await kube.list(Instance, namespace)
-
-    await eventually(gone, timeout=180, what="instances deleted")
+    await instances_gone(kube, namespace, agent, timeout=180)
     leftover = [n for n in virsh("list", "--all", "--name").split() if n.startswith("nubes-")]
     assert not leftover, f"domains left behind: {leftover}"
     for node in fabric.nodes:
@@ -576,15 +572,37 @@ async def test_instance_actions(
         kubectl("delete", "instances", "--all", "-n", ns, "--wait=false")
         kubectl("delete", "flavor", big, "--wait=false")
 
-    async def gone() -> bool:
-        return not await kube.list(Instance, ns)
-
     # A guest stops within the driver's 30 s shutdown timeout, then its
     # disks and ports go; TCG guests on a loaded 2-core machine are slow.
-    await eventually(gone, timeout=240, what="instances deleted")
+    await instances_gone(kube, ns, agent, timeout=240)
     assert "nubes-" not in virsh("list", "--all", "--name")
     for leftover in ("transfers", "shelved", "snapshots"):
         assert not list(image_store.glob(f"{leftover}/*")), f"{leftover} left in the image store"
+
+
+async def instances_gone(kube: Kube, ns: str, agents: list[Process], timeout: float) -> None:
+    """Wait for the namespace's instances to be gone; if they are not, say
+    what holds each (finalizers, node) and what the agents logged of it."""
+    try:
+        await eventually(lambda: _none_left(kube, ns), timeout=timeout, what="instances deleted")
+    except AssertionError as e:
+        held = []
+        for inst in await kube.list(Instance, ns):
+            logs = [
+                f"  {a.name}: {line}"
+                for a in agents
+                for line in a.logs().splitlines()
+                if inst.name in line and ns in line
+            ]
+            held.append(
+                f"{inst.key}: finalizers {inst.metadata.finalizers}, node {inst.status.node},"
+                f" incoming {inst.status.incoming_node}\n" + "\n".join(logs[-15:])
+            )
+        raise AssertionError(f"{e}\n" + "\n".join(held)) from None
+
+
+async def _none_left(kube: Kube, ns: str) -> bool:
+    return not await kube.list(Instance, ns)
 
 
 async def _fresh_boot_found_marker(kube: Kube, ns: str) -> None:
