@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 import structlog
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from nubes.api.meta import Resource
 from nubes.runtime.kube import ApiError, Kube, path_of
@@ -86,6 +86,50 @@ def _interned(value: Any) -> Any:
     return value
 
 
+class ReadOnlyFields(set[str]):
+    """The set of fields given to a cached model, shared by every cached model
+    with the same fields (pydantic keeps one set per model, 216 to 728 bytes
+    each, a third of a small object). A set, as pydantic's serializer needs;
+    cached objects are read-only: setting a field of one fails here instead
+    of changing the cache."""
+
+    def _refuse(self, *args: Any) -> None:
+        raise TypeError(f"cached objects are read-only: copy before setting {args!r}")
+
+    add = update = discard = remove = pop = clear = _refuse  # type: ignore[assignment]
+    __ior__ = __iand__ = __isub__ = __ixor__ = _refuse  # type: ignore[assignment]
+
+    # A copy (model_copy) is the caller's own, to change at will.
+    def __copy__(self) -> set[str]:
+        return set(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> set[str]:
+        return set(self)
+
+
+_FIELD_SETS: dict[frozenset[str], ReadOnlyFields] = {}
+
+
+def share_field_sets(model: BaseModel) -> None:
+    """Give `model` and the models inside it shared read-only field sets."""
+    names = frozenset(model.__pydantic_fields_set__)
+    shared = _FIELD_SETS.get(names)
+    if shared is None:
+        shared = _FIELD_SETS[names] = ReadOnlyFields(names)
+    object.__setattr__(model, "__pydantic_fields_set__", shared)
+    for value in model.__dict__.values():
+        if isinstance(value, BaseModel):
+            share_field_sets(value)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, BaseModel):
+                    share_field_sets(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                if isinstance(item, BaseModel):
+                    share_field_sets(item)
+
+
 class Informer:
     def __init__(
         self,
@@ -114,7 +158,7 @@ class Informer:
 
     def _parse(self, raw: dict[str, Any]) -> Resource[Any, Any] | None:
         try:
-            return self.kind.model_validate(compact(raw, self.kube.field_manager))
+            obj = self.kind.model_validate(compact(raw, self.kube.field_manager))
         except ValidationError as e:
             # One malformed object must not blind the process to the rest.
             meta = raw.get("metadata", {})
@@ -124,15 +168,17 @@ class Informer:
                 error=str(e).splitlines()[0],
             )
             return None
+        share_field_sets(obj)
+        return obj
 
     async def list(self) -> None:
         """Load the whole (selected) collection into the store."""
-        items, version = await self.kube.list_with_version(
+        parsed, version = await self.kube.list_with_version(
             path_of(self.kind),
+            self._parse,
             label_selector=self.selector.label,
             field_selector=self.selector.field,
         )
-        parsed = [obj for obj in map(self._parse, items) if obj is not None]
         self.store.replace_all(parsed, self.source)
         self.resource_version = version
         self.relists += 1

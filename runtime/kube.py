@@ -16,7 +16,7 @@ import builtins
 import datetime
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,6 +26,7 @@ from nubes.api.meta import Resource, now_rfc3339
 from nubes.runtime.kubeconfig import BearerToken, Connection, load_connection, ssl_context
 
 R = TypeVar("R", bound=Resource[Any, Any])
+T = TypeVar("T")
 
 MERGE_PATCH = "application/merge-patch+json"
 THROTTLE_RETRIES = 10
@@ -232,14 +233,17 @@ class Kube:
     async def list_with_version(
         self,
         kp: KindPath,
+        parse: Callable[[dict[str, Any]], T | None],
         *,
         label_selector: str | None = None,
         field_selector: str | None = None,
         page: int = 500,
-    ) -> tuple[builtins.list[dict[str, Any]], str]:
-        """Every object of a kind (in pages, so a large collection never sits
-        in one response) and the collection's resourceVersion to watch from."""
-        items: list[dict[str, Any]] = []
+    ) -> tuple[builtins.list[T], str]:
+        """Every object of a kind, each turned by `parse` into what is kept
+        (None: skipped), and the collection's resourceVersion to watch from.
+        In pages, parsed as each arrives: a large collection never sits in
+        memory whole in its raw form."""
+        items: list[T] = []
         query = {"limit": str(page)}
         if label_selector:
             query["labelSelector"] = label_selector
@@ -247,7 +251,7 @@ class Kube:
             query["fieldSelector"] = field_selector
         while True:
             data = await self.request("GET", kp.collection(), query=query, timeout=120)
-            items.extend(data.get("items", []))
+            items.extend(x for x in map(parse, data.pop("items", None) or []) if x is not None)
             meta = data.get("metadata", {})
             if not meta.get("continue"):
                 return items, str(meta.get("resourceVersion", ""))

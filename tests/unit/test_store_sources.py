@@ -4,6 +4,7 @@ without a moment's absence, and a deletion seen by both goes for good."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from nubes.api.network import Port
@@ -137,12 +138,17 @@ class OldApiServer(Fake):
         self.lists: list[str | None] = []
 
     async def list_with_version(
-        self, _kp: Any, *, label_selector: str | None = None, field_selector: str | None = None
-    ) -> tuple[list[dict[str, Any]], str]:
+        self,
+        _kp: Any,
+        parse: Callable[[dict[str, Any]], Any],
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> tuple[list[Any], str]:
         self.lists.append(field_selector)
         if field_selector:
             raise ApiError(400, {"reason": "BadRequest", "message": "field label not supported"})
-        return [port(5, "n1", None, name="a"), port(6, "n2", None, name="b")], "7"
+        return [parse(port(5, "n1", None, name="a")), parse(port(6, "n2", None, name="b"))], "7"
 
 
 async def test_without_selectable_fields_the_whole_kind_is_cached() -> None:
