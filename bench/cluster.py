@@ -49,6 +49,40 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) a process has used so far, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pids_of(name: str) -> list[int]:
+    """Processes whose executable is called `name` (the control plane's)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == name:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def cpu_by_process(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each named process and of the control plane."""
+    named = dict(pids)
+    for daemon in ("kube-apiserver", "etcd"):
+        for pid in pids_of(daemon)[:1]:
+            named[daemon] = pid
+    out = {}
+    for name, pid in named.items():
+        try:
+            out[name] = cpu_seconds(pid)
+        except OSError:
+            continue
+    return out
+
+
 WRITE_VERBS = {"POST", "PUT", "PATCH", "DELETE", "APPLY"}
 
 

@@ -51,6 +51,20 @@ def _owner_of(a: Allocation) -> list[str]:
     return [a.spec.owner.uid]
 
 
+class TakenAddresses:
+    """The addresses of an IP pool that are taken, asked one at a time (as
+    integers, what the IPAM planner iterates) instead of listed whole."""
+
+    def __init__(self, ledger: Ledger, pool: str, version: int):
+        self.ledger, self.pool, self.version = ledger, pool, version
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, int):
+            return False
+        family = ipaddress.IPv4Address if self.version == 4 else ipaddress.IPv6Address
+        return self.ledger.taken(self.pool, str(family(value)))
+
+
 class Ledger:
     """Who holds what: the watch cache, corrected by this worker's own recent
     writes (claims and releases the cache may not show yet), so that a converge
@@ -100,6 +114,12 @@ class Ledger:
         values.update(v for p, v in self._claiming.values() if p == pool)
         return values
 
+    def taken(self, pool: str, value: str) -> bool:
+        """Whether `value` of `pool` is held or being claimed: one lookup, so
+        that picking a free value does not list a large pool."""
+        name = allocation_name(pool, value)
+        return self._lookup(name) is not None or name in self._taken or name in self._claiming
+
     def holder(self, pool: str, value: str) -> Allocation | None:
         return self._lookup(allocation_name(pool, value))
 
@@ -116,7 +136,14 @@ class Ledger:
         return list(found.values())
 
     def count(self, pool: str) -> int:
-        return len(self.used(pool))
+        """How many values of `pool` are taken (as `used`, without listing it)."""
+        self._expire()
+        cached = self.store.keys_by_index("pool", pool)
+        extra = {name for name, (a, _) in self._created.items() if a.spec.pool == pool}
+        extra.update(name for name, (p, _, _) in self._taken.items() if p == pool)
+        extra.update(name for name, (p, _) in self._claiming.items() if p == pool)
+        gone = sum(1 for name in self._released if name in cached)
+        return len(cached) - gone + len(extra - cached)
 
     async def claim(self, pool: str, value: str, owner: Resource[Any, Any]) -> bool:
         """Take `value` for `owner`; False when someone else holds it."""

@@ -24,7 +24,7 @@ from nubes.api.network import (
     Router,
     Subnet,
 )
-from nubes.controllers.allocations import Ledger
+from nubes.controllers.allocations import Ledger, TakenAddresses
 from nubes.controllers.indexes import index_floating_ips
 from nubes.controllers.router import ready_v4_subnets
 from nubes.controllers.subnet import ip_pool, plan_of
@@ -125,10 +125,10 @@ class FloatingIPReconciler(Reconciler[FloatingIP]):
         for subnet in subnets:
             plan = plan_of(subnet)
             pool = ip_pool(subnet)
-            used = {int(ipaddress.ip_address(v)) for v in self.ledger.used(pool)}
-            used_total += len(used)
+            used_total += self.ledger.count(pool)
             capacity += plan.capacity
-            for attempt, address in enumerate(plan.free(used)):
+            taken = TakenAddresses(self.ledger, pool, plan.network.version)
+            for attempt, address in enumerate(plan.free(taken)):
                 if attempt >= IP_ATTEMPTS:
                     raise Wait(
                         "IpAllocationContended", "addresses are being taken concurrently", 0.5

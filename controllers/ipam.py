@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 
 from nubes.drivers.problem import Failure
@@ -58,9 +58,10 @@ class SubnetPlan:
             return address not in (self.network.network_address, self.network.broadcast_address)
         return address != self.network.network_address  # IPv6 subnet-router anycast
 
-    def free(self, used: set[int], *, start: int = 0) -> Iterator[IPAddress]:
-        """Free pool addresses in order, beginning `start` addresses in, so
-        that concurrent workers start apart."""
+    def free(self, used: Container[int], *, start: int = 0) -> Iterator[IPAddress]:
+        """Free pool addresses in order, beginning `start` addresses in (and
+        wrapping around), so that concurrent workers start apart and a worker
+        can go on after its last pick (`index_of`)."""
         total = sum(last - first + 1 for first, last in self.pools)
         if total == 0:
             return
@@ -70,6 +71,15 @@ class SubnetPlan:
             value = _nth(self.pools, (offset + index) % total)
             if value not in used and value != gateway:
                 yield self.address(value)
+
+    def index_of(self, address: IPAddress) -> int:
+        """Position of a pool address among the pool addresses (for `start`)."""
+        value, before = int(address), 0
+        for first, last in self.pools:
+            if first <= value <= last:
+                return before + value - first
+            before += last - first + 1
+        raise ValueError(f"{address} is in no pool")
 
 
 def _nth(pools: tuple[tuple[int, int], ...], n: int) -> int:

@@ -7,7 +7,6 @@ and readiness share one converge function.)
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 from typing import Any, NamedTuple
 
@@ -17,7 +16,7 @@ from nubes.api.compute import Instance
 from nubes.api.identity import Project
 from nubes.api.meta import seconds_since
 from nubes.api.network import Allocation, FixedIp, Network, Port, PortStatus, Router, Subnet
-from nubes.controllers.allocations import Ledger
+from nubes.controllers.allocations import Ledger, TakenAddresses
 from nubes.controllers.indexes import index_instances, index_ports, index_projects
 from nubes.controllers.ipam import SubnetPlan, random_mac
 from nubes.controllers.network import DHCP_OWNER, ROUTER_INTERFACE
@@ -58,6 +57,8 @@ class PortReconciler(Reconciler[Port]):
     def setup(self, op: Operator) -> None:
         super().setup(op)
         self.ledger = Ledger(op)
+        self._cursor: dict[str, int] = {}
+        """Per IP pool: where this worker picks next (see _allocate)."""
         self._uids: dict[str, str] = {}
         ports = op.store(Port)
         index_instances(op)
@@ -227,19 +228,22 @@ class PortReconciler(Reconciler[Port]):
                     f"{wanted} is already used by "
                     + _holder(self.ledger.holder(pool, str(address))),
                 )
-        used = {_address_int(v) for v in self.ledger.used(pool)}
-        start = self.op.shard * (plan.capacity // max(self.op.shards, 1))
-        for attempt, address in enumerate(plan.free(used, start=start)):
+        # Go on after this worker's last pick in the pool (shards start apart):
+        # the addresses before it are most likely taken.
+        start = self._cursor.get(pool, self.op.shard * (plan.capacity // max(self.op.shards, 1)))
+        taken = TakenAddresses(self.ledger, pool, plan.network.version)
+        for attempt, address in enumerate(plan.free(taken, start=start)):
             if attempt >= IP_ATTEMPTS:
                 raise Wait(
                     "IpAllocationContended", "addresses are being taken concurrently; retrying", 0.5
                 )
             if await self.ledger.claim(pool, str(address), port):
+                self._cursor[pool] = plan.index_of(address) + 1
                 return str(address)
         raise Stall(
             "IpAddressExhausted",
             f"subnet {subnet.name} ({subnet.spec.cidr}) has no free address: "
-            f"{len(used)} of {plan.capacity} in use",
+            f"{self.ledger.count(pool)} of {plan.capacity} in use",
         )
 
     def _router_takes_gateway(self, port: Port, plan: SubnetPlan, address: Any) -> bool:
@@ -414,9 +418,3 @@ def _subnet_facts(subnet: Subnet | None) -> tuple[Any, ...] | None:
     if subnet is None:
         return None
     return (subnet.status.is_true("Ready"), subnet.deleting, subnet.spec.enable_dhcp)
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _address_int(value: str) -> int:
-    # Every allocation looks at every address in use: parse each once.
-    return int(ipaddress.ip_address(value))

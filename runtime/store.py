@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from typing import Any, Generic, TypeVar
 
 from nubes.api.meta import Resource
@@ -77,6 +78,11 @@ class Store(Generic[R]):
     def by_index(self, name: str, value: str) -> list[R]:
         keys = self._indexes[name].get(value, ())
         return [self._items[k] for k in sorted(keys) if k in self._items]
+
+    def keys_by_index(self, name: str, value: str) -> AbstractSet[str]:
+        """The keys under `value` in an index, as a read-only view: no copy,
+        for counting and membership in large collections."""
+        return self._indexes[name].get(value) or frozenset()
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)

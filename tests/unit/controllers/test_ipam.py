@@ -65,6 +65,21 @@ def test_free_addresses_are_unused_usable_and_unique(
     )
 
 
+@given(st.lists(st.tuples(st.integers(1, 250), st.integers(0, 5)), min_size=1, max_size=4))
+def test_index_of_inverts_the_order_of_free(ranges: list[tuple[int, int]]) -> None:
+    pools: list[tuple[str, str]] = []
+    for start, length in sorted(ranges):
+        first, last = f"10.2.0.{start}", f"10.2.0.{min(start + length, 254)}"
+        if not pools or ipaddress.ip_address(first) > ipaddress.ip_address(pools[-1][1]):
+            pools.append((first, last))
+    plan = plan_subnet("10.2.0.0/24", gateway_ip=None, no_gateway=True, pools=pools)
+    for index, address in enumerate(plan.free(set())):
+        assert plan.index_of(address) == index
+        # Starting right after an address goes on with the next one.
+        following = next(plan.free(set(), start=index + 1))
+        assert plan.index_of(following) == (index + 1) % plan.capacity
+
+
 def test_mtu_arithmetic() -> None:
     assert derived_mtu("vxlan", 1500) == 1450
     assert derived_mtu("gre", 1500) == 1458
