@@ -317,9 +317,17 @@ class InstanceAgent(Reconciler[Instance]):
             self._vif_wait.pop(inst.uid, None)
             return None
         state = await asyncio.to_thread(self.compute.state, self.domain_name(inst))
-        if state not in (DomainState.ABSENT, DomainState.SHUTOFF, DomainState.SAVED):
+        # A paused guest that should run is staged (see _stage), or about to
+        # be resumed: both wait for the same ports.
+        staged = state == DomainState.PAUSED and inst.spec.power_state == "Running"
+        if state not in (DomainState.ABSENT, DomainState.SHUTOFF, DomainState.SAVED) and not staged:
             return None  # running: converge_domain checks again before any restart
         await asyncio.to_thread(self._plug, plan)
+        if await asyncio.to_thread(self.unbound_ports, plan):
+            self.networking.kick()  # bind what was just plugged without waiting for a resync
+        if inst.spec.power_state == "Running" and state != DomainState.SAVED:
+            # While the node binds the ports and serves their addresses.
+            await asyncio.to_thread(self._stage, plan)
         unbound = await asyncio.to_thread(self.unbound_ports, plan)
         ports = self.op.store(Port)
         ready = all(
@@ -334,8 +342,6 @@ class InstanceAgent(Reconciler[Instance]):
                 log.warning("ports bound but not ready, booting", instance=inst.key)
             self._vif_wait.pop(inst.uid, None)
             return None
-        if unbound:
-            self.networking.kick()  # bind what was just plugged without waiting for a resync
         if not late:
             return Outcome.observed({}, requeue_after=1)
         problem = Problem(
@@ -360,6 +366,11 @@ class InstanceAgent(Reconciler[Instance]):
 
     def _plug(self, plan: Plan) -> None:
         self.compute.plug(vif_plugs(plan))
+
+    def _stage(self, plan: Plan) -> None:
+        """Start the guest paused while its ports are wired (Nova starts it
+        paused until the VIFs are plugged): the gate then only resumes it."""
+        self.compute.stage(plan_guest(plan, self.facts(plan.inst)))
 
     async def forget(self, key: str) -> None:
         """The Instance left this node's cache: gone from the API (its

@@ -250,7 +250,13 @@ class NodeNetworking:
     async def sync(self, full: bool) -> None:
         plan = self.plan()
         applied = await asyncio.to_thread(self.apply, plan, full)
-        patches: list[tuple[Port, dict[str, Any]]] = []
+        # One write per port: its binding and its DHCP entry together (a
+        # second write from the same cached version would be refused).
+        patches: dict[str, tuple[Port, dict[str, Any]]] = {}
+
+        def report(port: Port, fields: dict[str, Any]) -> None:
+            patches.setdefault(port.uid, (port, {}))[1].update(fields)
+
         for uid, port in plan.bound.items():
             vlan = applied.vlans.get(port.status.network_uid or "")
             device = applied.plugged.get(uid)
@@ -262,7 +268,7 @@ class NodeNetworking:
             }
             current = port.status.binding.wire() if port.status.binding else None
             if current != {k: v for k, v in binding.items() if v is not None}:
-                patches.append((port, {"binding": binding}))
+                report(port, {"binding": binding})
         for config, served in plan.dhcp:
             if config.network_uid not in applied.vlans:
                 continue
@@ -282,8 +288,8 @@ class NodeNetworking:
                 }
                 current = port.status.dhcp.wire() if port.status.dhcp else None
                 if current != entry:
-                    patches.append((port, {"dhcp": entry}))
-        await self._patch(patches)
+                    report(port, {"dhcp": entry})
+        await self._patch(list(patches.values()))
 
     async def _report_dhcp(self, net: Network, error: str | None) -> None:
         """The DHCP server's state on the Network (the controller turns a

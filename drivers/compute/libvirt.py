@@ -256,18 +256,19 @@ class LibvirtCompute:
 
     # --- power -------------------------------------------------------------------------
 
-    def start(self, name: str) -> None:
-        """Boot a shut-off domain, or restore a suspended one; no-op when active."""
+    def start(self, name: str, *, paused: bool = False) -> None:
+        """Boot a shut-off domain, or restore a suspended one; no-op when active.
+        `paused`: QEMU is set up but the guest's CPUs wait for `unpause`."""
         dom = self._require(name)
         if dom.isActive():
             return
         try:
-            dom.create()
+            dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
         except libvirt.libvirtError as e:
             if dom.isActive():
                 return
             raise LibvirtFailure(f"starting domain {name}: {e}") from e
-        log.info("domain started", domain=name)
+        log.info("domain started", domain=name, paused=paused)
 
     def shutdown(
         self, name: str, *, timeout: float = 60, retry_interval: float = 10

@@ -37,8 +37,12 @@ class FakeLibvirt:
         self.disks.setdefault(spec.name, [d.target for d in spec.data_disks])
         return True
 
-    def start(self, name: str) -> None:
-        self.calls.append("start")
+    def start(self, name: str, *, paused: bool = False) -> None:
+        self.calls.append("start paused" if paused else "start")
+        self.states[name] = DomainState.PAUSED if paused else DomainState.RUNNING
+
+    def unpause(self, name: str) -> None:
+        self.calls.append("unpause")
         self.states[name] = DomainState.RUNNING
 
     def shutdown(self, name: str, timeout: float = 0) -> None:
@@ -151,6 +155,20 @@ def test_sync_builds_and_starts_once_ports_may_carry_traffic(tmp_path: Path) -> 
     assert compute.sync(bigger, "Running", lambda: True) == DomainState.RUNNING
     assert libvirt.calls[-2:] == ["shutdown", "start"]
     assert libvirt.specs[name].memory_mib == 512
+
+
+def test_a_staged_guest_runs_only_once_its_ports_are_bound(tmp_path: Path) -> None:
+    compute, libvirt, vifs = node(tmp_path)
+    plan = guest(tmp_path)
+    assert compute.stage(plan) == DomainState.PAUSED
+    assert vifs.plugged == {"p0"} and libvirt.calls == ["start paused"]
+    assert compute.stage(plan) == DomainState.PAUSED  # idempotent
+    assert compute.sync(plan, "Running", lambda: False) == DomainState.PAUSED
+    assert "unpause" not in libvirt.calls
+    assert compute.sync(plan, "Running", lambda: True) == DomainState.RUNNING
+    # Started once: staged with the definition it runs, no cold restart.
+    assert libvirt.calls == ["start paused", "unpause"]
+    assert compute.stage(plan) == DomainState.RUNNING and libvirt.calls[-1] == "unpause"
 
 
 def test_volumes_are_hot_plugged_and_teardown_leaves_nothing(tmp_path: Path) -> None:
