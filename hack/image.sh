@@ -20,6 +20,12 @@ images=$cache/images
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1767225600}   # 2026-01-01: fixed times in every layer
 PAUSE_REF=nubes.local/pause:1
 log() { echo "image: $*" >&2; }
+# The image takes its pinned versions and wheel from this tree's virtualenv;
+# without one (a fresh worktree) it would be built without Nubes in it.
+if [[ ! -x $root/.venv/bin/pip ]]; then
+  log "$root/.venv is missing: run hack/venv.sh first"
+  exit 1
+fi
 
 # What the agent runs on the node (see drivers/): kept in step with
 # hack/install-node-packages.sh. python3-venv for the virtualenv, libvirt0
