@@ -115,7 +115,6 @@ async def run(count: int, concurrency: int) -> dict[str, Any]:
         macs = [p.status.mac_address for p in ports]
         duplicates = (len(ips) - len(set(ips))) + (len(macs) - len(set(macs)))
         served = sum(1 for p in ports if p.status.dhcp and p.status.dhcp.node == node_name)
-        assert controller.proc is not None
         return {
             "ports": count,
             "ports_per_s": round(count / elapsed, 1),
@@ -129,9 +128,7 @@ async def run(count: int, concurrency: int) -> dict[str, Any]:
             # Where the time went: CPU seconds of each process over the run.
             "cpu_seconds": {k: round(v - cpu_before.get(k, 0.0), 2) for k, v in cpu.items()},
             "controller_peak_rss_mib": round(rss_mib(controller.proc.pid, "VmHWM"), 1),
-            "agent_peak_rss_mib": (
-                round(rss_mib(agent.proc.pid, "VmHWM"), 1) if agent.proc else None
-            ),
+            "agent_peak_rss_mib": round(rss_mib(agent.proc.pid, "VmHWM"), 1),
             "cpus": os.cpu_count(),
         }
     finally:
