@@ -368,8 +368,9 @@ class InstanceAgent(Reconciler[Instance]):
         self.compute.plug(vif_plugs(plan))
 
     def _stage(self, plan: Plan) -> None:
-        """Start the guest paused while its ports are wired (Nova starts it
-        paused until the VIFs are plugged): the gate then only resumes it."""
+        """Start the guest paused while its ports (plugged already) are wired
+        (Nova starts it paused until the VIFs are plugged): the gate then
+        only resumes it."""
         self.compute.stage(plan_guest(plan, self.facts(plan.inst)))
 
     async def forget(self, key: str) -> None:

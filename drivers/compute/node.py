@@ -203,12 +203,12 @@ class ComputeNode:
         self.libvirt.unpause(name)
 
     def stage(self, plan: GuestPlan) -> DomainState:
-        """Prepare, plug, define, and start a shut-off guest paused: the slow
-        part of a start (QEMU and libvirt setting up) overlaps the wiring of
-        its ports, and `sync` lets its CPUs run once they are bound. Nothing
-        runs in the guest meanwhile."""
+        """Prepare, define, and start a shut-off guest paused: the slow part
+        of a start (QEMU and libvirt setting up) overlaps the wiring of its
+        ports, and `sync` lets its CPUs run once they are bound. Nothing runs
+        in the guest meanwhile. Its VIFs are plugged first (`plug`), so that
+        the node binds them while this runs."""
         self.prepare(plan)
-        self.plug(plan.vifs)
         self.libvirt.ensure_defined(plan.domain)
         name = plan.domain.name
         if self.libvirt.state(name) == DomainState.SHUTOFF:

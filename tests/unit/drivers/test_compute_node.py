@@ -160,6 +160,7 @@ def test_sync_builds_and_starts_once_ports_may_carry_traffic(tmp_path: Path) -> 
 def test_a_staged_guest_runs_only_once_its_ports_are_bound(tmp_path: Path) -> None:
     compute, libvirt, vifs = node(tmp_path)
     plan = guest(tmp_path)
+    compute.plug(plan.vifs)
     assert compute.stage(plan) == DomainState.PAUSED
     assert vifs.plugged == {"p0"} and libvirt.calls == ["start paused"]
     assert compute.stage(plan) == DomainState.PAUSED  # idempotent
