@@ -78,10 +78,12 @@ helm_up() {
   say "helm install nubes charts/nubes"
   # The local cluster has no kube-proxy: the Pods use the host network and
   # reach the API server on loopback. The quickstart image is served on
-  # 127.0.0.2:18090; the import policy allows exactly that.
+  # 127.0.0.2:18090; the import policy allows exactly that. --take-ownership:
+  # CRDs and roles a `make demo-local`, a test or a benchmark applied to this
+  # cluster before become the release's.
   local api_port=${NUBES_APISERVER_PORT:-16443}
   "$bin/helm" upgrade --install nubes charts/nubes --namespace nubes-system --create-namespace \
-    --set image.repository="${ref%:*}" --set image.tag="${ref##*:}" --set image.pullPolicy=Never \
+    --take-ownership --set image.repository="${ref%:*}" --set image.tag="${ref##*:}" --set image.pullPolicy=Never \
     --set apiServer.host=127.0.0.1 --set apiServer.port="$api_port" \
     --set controller.hostNetwork=true --set controller.healthPort=18081 --set agent.healthPort=18082 \
     --set controller.imageStore.hostPath="$state/images" \
