@@ -21,7 +21,7 @@ from pathlib import Path
 
 import structlog
 
-from nubes.drivers.network.netns import Links
+from nubes.drivers.network.netns import Links, one_socket_per_namespace
 from nubes.drivers.network.switch import NodeSwitch
 from nubes.drivers.runner import CommandError, Runner
 
@@ -186,13 +186,17 @@ class DhcpServers:
             return None
         return pid if _alive(pid, files["pid"]) else None
 
+    @one_socket_per_namespace
+    def _ensure_device(self, cfg: DhcpConfig, netns: str, device: str, outer: str) -> None:
+        self.links.ensure_netns(netns)
+        self.links.ensure_veth(device, netns, outer, self.node_netns, mtu=cfg.mtu, mac=cfg.mac)
+        self.links.replace_addresses(device, netns, list(cfg.addresses))
+
     def ensure(self, cfg: DhcpConfig) -> None:
         netns, device, outer = names_for(cfg.network_uid, self.prefix)
         files = self._files(cfg.network_uid)
         Path(files["pid"]).parent.mkdir(parents=True, exist_ok=True)
-        self.links.ensure_netns(netns)
-        self.links.ensure_veth(device, netns, outer, self.node_netns, mtu=cfg.mtu, mac=cfg.mac)
-        self.links.replace_addresses(device, netns, list(cfg.addresses))
+        self._ensure_device(cfg, netns, device, outer)
         self.switch.add_vif(outer, cfg.port_uid, cfg.mac, cfg.local_vlan)
 
         hosts_path = Path(files["hosts"])

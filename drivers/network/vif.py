@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nubes.drivers.network.netns import Links
+from nubes.drivers.network.netns import Links, one_socket_per_namespace
 from nubes.drivers.network.switch import NodeSwitch
 
 
@@ -47,6 +47,7 @@ class VifPlugger:
         self.node_netns = node_netns
         self.node_tag = node_tag
 
+    @one_socket_per_namespace
     def plug_hybrid(self, port_uid: str, mac: str, mtu: int) -> VifNames:
         """qbr + qvb/qvo for an instance NIC; returns the names (libvirt
         plugs `tap` into `qbr`)."""
@@ -57,6 +58,7 @@ class VifPlugger:
         self.switch.add_vif(names.qvo, port_uid, mac)
         return names
 
+    @one_socket_per_namespace
     def plug_netns(
         self, port_uid: str, mac: str, mtu: int, guest_netns: str, ifname: str = "eth0"
     ) -> VifNames:
@@ -71,6 +73,7 @@ class VifPlugger:
         self.switch.add_vif(names.qvo, port_uid, mac)
         return names
 
+    @one_socket_per_namespace
     def unplug(self, port_uid: str) -> None:
         names = vif_names(port_uid, self.node_tag)
         self.switch.remove_vif(names.qvo)
