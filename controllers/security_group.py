@@ -22,6 +22,7 @@ makes it on first use, as Neutron does.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from nubes.api.identity import Project
@@ -51,12 +52,27 @@ def default_group(namespace: str) -> dict[str, Any]:
     }
 
 
+_making: dict[tuple[int, str], asyncio.Future[None]] = {}
+"""Default groups being made, per operator and namespace: the first port
+of a namespace comes with many at once, and they share one create."""
+
+
 async def ensure_default_group(op: Operator, namespace: str) -> None:
     """The namespace's `default` group, made if missing; left as its users
     changed it otherwise."""
-    groups = path_of(SecurityGroup)
     if op.store(SecurityGroup).lookup(DEFAULT_GROUP, namespace) is not None:
         return
+    key = (id(op), namespace)
+    making = _making.get(key)
+    if making is None:
+        making = _making[key] = asyncio.ensure_future(_make_default_group(op, namespace))
+        making.add_done_callback(lambda _: _making.pop(key, None))
+    # A waiter cancelled (its worker stopping) leaves the create to the others.
+    await asyncio.shield(making)
+
+
+async def _make_default_group(op: Operator, namespace: str) -> None:
+    groups = path_of(SecurityGroup)
     if await op.kube.get_raw(groups, DEFAULT_GROUP, namespace) is not None:
         return
     try:

@@ -4,14 +4,21 @@ firewall input is made of."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from nubes.agent.firewall import device_of, filtered, port_intent
 from nubes.api.network import Network, Port, SecurityGroup
 from nubes.controllers.port import PortSecurity, security_of
-from nubes.controllers.security_group import default_group, members_of, rules_before
+from nubes.controllers.security_group import (
+    default_group,
+    ensure_default_group,
+    members_of,
+    rules_before,
+)
 from nubes.drivers.network.firewall_rules import FwRule
 from nubes.drivers.network.ovs import OvsPort
+from nubes.runtime.operator import Operator
 
 
 def port(
@@ -135,3 +142,29 @@ def test_unresolved_port_security_is_filtered_and_devices_come_from_qvo() -> Non
     assert not filtered(port(status={"portSecurityEnabled": False}))
     assert device_of(OvsPort("qvoabc", 1, None, "")) == "tapabc"
     assert device_of(OvsPort("dh-xyz", 1, None, "")) is None
+
+
+class CountingKube:
+    """The two calls ensure_default_group makes, slow enough to overlap."""
+
+    def __init__(self) -> None:
+        self.created: list[str] = []
+
+    async def get_raw(self, *_args: Any) -> None:
+        await asyncio.sleep(0.01)
+        return None
+
+    async def create_raw(self, _kind: Any, body: dict[str, Any], namespace: str) -> None:
+        await asyncio.sleep(0.01)
+        self.created.append(f"{namespace}/{body['metadata']['name']}")
+
+
+def test_concurrent_first_ports_of_a_namespace_make_one_default_group() -> None:
+    kube = CountingKube()
+    op = Operator("controller", kube)  # type: ignore[arg-type]
+
+    async def burst() -> None:
+        await asyncio.gather(*(ensure_default_group(op, ns) for ns in ["a"] * 16 + ["b"] * 3))
+
+    asyncio.run(burst())
+    assert sorted(kube.created) == ["a/default", "b/default"]
