@@ -391,6 +391,8 @@ class InstanceAgent(Reconciler[Instance]):
         if self.own_finalizer in obj.metadata.finalizers:
             await asyncio.to_thread(self._teardown, obj)
             await self._drop_finalizer(obj)
+            # Done: the object's removal from the cache has nothing left to undo.
+            self._seen.pop(obj.key, None)
         return None
 
     async def _add_finalizer(self, obj: Instance) -> None:
