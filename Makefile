@@ -82,7 +82,7 @@ test-unit: venv ## unit tests only (no daemons, no API server)
 bench-ports: setup ## 1,000 ports in a /20: ports/s, duplicates, controller peak RSS
 	hack/with-cluster.sh $(PY) -m bench.ports
 
-bench-boot: setup ## boot latency p50/p95 against raw QEMU
+bench-boot: setup ## boot latency p50/p95 against raw QEMU and libvirt alone
 	hack/with-cluster.sh $(PY) -m bench.boot
 
 bench-volumes: setup ## volume create and secure-wipe throughput
