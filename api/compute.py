@@ -68,7 +68,7 @@ class FlavorSpec(ApiModel):
     """Root disk size in GiB; 0 means the image's virtual size."""
     ephemeral_gib: int = Field(default=0, ge=0, le=65536)
     """Extra ephemeral disk in GiB."""
-    extra_specs: dict[str, str] = Field(
+    extra_specs: dict[str, Annotated[str, Field(max_length=255)]] = Field(
         default_factory=dict, json_schema_extra={"maxProperties": 64}
     )
     """Scheduler and hypervisor hints, e.g. `aggregate_instance_extra_specs:ssd`."""
@@ -508,7 +508,7 @@ class HypervisorSpec(ApiModel):
     """Disk overcommit."""
     reserved_ram_mib: int = Field(default=512, ge=0)
     """RAM kept for the host."""
-    traits: list[str] = Field(default_factory=list, max_length=64)
+    traits: list[Annotated[str, Field(max_length=255)]] = Field(default_factory=list, max_length=64)
     """Capabilities matched by flavor extra specs `trait:NAME=required`."""
 
 

@@ -88,7 +88,9 @@ class ImageSpec(ApiModel):
     visibility: Visibility = "private"
     """private: this project; shared: also the projects in sharedWith;
     public: every project."""
-    shared_with: list[str] = Field(default_factory=list, max_length=256)
+    shared_with: list[Annotated[str, Field(min_length=1, max_length=63)]] = Field(
+        default_factory=list, max_length=256
+    )
     """Project names the image is shared with (visibility shared)."""
     protected: bool = False
     """Protected images cannot be deleted."""
@@ -96,7 +98,7 @@ class ImageSpec(ApiModel):
     """Smallest root disk the image boots from."""
     min_ram_mib: int = Field(default=0, ge=0)
     """Smallest RAM the image boots with."""
-    properties: dict[str, str] = Field(
+    properties: dict[str, Annotated[str, Field(max_length=255)]] = Field(
         default_factory=dict, json_schema_extra={"maxProperties": 64}
     )
     """Free-form image properties (e.g. hw_disk_bus)."""

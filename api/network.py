@@ -823,13 +823,13 @@ class SecurityGroup(Resource[SecurityGroupSpec, SecurityGroupStatus]):
 
 
 class AllocationOwner(ApiModel):
-    kind: str
+    kind: str = Field(max_length=63)
     """Kind of the holder."""
-    namespace: str | None = None
+    namespace: str | None = Field(default=None, max_length=63)
     """Namespace of the holder."""
-    name: str
+    name: str = Field(max_length=253)
     """Name of the holder."""
-    uid: str
+    uid: str = Field(max_length=128)
     """Uid of the holder: a re-created object with the same name is another holder."""
 
 

@@ -52,7 +52,7 @@ class VolumeTypeSpec(ApiModel):
 
     backend_name: str | None = Field(default=None, max_length=255)
     """`volume_backend_name`: only pools of this backend qualify."""
-    extra_specs: dict[str, str] = Field(
+    extra_specs: dict[str, Annotated[str, Field(max_length=255)]] = Field(
         default_factory=dict, json_schema_extra={"maxProperties": 64}
     )
     """Capabilities pools must report, e.g. `thin_provisioning_support: "<is> True"`."""

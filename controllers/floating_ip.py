@@ -112,11 +112,20 @@ class FloatingIPReconciler(Reconciler[FloatingIP]):
                     f"floatingIpAddress: {wanted} is in no subnet of the external network",
                 )
             subnet = matches[0]
-            if not plan_of(subnet).usable(address):
+            plan = plan_of(subnet)
+            if not plan.usable(address):
                 raise Stall(
                     "InvalidIpAddress",
                     f"floatingIpAddress: {wanted} is the network, broadcast or gateway address"
                     f" of subnet {subnet.name}",
+                )
+            # The rest of an external subnet is the operator's (upstream
+            # routers, hosts): a tenant's router must not answer for it.
+            if not plan.in_pool(address):
+                raise Stall(
+                    "IpAddressNotInPool",
+                    f"floatingIpAddress: {wanted} is outside the allocation pools of subnet"
+                    f" {subnet.name}",
                 )
             if await self.ledger.claim(ip_pool(subnet), str(address), fip):
                 return subnet, str(address)

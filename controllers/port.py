@@ -214,7 +214,9 @@ class PortReconciler(Reconciler[Port]):
         pool = ip_pool(subnet)
         if wanted is not None:
             address = ipaddress.ip_address(wanted)
-            if not plan.usable(address) and not self._router_takes_gateway(port, plan, address):
+            if not plan.usable(address) and not self._router_takes_gateway(
+                port, subnet, plan, address
+            ):
                 raise Stall(
                     "InvalidIpAddress",
                     f"{wanted} cannot be assigned on subnet {subnet.name} ({subnet.spec.cidr}):"
@@ -246,14 +248,23 @@ class PortReconciler(Reconciler[Port]):
             f"{self.ledger.count(pool)} of {plan.capacity} in use",
         )
 
-    def _router_takes_gateway(self, port: Port, plan: SubnetPlan, address: Any) -> bool:
+    def _router_takes_gateway(
+        self, port: Port, subnet: Subnet, plan: SubnetPlan, address: Any
+    ) -> bool:
         """A router's interface port holds its subnet's gateway address; the
         port must be the router controller's own (a Router with that uid in
-        the port's namespace), so no tenant port can take a gateway."""
+        the port's namespace, which is the subnet's, naming the subnet as an
+        interface), so no tenant port can take a gateway."""
         if port.spec.device_owner != ROUTER_INTERFACE or address != plan.gateway:
             return False
+        if network_key(port) != f"{port.namespace}/{port.spec.network.name}":
+            return False
         router = self.op.store(Router).lookup(_owner_name(port), port.namespace)
-        return router is not None and router.uid == port.spec.device_id
+        return (
+            router is not None
+            and router.uid == port.spec.device_id
+            and any(i.subnet == subnet.name for i in router.spec.interfaces)
+        )
 
     async def _fixed_ips(self, port: Port, subnets: list[Subnet]) -> list[FixedIp]:
         result = []
@@ -400,11 +411,13 @@ def security_of(port: Port, net: Network) -> PortSecurity:
     setting or its network's; the port's groups, or the project's
     `default`; none at all with port security off (Neutron's rules).
     The network's own ports (DHCP, router) are infrastructure, not guests:
-    they are not filtered and belong to no group."""
+    they are not filtered and belong to no group; such ports live in the
+    network's own namespace (another project's port claiming to be one is a
+    guest like any other)."""
     enabled = port.spec.port_security_enabled
     if enabled is None:
         enabled = net.spec.port_security_enabled
-    if port.spec.device_owner.startswith("network:"):
+    if port.spec.device_owner.startswith("network:") and port.namespace == net.namespace:
         enabled = False
     groups = port.spec.security_groups
     if not enabled:

@@ -40,6 +40,7 @@ from nubes.api.network import (
 from nubes.controllers.hypervisor import alive
 from nubes.controllers.ipam import overlaps
 from nubes.controllers.network import ROUTER_GATEWAY, ROUTER_INTERFACE, rendezvous
+from nubes.controllers.subnet import plan_of
 from nubes.runtime.kube import path_of
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Reconciler, Stall, Wait
@@ -206,6 +207,13 @@ class RouterReconciler(Reconciler[Router]):
                 raise Stall(
                     "IpAddressNotInSubnet",
                     f"externalGateway.fixedIp: {wanted} is in no subnet of network {name}",
+                )
+            # As for floating IPs: outside the pools is the operator's.
+            if not plan_of(matches[0]).in_pool(address):
+                raise Stall(
+                    "IpAddressNotInPool",
+                    f"externalGateway.fixedIp: {wanted} is outside the allocation pools of"
+                    f" subnet {matches[0].name}",
                 )
             return net, matches[0]
         return net, subnets[0]

@@ -23,6 +23,7 @@ makes it on first use, as Neutron does.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Any
 
 from nubes.api.identity import Project
@@ -52,7 +53,9 @@ def default_group(namespace: str) -> dict[str, Any]:
     }
 
 
-_making: dict[tuple[int, str], asyncio.Future[None]] = {}
+_making: weakref.WeakKeyDictionary[Operator, dict[str, asyncio.Future[None]]] = (
+    weakref.WeakKeyDictionary()
+)
 """Default groups being made, per operator and namespace: the first port
 of a namespace comes with many at once, and they share one create."""
 
@@ -62,11 +65,18 @@ async def ensure_default_group(op: Operator, namespace: str) -> None:
     changed it otherwise."""
     if op.store(SecurityGroup).lookup(DEFAULT_GROUP, namespace) is not None:
         return
-    key = (id(op), namespace)
-    making = _making.get(key)
+    pending = _making.setdefault(op, {})
+    making = pending.get(namespace)
     if making is None:
-        making = _making[key] = asyncio.ensure_future(_make_default_group(op, namespace))
-        making.add_done_callback(lambda _: _making.pop(key, None))
+        making = pending[namespace] = asyncio.ensure_future(_make_default_group(op, namespace))
+
+        def done(future: asyncio.Future[None]) -> None:
+            pending.pop(namespace, None)
+            # Read when every waiter was cancelled: no "never retrieved" noise.
+            if not future.cancelled():
+                future.exception()
+
+        making.add_done_callback(done)
     # A waiter cancelled (its worker stopping) leaves the create to the others.
     await asyncio.shield(making)
 

@@ -31,6 +31,7 @@ from nubes.drivers.compute.libvirt import DomainState, LibvirtCompute
 from nubes.drivers.hostfiles import guest_file, make_guest_dir, private_file
 from nubes.drivers.images.cache import ImageCache, ImageSource, SnapshotFile
 from nubes.drivers.images.inspect import ImageInspectionError, inspect_image
+from nubes.drivers.network.netns import one_socket_per_namespace
 from nubes.drivers.network.vif import VifPlugger
 from nubes.drivers.problem import fail
 from nubes.drivers.runner import Runner
@@ -180,6 +181,7 @@ class ComputeNode:
 
     # --- network -------------------------------------------------------------------
 
+    @one_socket_per_namespace
     def plug(self, vifs: tuple[VifPlug, ...]) -> None:
         """The guest's VIFs, isolated (dead VLAN) until the node binds them."""
         for vif in vifs:
@@ -279,6 +281,7 @@ class ComputeNode:
             if usage.startswith(prefix) and usage.endswith(suffix) and usage not in keep:
                 self.libvirt.delete_iscsi_secret(usage)
 
+    @one_socket_per_namespace
     def teardown(self, name: str, directory: Path, secret_prefix: str, secret_suffix: str) -> None:
         """Remove everything of a guest from this node (domain, VIFs from the
         ports record, CHAP secrets, config drive, disks)."""

@@ -43,9 +43,15 @@ Direction = Literal["ingress", "egress"]
 
 NAMED_PROTOCOLS = {"tcp": "6", "udp": "17", "sctp": "132", "icmp": "1", "icmpv6": "58"}
 # ICMPv6 the guest must receive (MLD query/report/done, RA, NS, NA) and may
-# send once its source is checked (RS, NS, NA, MLD report).
+# send once its source is checked (RS, NS, MLD report; NAs for its own
+# addresses only, _neighbour_adverts).
 ND_INGRESS = (130, 131, 132, 134, 135, 136)
-ND_EGRESS = (131, 133, 135, 136, 143)
+ND_EGRESS = (131, 133, 135, 143)
+NEIGHBOUR_ADVERT = 136
+# An NA's target address: bytes 8 to 23 of the ICMPv6 message, after the
+# 40-byte IPv6 header (the offsets u32 reads). One with extension headers
+# between moves it, fails the match and is dropped.
+NA_TARGET_OFFSET = 48
 # Before it has an address a guest sends DHCP discovers from 0.0.0.0 and
 # DAD/MLD from ::.
 DAD_TYPES = (131, 135, 143)
@@ -184,6 +190,36 @@ def _icmpv6(types: Iterable[int], target: str, source: str | None = None) -> lis
     return [f"{src}-p ipv6-icmp -m icmp6 --icmpv6-type {t} -j {target}" for t in types]
 
 
+def _na_target_match(cidr: str) -> str | None:
+    """A u32 test that an NA's target lies in `cidr` (None: any target)."""
+    net = ipaddress.IPv6Network(cidr, strict=False)
+    value, tests = int(net.network_address), []
+    for word in range(4):
+        bits = min(32, net.prefixlen - 32 * word)
+        if bits <= 0:
+            break
+        part = (value >> (96 - 32 * word)) & 0xFFFFFFFF
+        offset = NA_TARGET_OFFSET + 4 * word
+        if bits == 32:
+            tests.append(f"{offset}={part:#x}")
+        else:
+            mask = (0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF
+            tests.append(f"{offset}&{mask:#x}={part:#x}")
+    return "&&".join(tests) or None
+
+
+def _neighbour_adverts(port: FwPort) -> list[str]:
+    """NAs only for the port's own addresses: ip6tables checked the source
+    only, and an NA for a neighbour's address with the guest's MAC would
+    poison every cache on the network (Neutron matches nd_target)."""
+    head = f"-p ipv6-icmp -m icmp6 --icmpv6-type {NEIGHBOUR_ADVERT}"
+    lines: dict[str, None] = {}
+    for src, _ in _sources(port, 6):
+        match = _na_target_match(src)
+        lines.setdefault(f"{head} -m u32 --u32 {match} -j ACCEPT" if match else f"{head} -j ACCEPT")
+    return [*lines, f"{head} -j DROP"]
+
+
 def _sources(port: FwPort, family: Family) -> list[tuple[str, str]]:
     """(address or CIDR, MAC) pairs the port may send from."""
     out = [(_host(ip), port.mac) for ip in port.ips if family_of(ip) == family]
@@ -244,6 +280,7 @@ def _port_chains(
         ]
     else:
         o_lines += _icmpv6((134,), "DROP")
+        o_lines += _neighbour_adverts(port)
         o_lines += _icmpv6(ND_EGRESS, "ACCEPT")
         o_lines += [
             "-p udp -m udp --sport 546 --dport 547 -j ACCEPT",

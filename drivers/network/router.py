@@ -21,7 +21,7 @@ import os
 import structlog
 
 from nubes.drivers.network.l3_plan import NETNS_INFIX, Device, RouterPlan
-from nubes.drivers.network.netns import Links
+from nubes.drivers.network.netns import Links, one_socket_per_namespace
 from nubes.drivers.network.switch import NodeSwitch
 from nubes.drivers.runner import CommandError, Runner
 
@@ -62,6 +62,7 @@ class Routers:
         except FileNotFoundError:
             return []
 
+    @one_socket_per_namespace
     def ensure(self, plan: RouterPlan, full: bool = False) -> None:
         try:
             self._ensure(plan, full)

@@ -181,6 +181,47 @@ async def test_provider_attributes_need_a_cloud_admin_on_create_and_update(
     assert rc != 0 and "spec.shared: provider network attributes" in err
 
 
+async def test_shared_network_attributes_are_the_network_owners(
+    project: str, cloud_admin: str
+) -> None:
+    """On another project's shared network a member (bob) takes no address
+    of the owner's hosts and does not opt out of port security: what
+    Neutron's network-owner rules keep for the owner and admins."""
+    ns, owner = project, f"{project}-owner"
+    kubectl("create", "namespace", owner)
+    try:
+        allowed(cloud_admin, obj(NET, "Network", "shared", owner, shared=True))
+        net = {"name": "shared", "namespace": owner}
+        allowed("bob", obj(NET, "Port", "plain", ns, network=net, fixedIps=[{"subnet": "s"}]))
+        for field, spec in (
+            ("spec.macAddress", {"macAddress": "fa:16:3e:00:00:01"}),
+            ("spec.fixedIps", {"fixedIps": [{"ipAddress": "10.9.0.1"}]}),
+            ("spec.allowedAddressPairs", {"allowedAddressPairs": [{"ipAddress": "0.0.0.0/0"}]}),
+            ("spec.portSecurityEnabled", {"portSecurityEnabled": False}),
+            ("spec.deviceOwner", {"deviceOwner": "network:dhcp"}),
+        ):
+            hostile = obj(NET, "Port", "p", ns, network=net, **spec)
+            rc, err = as_user("bob", hostile)
+            assert rc != 0 and f"{field}: " in err, (field, err)
+            assert f"network {owner}/shared" in err and "only its project or a cloud" in err
+            # A cloud administrator may; re-applying what is there stays the member's.
+            allowed(cloud_admin, hostile)
+            allowed("bob", hostile)
+            kubectl("delete", "port", "p", "-n", ns, "--wait=false")
+        # On the member's own network all of it is the member's.
+        allowed("bob", obj(NET, "Network", "own", ns))
+        own = {"macAddress": "fa:16:3e:00:00:02", "portSecurityEnabled": False}
+        allowed("bob", obj(NET, "Port", "mine", ns, network={"name": "own"}, **own))
+        # An instance's NIC on the shared network becomes such a port.
+        nic = {"network": net, "fixedIp": "10.9.0.1"}
+        vm = obj(COMPUTE, "Instance", "vm", ns, flavor="f", image={"name": "i"}, networks=[nic])
+        rc, err = as_user("bob", vm)
+        assert rc != 0 and "spec.networks[].fixedIp: on another project's network" in err, err
+        allowed("bob", {**vm, "spec": {**vm["spec"], "networks": [{"network": net}]}})
+    finally:
+        kubectl("delete", "namespace", owner, "--wait=false", check=False)
+
+
 async def test_non_public_flavor_needs_the_project_on_its_access_list(
     kube: Kube, project: str, cloud_admin: str, cleanup: list[tuple[str, str]]
 ) -> None:

@@ -412,6 +412,15 @@ async def test_bad_input_is_refused_or_stalled(
         assert s2 is not None
         small_fip(ns, "dup", external, floatingIpAddress=s2.status.floating_ip_address)
         assert (await stalled(kube, FloatingIP, "dup", ns))[0] == "IpAddressInUse"
+        # Outside the allocation pools is the operator's (upstream hosts):
+        # neither a floating address nor a router's gateway address.
+        small_fip(ns, "outside", external, floatingIpAddress="198.51.100.5")
+        reason, message = await stalled(kube, FloatingIP, "outside", ns)
+        assert reason == "IpAddressNotInPool" and "198.51.100.5" in message, message
+        small_gw = {"network": {"name": "small", "namespace": external}, "fixedIp": "198.51.100.6"}
+        router(ns, "squat", [], None, externalGateway=small_gw)
+        reason, message = await stalled(kube, Router, "squat", ns)
+        assert reason == "IpAddressNotInPool" and "198.51.100.6" in message, message
 
         # An interface a floating IP maps through is not detached.
         router(ns, "edge", ["lone-v4"], external)
@@ -427,6 +436,21 @@ async def test_bad_input_is_refused_or_stalled(
         router(ns, "second", ["lone-v4"], None)
         reason, message = await stalled(kube, Router, "second", ns)
         assert reason == "IpAddressInUse" and "10.8.0.1" in message, message
+        # A port dressed as the interface of a router that does not attach
+        # the subnet does not get the gateway address.
+        decoy = await kube.get(Router, "squat", ns)
+        assert decoy is not None
+        owner = {"apiVersion": NET, "kind": "Router", "name": "squat", "uid": decoy.uid}
+        fake = {
+            "network": {"name": "blue"},
+            "deviceOwner": "network:router_interface",
+            "deviceId": decoy.uid,
+            "fixedIps": [{"ipAddress": "10.0.0.1"}],
+        }
+        meta = {"name": "fake-rif", "namespace": ns, "ownerReferences": [owner]}
+        apply({"apiVersion": NET, "kind": "Port", "metadata": meta, "spec": fake})
+        reason, message = await stalled(kube, Port, "fake-rif", ns)
+        assert reason == "InvalidIpAddress" and "10.0.0.1" in message, message
     finally:
         for n in (ns, other):
             kubectl(

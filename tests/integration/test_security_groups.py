@@ -26,7 +26,7 @@ import pytest
 
 from nubes.api.identity import Project
 from nubes.api.network import Port, SecurityGroup
-from nubes.drivers.network.firewall_rules import node_tag
+from nubes.drivers.network.firewall_rules import eui64_link_local, node_tag
 from nubes.runtime.kube import Kube
 from tests.helpers import Process, apply, eventually, kubectl
 from tests.integration.cloud import (
@@ -223,6 +223,43 @@ UDP_SEND = textwrap.dedent(
 )
 
 
+# An unsolicited IPv6 neighbour advertisement (override flag set) from the
+# sender's own link-local address, saying `target` is at `mac`.
+NA_SEND = textwrap.dedent(
+    """
+    import socket, struct, sys, time
+    source, target, to, mac = sys.argv[1:5]
+    s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
+    index = socket.if_nametoindex("eth0")
+    for _ in range(50):  # until duplicate address detection is over
+        try:
+            s.bind((source, 0, 0, index))
+            break
+        except OSError:
+            time.sleep(0.1)
+    option = bytes([2, 1]) + bytes.fromhex(mac.replace(":", ""))
+    na = struct.pack("!BBHI", 136, 0, 0, 0x20000000)
+    na += socket.inet_pton(socket.AF_INET6, target) + option
+    for _ in range(3):
+        s.sendto(na, (to, 0, 0, index))
+        time.sleep(0.2)
+    """
+)
+
+
+def advertise(sender: Guest, target: str, to: Guest) -> None:
+    """`sender` tells `to` that `target` is at the sender's MAC."""
+    sh(
+        "ip", "netns", "exec", sender.netns, sys.executable, "-c", NA_SEND,
+        eui64_link_local(sender.mac), target, eui64_link_local(to.mac), sender.mac,
+    )  # fmt: skip
+
+
+def neighbour(guest: Guest, address: str) -> str:
+    return sh("ip", "-n", guest.netns, "neigh", "show", address, "dev", "eth0").stdout
+
+
 def udp_received(sender: Guest, source: str, receiver: Guest, *, port: int = 9999) -> list[str]:
     """Sources of the UDP datagrams `receiver` got from `sender` sending
     from `source` (which the sender carries as an address)."""
@@ -409,6 +446,23 @@ async def test_spoofing_reaches_and_poisons_nobody(world: World) -> None:
         what="control: gratuitous ARP poisons without port security",
     )
     sh("ip", "-n", a1.netns, "neigh", "flush", a2.ip)
+
+    # The same in IPv6: a neighbour advertisement for a2's (link-local)
+    # address. a2's own advertisement for it passes; a1 keeps a2's MAC.
+    a2_ll = eui64_link_local(a2.mac)
+    sh("busybox", "ping", "-6", "-c", "1", "-w", "2", f"{a2_ll}%eth0", netns=a1.netns, check=False)
+    await eventually(
+        lambda: a2.mac in neighbour(a1, a2_ll), timeout=5, what="a2 resolved over IPv6"
+    )
+    advertise(evil, a2_ll, a1)
+    time.sleep(1)
+    assert a2.mac in neighbour(a1, a2_ll), "poisoned by a neighbour advertisement"
+    advertise(ctrl, a2_ll, a1)
+    await eventually(
+        lambda: ctrl.mac in neighbour(a1, a2_ll),
+        timeout=5,
+        what="control: a neighbour advertisement poisons without port security",
+    )
 
     # A DHCP server: the victim gets no lease from it; from the control it does.
     victim = await world.guest("victim", world.a, n2)

@@ -58,6 +58,22 @@ def test_crd_is_structural_and_documented(kind: Any) -> None:
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS, ids=lambda k: k.crd.kind)
+def test_every_spec_field_is_bounded(kind: Any) -> None:
+    """Whatever a user writes has a size limit in the schema (the API server
+    refuses more at once, and the components cache it): strings, lists and
+    maps all, not only what a tenant is expected to fill in."""
+    spec = crdgen.crd_for(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in walk(spec["properties"]["spec"], ".spec"):
+        where = f"{kind.crd.kind}{path}"
+        if node.get("type") == "string":
+            assert "maxLength" in node or "enum" in node, f"{where}: a string without maxLength"
+        if node.get("type") == "array":
+            assert "maxItems" in node, f"{where}: a list without maxItems"
+        if isinstance(node.get("additionalProperties"), dict):
+            assert "maxProperties" in node, f"{where}: a map without maxProperties"
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS, ids=lambda k: k.crd.kind)
 def test_names_and_columns(kind: Any) -> None:
     names = crdgen.crd_for(kind)["spec"]["names"]
     assert names["shortNames"]

@@ -72,6 +72,13 @@ def test_port_security_off_means_no_groups() -> None:
     assert security_of(dhcp, network()) == PortSecurity(False, [])
 
 
+def test_another_projects_port_is_never_infrastructure() -> None:
+    """Infrastructure ports live in their network's namespace: a port of
+    another namespace claiming network:* stays filtered."""
+    foreign = port({"deviceOwner": "network:dhcp"}, namespace="tenant-b")
+    assert security_of(foreign, network()) == PortSecurity(True, ["default"])
+
+
 def test_default_group_is_neutrons() -> None:
     body = default_group("ns")
     rules = body["spec"]["rules"]
@@ -168,3 +175,35 @@ def test_concurrent_first_ports_of_a_namespace_make_one_default_group() -> None:
 
     asyncio.run(burst())
     assert sorted(kube.created) == ["a/default", "b/default"]
+
+
+class RefusingKube(CountingKube):
+    async def create_raw(self, _kind: Any, body: dict[str, Any], namespace: str) -> None:
+        await asyncio.sleep(0.01)
+        self.created.append(f"tried {namespace}")
+        raise RuntimeError("API server down")
+
+
+def test_a_failed_create_reaches_every_waiter_and_the_next_call_tries_again() -> None:
+    kube = RefusingKube()
+    op = Operator("controller", kube)  # type: ignore[arg-type]
+    unhandled: list[dict[str, Any]] = []
+
+    async def scenario() -> list[Any]:
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: unhandled.append(ctx))
+        # A waiter cancelled alone (its worker stopping) leaves nobody to read the error.
+        lone = asyncio.ensure_future(ensure_default_group(op, "c"))
+        await asyncio.sleep(0)
+        lone.cancel()
+        await asyncio.sleep(0.05)
+        results = await asyncio.gather(
+            *(ensure_default_group(op, "a") for _ in range(3)), return_exceptions=True
+        )
+        results.append(await asyncio.gather(ensure_default_group(op, "a"), return_exceptions=True))
+        return results
+
+    results = asyncio.run(scenario())
+    assert [type(r).__name__ for r in results[:3]] == ["RuntimeError"] * 3
+    assert type(results[3][0]).__name__ == "RuntimeError"
+    assert kube.created == ["tried c", "tried a", "tried a"]
+    assert unhandled == []

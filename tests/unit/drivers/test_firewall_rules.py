@@ -285,3 +285,27 @@ def test_remote_group_rule_waits_for_a_member_of_its_family() -> None:
     plan = plan_firewall([WEB], {GROUP: ("10.0.0.6",)}, TAG)
     assert list(plan.ipsets) == [names.ipset(4, GROUP)]
     assert not any("match-set" in line for line in plan.ipv6[names.port_chain("i", WEB.uid)])
+
+
+def test_neighbour_advertisements_only_for_own_addresses() -> None:
+    v6 = FwPort(
+        uid=WEB.uid,
+        device=WEB.device,
+        mac=WEB.mac,
+        ips=("fd00::5",),
+        pairs=(("fd00:1::/60", ""), ("2001:db8::7", "fa:16:3e:00:00:99")),
+    )
+    egress = plan_firewall([v6], {}, TAG).ipv6[Names(TAG).port_chain("o", v6.uid)]
+    adverts = [line for line in egress if "--icmpv6-type 136" in line]
+    head = "-p ipv6-icmp -m icmp6 --icmpv6-type 136"
+    assert adverts == [
+        f"{head} -m u32 --u32 48=0xfd000000&&52=0x0&&56=0x0&&60=0x5 -j ACCEPT",
+        f"{head} -m u32 --u32 48=0xfd000001&&52&0xfffffff0=0x0 -j ACCEPT",
+        f"{head} -m u32 --u32 48=0x20010db8&&52=0x0&&56=0x0&&60=0x7 -j ACCEPT",
+        f"{head} -m u32 --u32 48=0xfe800000&&52=0x0&&56=0xf8163eff&&60=0xfe000001 -j ACCEPT",
+        f"{head} -j DROP",
+    ]
+    # A pair of any address may advertise any target.
+    anything = FwPort(uid=v6.uid, device=v6.device, mac=v6.mac, pairs=(("::/0", ""),))
+    egress = plan_firewall([anything], {}, TAG).ipv6[Names(TAG).port_chain("o", v6.uid)]
+    assert f"{head} -j ACCEPT" in egress
