@@ -159,6 +159,11 @@ class InstanceSpec(ApiModel):
                 field_path=".lockReason",
             ),
             cel(
+                "!has(self.lockedBy) || self.locked",
+                "lockedBy needs locked: true",
+                field_path=".lockedBy",
+            ),
+            cel(
                 "has(self.image) == has(oldSelf.image)"
                 " && has(self.bootVolume) == has(oldSelf.bootVolume)",
                 "the boot source is immutable; rebuild with an InstanceAction",
@@ -206,6 +211,10 @@ class InstanceSpec(ApiModel):
     """A locked instance refuses changes from non-admin users."""
     lock_reason: str | None = Field(default=None, max_length=255)
     """Why it is locked."""
+    locked_by: Literal["owner", "admin"] | None = None
+    """Whose lock it is: `owner` (unset means the same) may be lifted by any
+    member; `admin`, set only by an admin (verb override-lock), is lifted only
+    by one, as Nova's admin lock."""
     # Keys and values at most 255 characters, as in Nova: they are written to
     # the config drive on the node.
     metadata: Annotated[

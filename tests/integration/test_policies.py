@@ -74,6 +74,28 @@ async def test_locked_instances_refuse_members_but_not_admins(project: str) -> N
     assert kubectl("delete", "instance", "vm", "-n", ns, "--wait=false", user="bob").returncode == 0
 
 
+async def test_an_admins_lock_is_lifted_by_admins_only(project: str) -> None:
+    ns = project
+    admin_lock = instance(ns, locked=True, lockedBy="admin", lockReason="audit")
+    assert as_user("bob", instance(ns))[0] == 0
+    rc, err = as_user("bob", admin_lock)
+    assert rc != 0 and "spec.lockedBy: admin is an administrator's lock" in err, err
+    assert as_user("alice", admin_lock)[0] == 0
+    # Re-applied unchanged (GitOps) it stays; lifting or weakening it is refused.
+    assert as_user("bob", admin_lock)[0] == 0
+    for attempt in (
+        instance(ns, locked=False),
+        instance(ns, locked=True, lockedBy="owner", lockReason="audit"),
+    ):
+        rc, err = as_user("bob", attempt)
+        assert rc != 0 and "instance vm is locked (audit): only an admin may change it" in err
+        assert "or unlock it (lockedBy: admin)" in err
+    denied = kubectl("delete", "instance", "vm", "-n", ns, "--wait=false", check=False, user="bob")
+    assert denied.returncode != 0 and "only an admin may delete it" in denied.stderr
+    assert as_user("alice", instance(ns, locked=False))[0] == 0
+    assert kubectl("delete", "instance", "vm", "-n", ns, "--wait=false", user="bob").returncode == 0
+
+
 async def test_protected_images_cannot_be_deleted(project: str) -> None:
     ns = project
     image = {
