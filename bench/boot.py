@@ -195,23 +195,21 @@ async def run(boots: int) -> dict[str, Any]:
     ).start()
     kube = await Kube.connect(field_manager="bench")
     ns = f"bench-{uuid.uuid4().hex[:6]}"
-    netns: list[str] = []
-    bridge = ""
     try:
         await setup(kube, ns, zone, image, flavor)
         latencies, steps = await ours(kube, ns, root, zone, flavor, boots)
-        bridge, tap, netns = raw_network(zone)
-        raw = [
-            await asyncio.to_thread(raw_boot, root, image, tap, netns[0]) for _ in range(boots + 1)
-        ][1:]
-        # QEMU's user must read the base: the build cache is root's.
-        base = root / "base.qcow2"
-        shutil.copyfile(image, base)
-        base.chmod(0o644)
-        plain = [
-            await asyncio.to_thread(libvirt_boot, root, base, bridge, netns[0], zone)
-            for _ in range(boots + 1)
-        ][1:]
+        with raw_network(zone) as (bridge, tap, netns):
+            raw = [
+                await asyncio.to_thread(raw_boot, root, image, tap, netns) for _ in range(boots + 1)
+            ][1:]
+            # QEMU's user must read the base: the build cache is root's.
+            base = root / "base.qcow2"
+            shutil.copyfile(image, base)
+            base.chmod(0o644)
+            plain = [
+                await asyncio.to_thread(libvirt_boot, root, base, bridge, netns, zone)
+                for _ in range(boots + 1)
+            ][1:]
     finally:
         await kube.delete_raw(NAMESPACES, ns)
         await kube.delete_raw(FLAVORS, flavor)
@@ -222,12 +220,6 @@ async def run(boots: int) -> dict[str, Any]:
         await kube.close()
         agent.stop()
         controller.stop()
-        for name in netns:
-            sh("ip", "netns", "delete", name, check=False)
-        if bridge:
-            sh("ip", "link", "delete", f"{zone}tp"[:15], check=False)
-            sh("ip", "link", "delete", f"{zone}vh"[:15], check=False)
-            sh("ip", "link", "delete", bridge, check=False)
         fabric.stop()
         if sys.exc_info()[0] is not None:  # failing: keep the logs for a look
             shutil.copytree(

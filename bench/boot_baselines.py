@@ -36,31 +36,32 @@ async def wait_file(path: Path, text: str, timeout: float) -> float:
     raise TimeoutError(f"{text!r} not in {path} after {timeout}s; it ends with:\n{seen}")
 
 
-def raw_network(prefix: str) -> tuple[str, str, list[str]]:
-    """A bridge with a tap for QEMU and a DHCP server in a namespace of its own."""
-    bridge, tap, netns = f"{prefix}br"[:15], f"{prefix}tp"[:15], f"{prefix}-rawdhcp"
-    sh("ip", "link", "add", bridge, "type", "bridge")
-    sh("ip", "link", "set", bridge, "up")
-    sh("ip", "tuntap", "add", "dev", tap, "mode", "tap")
-    sh("ip", "link", "set", tap, "master", bridge, "up")
-    sh("ip", "netns", "add", netns)
-    sh(
-        "ip",
-        "link",
-        "add",
+@contextmanager
+def raw_network(prefix: str) -> Iterator[tuple[str, str, str]]:
+    """A bridge with a tap for QEMU and a DHCP server in a namespace of its
+    own: (bridge, tap, namespace), all removed afterwards, also when made
+    only in part."""
+    bridge, tap, veth, netns = (
+        f"{prefix}br"[:15],
+        f"{prefix}tp"[:15],
         f"{prefix}vh"[:15],
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        netns,
+        f"{prefix}-rawdhcp",
     )
-    sh("ip", "link", "set", f"{prefix}vh"[:15], "master", bridge, "up")
-    sh("ip", "-n", netns, "addr", "add", "10.99.0.2/24", "dev", "eth0")
-    sh("ip", "-n", netns, "link", "set", "eth0", "up")
-    return bridge, tap, [netns]
+    try:
+        sh("ip", "link", "add", bridge, "type", "bridge")
+        sh("ip", "link", "set", bridge, "up")
+        sh("ip", "tuntap", "add", "dev", tap, "mode", "tap")
+        sh("ip", "link", "set", tap, "master", bridge, "up")
+        sh("ip", "netns", "add", netns)
+        sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
+        sh("ip", "link", "set", veth, "master", bridge, "up")
+        sh("ip", "-n", netns, "addr", "add", "10.99.0.2/24", "dev", "eth0")
+        sh("ip", "-n", netns, "link", "set", "eth0", "up")
+        yield bridge, tap, netns
+    finally:
+        sh("ip", "netns", "delete", netns, check=False)
+        for link in (tap, veth, bridge):
+            sh("ip", "link", "delete", link, check=False)
 
 
 @contextmanager
