@@ -34,13 +34,14 @@ from typing import Any
 from nubes.api.identity import Project, ProjectStatus, ProjectUsage, UsageItem
 from nubes.controllers import quota
 from nubes.controllers.security_group import ensure_default_group
-from nubes.runtime.kube import NAMESPACES, RESOURCEQUOTAS, ROLEBINDINGS, path_of
+from nubes.runtime.kube import NAMESPACES, RESOURCEQUOTAS, ROLEBINDINGS, ApiError, path_of
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Reconciler, Stall
 
 PROJECT_LABEL = "nubes.io/project"
 SUSPENDED = "nubes.io/suspended-subjects"
 ROLES = ("admin", "member", "reader")
+DISABLED_RECHECK_SECONDS = 30.0
 
 
 def namespace_of(project: Project) -> str:
@@ -87,6 +88,11 @@ def role_binding(project: Project, role: str) -> dict[str, Any]:
     }
 
 
+# The controller's own bindings (role_binding), by name and role: the
+# nubes-project-bindings policy keeps these names for the controller.
+OURS = {f"nubes-project-{role}": f"nubes:project-{role}" for role in ROLES}
+
+
 def suspension_patch(binding: dict[str, Any], enabled: bool) -> dict[str, Any] | None:
     """A merge patch that takes away (disabled) or gives back (enabled) what a
     RoleBinding made by a project admin grants: members they added and
@@ -94,20 +100,32 @@ def suspension_patch(binding: dict[str, Any], enabled: bool) -> dict[str, Any] |
     None when the binding is as it should be, or is not about project roles."""
     role = binding.get("roleRef", {}).get("name", "")
     name = binding.get("metadata", {}).get("name", "")
-    if not role.startswith("nubes:project-") or name.startswith("nubes-project-"):
+    if not role.startswith("nubes:project-") or OURS.get(name) == role:
         return None  # not a project role, or one of ours (role_binding above)
     annotations = binding.get("metadata", {}).get("annotations") or {}
-    held = annotations.get(SUSPENDED)
+    held = _subjects(annotations.get(SUSPENDED)) if SUSPENDED in annotations else None
     subjects = binding.get("subjects") or []
     if not enabled and subjects:
-        kept = json.loads(held) if held else []
         return {
-            "metadata": {"annotations": {SUSPENDED: json.dumps(kept + subjects)}},
+            "metadata": {"annotations": {SUSPENDED: json.dumps((held or []) + subjects)}},
             "subjects": [],
         }
     if enabled and held is not None:
-        return {"metadata": {"annotations": {SUSPENDED: None}}, "subjects": json.loads(held)}
+        back = [*subjects, *(s for s in held if s not in subjects)]
+        return {"metadata": {"annotations": {SUSPENDED: None}}, "subjects": back}
     return None
+
+
+def _subjects(text: Any) -> list[dict[str, Any]]:
+    """The subjects an annotation holds; nothing from one that is not ours
+    (the policy lets no one else write it; still, never fail a pass on it)."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return []
+    if not isinstance(value, list):
+        return []
+    return [s for s in value if isinstance(s, dict)]
 
 
 def resource_quota(project: Project) -> dict[str, Any]:
@@ -173,16 +191,22 @@ class ProjectReconciler(Reconciler[Project]):
                     f"namespace {name} is being deleted",
                     requeue_after=2,
                 )
-        for role in ROLES:
-            await kube.apply_raw(ROLEBINDINGS, role_binding(obj, role))
-        for binding in await kube.list_raw(ROLEBINDINGS, name):
-            patch = suspension_patch(binding, obj.spec.enabled)
-            if patch is not None:
-                await kube.patch_raw(ROLEBINDINGS, binding["metadata"]["name"], patch, name)
+        # The counted quotas first: nobody is bound before they hold.
         wanted = resource_quota(obj)
         current = await kube.get_raw(RESOURCEQUOTAS, quota.QUOTA_NAME, name)
         if current is None or current.get("spec", {}).get("hard", {}) != wanted["spec"]["hard"]:
             current = await kube.apply_raw(RESOURCEQUOTAS, wanted)
+        for role in ROLES:
+            await kube.apply_raw(ROLEBINDINGS, role_binding(obj, role))
+        for binding in await kube.list_raw(ROLEBINDINGS, name):
+            patch = suspension_patch(binding, obj.spec.enabled)
+            if patch is None:
+                continue
+            try:
+                await kube.patch_raw(ROLEBINDINGS, binding["metadata"]["name"], patch, name)
+            except ApiError as e:
+                if e.status != 404:  # gone meanwhile: nothing to suspend
+                    raise
         counted = (current or {}).get("status", {})
         hard = wanted["spec"]["hard"]
         if hard and (set(counted.get("hard", {})) != set(hard) or "used" not in counted):
@@ -203,10 +227,12 @@ class ProjectReconciler(Reconciler[Project]):
             # A disabled project is in the state asked for (its members bound to
             # nothing, its resources kept), so kstatus sees it Current: Ready
             # True, with the reason saying why nobody can use it.
+            # Bindings made while it was being disabled are caught on the next look.
             return Outcome.ready(
                 status,
                 f"{summary}; disabled: members have no access, resources are kept",
                 reason="Disabled",
+                requeue_after=DISABLED_RECHECK_SECONDS,
             )
         return Outcome.ready(status, summary)
 

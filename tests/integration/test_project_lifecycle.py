@@ -150,6 +150,60 @@ async def test_disabling_also_suspends_bindings_project_admins_made(
     await eventually(lambda: can_list(added, ns), timeout=15, what="added reader allowed again")
 
 
+def binding(ns: str, name: str, role: str, user: str, **meta: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": name, "namespace": ns, **meta},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": role,
+        },
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    }
+
+
+async def test_a_project_admin_keeps_no_access_through_the_controllers_bindings(
+    kube: Kube, controller: Process
+) -> None:
+    """A project admin may bind the project roles, but not under the names
+    of the controller's own bindings (spared when the project is disabled),
+    nor with the annotation that holds a disabled project's subjects."""
+    ns, admin = f"lc-{uuid.uuid4().hex[:6]}", "alice"
+    manifest = project_manifest(ns)
+    manifest["spec"]["members"].append({"name": admin, "role": "admin"})
+    apply(manifest)
+    try:
+        await eventually(lambda: ready_reason(kube, ns), timeout=360, what="project Ready")
+        kubectl("delete", "rolebinding", "nubes-project-reader", "-n", ns, user=admin)
+        taken = apply(
+            binding(ns, "nubes-project-reader", "nubes:project-admin", admin),
+            user=admin,
+            check=False,
+        )
+        assert taken.returncode != 0 and "the name is the Nubes controller's" in taken.stderr
+        held = json.dumps([{"kind": "User", "name": admin}])
+        annotated = binding(
+            ns, "held", "nubes:project-reader", READER,
+            annotations={"nubes.io/suspended-subjects": held},
+        )  # fmt: skip
+        refused = apply(annotated, user=admin, check=False)
+        assert refused.returncode != 0 and "suspended-subjects" in refused.stderr
+        # Under the controller's prefix, a binding of hers is suspended like any other.
+        keep = binding(ns, "nubes-project-keep", "nubes:project-admin", admin)
+        assert apply(keep, user=admin).returncode == 0
+        set_enabled(ns, False)
+        await eventually(lambda: not can_list(admin, ns), timeout=15, what="admin refused")
+        assert not can_list(MEMBER, ns)
+        # Enabled again: the controller's reader binding is back.
+        set_enabled(ns, True)
+        await eventually(lambda: can_list(READER, ns), timeout=15, what="reader allowed again")
+        assert can_list(admin, ns)
+    finally:
+        kubectl("delete", "project", ns, "--wait=false", "--ignore-not-found")
+
+
 async def test_project_created_disabled_grants_nothing(kube: Kube, controller: Process) -> None:
     name = f"lc-{uuid.uuid4().hex[:6]}"
     apply(project_manifest(name, enabled=False))

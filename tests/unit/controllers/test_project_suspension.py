@@ -46,3 +46,30 @@ def test_other_bindings_are_left_alone() -> None:
     for b in (ours, foreign):
         assert suspension_patch(b, enabled=False) is None
         assert suspension_patch(b, enabled=True) is None
+
+
+def test_only_the_controllers_own_bindings_are_spared() -> None:
+    # Our prefix, or our name with another role, is a project admin's binding.
+    for b in (
+        binding("nubes-project-keep", "nubes:project-admin", [ALICE]),
+        binding("nubes-project-reader", "nubes:project-admin", [ALICE]),
+    ):
+        assert suspension_patch(b, enabled=False) == {
+            "metadata": {"annotations": {SUSPENDED: json.dumps([ALICE])}},
+            "subjects": [],
+        }
+
+
+def test_an_annotation_that_is_not_ours_never_fails_a_pass() -> None:
+    for text in ("x", "{}", "[1, 2]", "null"):
+        b = binding("app", "nubes:project-member", [APP])
+        b["metadata"]["annotations"] = {SUSPENDED: text}
+        assert suspension_patch(b, enabled=False) == {
+            "metadata": {"annotations": {SUSPENDED: json.dumps([APP])}},
+            "subjects": [],
+        }
+        # Enabled, the subjects in place stay; the annotation goes.
+        assert suspension_patch(b, enabled=True) == {
+            "metadata": {"annotations": {SUSPENDED: None}},
+            "subjects": [APP],
+        }
