@@ -27,7 +27,16 @@ from nubes.controllers.image import resolve_image
 from nubes.controllers.indexes import index_actions
 from nubes.controllers.instance import host_states, request_for, root_disk_gib
 from nubes.controllers.intent import GIB, image_source
-from nubes.controllers.quota import Amounts, hold, release, requeue_refused, resize_amounts
+from nubes.controllers.lifecycle import effective
+from nubes.controllers.quota import (
+    Amounts,
+    covers,
+    hold,
+    project_for,
+    release,
+    requeue_refused,
+    resize_amounts,
+)
 from nubes.drivers.images.store import ImageStore
 from nubes.drivers.runner import SubprocessRunner
 from nubes.runtime.kube import path_of
@@ -97,7 +106,12 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
 
     async def converge(self, obj: InstanceAction) -> Outcome:
         if obj.status.completed_at:
-            # What a Resize reserved is now the instance's own (or was not needed).
+            if not self._handed_over(obj):
+                return Outcome.progressing(
+                    "HandingOverQuota",
+                    "the instance takes over the cores and RAM this resize reserved",
+                    requeue_after=1,
+                )
             await release(self.op, obj)
             return await self._finished(obj)
         inst: Instance | None = self.op.store(Instance).lookup(obj.spec.instance, obj.namespace)
@@ -123,6 +137,24 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
                 "InProgress", f"{what} is running on {plan.source_node}", plan
             )
         return Outcome.progressing("Pending", f"{what} handed to node {plan.source_node}", plan)
+
+    def _handed_over(self, obj: InstanceAction) -> bool:
+        """What a done Resize reserved is the instance's own once its ledger
+        entry covers the new flavor: given back before, another instance
+        waiting for quota could take it while the resized one then records
+        its new size unchecked (it runs with it already)."""
+        if obj.spec.action != "Resize" or obj.status.error is not None or not obj.status.flavor:
+            return True
+        project = project_for(self.op, obj.namespace)
+        inst = self.op.store(Instance).lookup(obj.spec.instance, obj.namespace)
+        flavor = self.op.store(Flavor).lookup(obj.status.flavor)
+        if project is None or inst is None or inst.deleting or flavor is None:
+            return True
+        actions = self.op.store(InstanceAction).by_index("instance", inst.key)
+        if effective(inst, actions).flavor != flavor.name:
+            return True  # a later resize took over
+        size = Amounts(cores=flavor.spec.vcpus, ram_mib=flavor.spec.ram_mib)
+        return covers(project.status.reservations, inst.uid, size)
 
     def _plan(self, obj: InstanceAction, inst: Instance) -> InstanceActionStatus:
         """Validate and fix the plan (sticky once recorded)."""

@@ -338,6 +338,12 @@ def instance_amounts(inst: Instance, flavor: Flavor) -> tuple[Amounts, Amounts]:
     return want, want if inst.status.node else Amounts()
 
 
+def covers(ledger: Mapping[str, Reservation], uid: str, want: Amounts) -> bool:
+    """Whether the ledger already holds at least `want` for consumer `uid`."""
+    have = Amounts.of(ledger.get(uid))
+    return all(have.get(name) >= want.get(name) for name in SUMMED)
+
+
 def resize_amounts(old: Flavor | None, new: Flavor) -> Amounts:
     """The growth a Resize reserves until it completes."""
     return Amounts(

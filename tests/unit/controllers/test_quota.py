@@ -14,6 +14,7 @@ from nubes.controllers.quota import (
     Amounts,
     Change,
     Refusal,
+    covers,
     decide,
     hard_limits,
     instance_amounts,
@@ -172,3 +173,22 @@ def test_volume_amounts() -> None:
     assert volume_amounts(backed) == (Amounts(gigabytes=5), Amounts(gigabytes=2))
     placed = vol(5, node="n", grantedSizeGib=3)
     assert volume_amounts(placed) == (Amounts(gigabytes=5), Amounts(gigabytes=3))
+
+
+def test_a_done_resize_hands_its_growth_to_the_instance_before_giving_it_back() -> None:
+    """Cores limit 8: i1 holds 2 and its Resize to 8 holds the growth of 6.
+    The action gives back only once the instance's own entry covers 8 (the
+    instance records its new size unchecked: it runs with it). Released
+    first, a waiting i2 would take the 6 and the project would end at 14."""
+    limits = quotas(cores=8)
+    ledger = {"i1": entry(cores=2), "resize": entry("InstanceAction", cores=6)}
+    new_size = Amounts(cores=8)
+    assert not covers(ledger, "i1", new_size)  # the action keeps its entry
+    assert isinstance(decide(ledger, limits, "i2", "Instance", Amounts(cores=6)), Refusal)
+    change = decide(ledger, limits, "i1", "Instance", new_size, held=new_size)
+    assert isinstance(change, Change) and change.entry is not None
+    ledger["i1"] = change.entry
+    assert covers(ledger, "i1", new_size)
+    del ledger["resize"]  # now given back
+    assert isinstance(decide(ledger, limits, "i2", "Instance", Amounts(cores=6)), Refusal)
+    assert totals(ledger).get("cores") == 8
