@@ -1,9 +1,9 @@
 """Project: the tenant's namespace and the role bindings of its members.
 
-Disabling a project empties its RoleBindings (see role_binding), and those
-its admins made to the project roles (members they added, application
-credentials; see suspension_patch); enabling it binds them all again.
-Nothing else in the namespace is touched.
+Who may use it is in its RoleBindings (controllers/project_access.py):
+disabling a project empties them all, enabling it binds them again, and a
+member who loses a role loses what they granted with it. Nothing else in
+the namespace is touched.
 
 Deleting a project deletes its namespace (owner reference, garbage
 collector), and the namespace controller deletes every object in it at once,
@@ -28,24 +28,31 @@ left in the API server or on the nodes.
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+import structlog
 
 from nubes.api.identity import Project, ProjectStatus, ProjectUsage, UsageItem
 from nubes.controllers import quota
+from nubes.controllers.project_access import (
+    OURS,
+    PROJECT_LABEL,
+    ROLES,
+    binding_patch,
+    credentials_to_end,
+    lost_roles,
+    namespace_of,
+    role_binding,
+)
 from nubes.controllers.security_group import ensure_default_group
+from nubes.runtime.credentials import APP_CREDENTIAL_LABEL, SERVICEACCOUNTS
 from nubes.runtime.kube import NAMESPACES, RESOURCEQUOTAS, ROLEBINDINGS, ApiError, path_of
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Reconciler, Stall
 
-PROJECT_LABEL = "nubes.io/project"
-SUSPENDED = "nubes.io/suspended-subjects"
-ROLES = ("admin", "member", "reader")
+log = structlog.get_logger()
+
 DISABLED_RECHECK_SECONDS = 30.0
-
-
-def namespace_of(project: Project) -> str:
-    return project.spec.namespace or project.name
 
 
 def owner_reference(project: Project) -> dict[str, Any]:
@@ -56,76 +63,6 @@ def owner_reference(project: Project) -> dict[str, Any]:
         "uid": project.uid,
         "controller": True,
     }
-
-
-def role_binding(project: Project, role: str) -> dict[str, Any]:
-    # A disabled project keeps its bindings but binds nobody: access goes at
-    # once (RBAC reads bindings from the API server's watch cache) and comes
-    # back with the members' list on re-enabling, without delete rights here.
-    subjects = (
-        [
-            {"apiGroup": "rbac.authorization.k8s.io", "kind": m.kind, "name": m.name}
-            for m in project.spec.members
-            if m.role == role
-        ]
-        if project.spec.enabled
-        else []
-    )
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": {
-            "name": f"nubes-project-{role}",
-            "namespace": namespace_of(project),
-            "labels": {PROJECT_LABEL: project.name},
-        },
-        "roleRef": {
-            "apiGroup": "rbac.authorization.k8s.io",
-            "kind": "ClusterRole",
-            "name": f"nubes:project-{role}",
-        },
-        "subjects": subjects,
-    }
-
-
-# The controller's own bindings (role_binding), by name and role: the
-# nubes-project-bindings policy keeps these names for the controller.
-OURS = {f"nubes-project-{role}": f"nubes:project-{role}" for role in ROLES}
-
-
-def suspension_patch(binding: dict[str, Any], enabled: bool) -> dict[str, Any] | None:
-    """A merge patch that takes away (disabled) or gives back (enabled) what a
-    RoleBinding made by a project admin grants: members they added and
-    application credentials. The subjects wait in an annotation meanwhile.
-    None when the binding is as it should be, or is not about project roles."""
-    role = binding.get("roleRef", {}).get("name", "")
-    name = binding.get("metadata", {}).get("name", "")
-    if not role.startswith("nubes:project-") or OURS.get(name) == role:
-        return None  # not a project role, or one of ours (role_binding above)
-    annotations = binding.get("metadata", {}).get("annotations") or {}
-    held = _subjects(annotations.get(SUSPENDED)) if SUSPENDED in annotations else None
-    subjects = binding.get("subjects") or []
-    if not enabled and subjects:
-        return {
-            "metadata": {"annotations": {SUSPENDED: json.dumps((held or []) + subjects)}},
-            "subjects": [],
-        }
-    if enabled and held is not None:
-        back = [*subjects, *(s for s in held if s not in subjects)]
-        return {"metadata": {"annotations": {SUSPENDED: None}}, "subjects": back}
-    return None
-
-
-def _subjects(text: Any) -> list[dict[str, Any]]:
-    """The subjects an annotation holds; nothing from one that is not ours
-    (the policy lets no one else write it; still, never fail a pass on it)."""
-    try:
-        value = json.loads(text)
-    except (TypeError, ValueError):
-        return []
-    if not isinstance(value, list):
-        return []
-    return [s for s in value if isinstance(s, dict)]
 
 
 def resource_quota(project: Project) -> dict[str, Any]:
@@ -196,17 +133,7 @@ class ProjectReconciler(Reconciler[Project]):
         current = await kube.get_raw(RESOURCEQUOTAS, quota.QUOTA_NAME, name)
         if current is None or current.get("spec", {}).get("hard", {}) != wanted["spec"]["hard"]:
             current = await kube.apply_raw(RESOURCEQUOTAS, wanted)
-        for role in ROLES:
-            await kube.apply_raw(ROLEBINDINGS, role_binding(obj, role))
-        for binding in await kube.list_raw(ROLEBINDINGS, name):
-            patch = suspension_patch(binding, obj.spec.enabled)
-            if patch is None:
-                continue
-            try:
-                await kube.patch_raw(ROLEBINDINGS, binding["metadata"]["name"], patch, name)
-            except ApiError as e:
-                if e.status != 404:  # gone meanwhile: nothing to suspend
-                    raise
+        await self._bindings(obj, name)
         counted = (current or {}).get("status", {})
         hard = wanted["spec"]["hard"]
         if hard and (set(counted.get("hard", {})) != set(hard) or "used" not in counted):
@@ -235,6 +162,45 @@ class ProjectReconciler(Reconciler[Project]):
                 requeue_after=DISABLED_RECHECK_SECONDS,
             )
         return Outcome.ready(status, summary)
+
+    # --- who may use it ------------------------------------------------------------------
+
+    async def _bindings(self, obj: Project, namespace: str) -> None:
+        """The admins' bindings first (a role lost since our bindings were
+        made is read from them), then ours (see project_access)."""
+        kube = self.op.kube
+        bindings = await kube.list_raw(ROLEBINDINGS, namespace)
+        lost = lost_roles(obj, [b for b in bindings if b["metadata"]["name"] in OURS])
+        accounts = await kube.list_raw(
+            SERVICEACCOUNTS, namespace, label_selector=f"{APP_CREDENTIAL_LABEL}=true"
+        )
+        ended = credentials_to_end(accounts, lost)
+        for account in ended:
+            meta = account["metadata"]
+            try:
+                await kube.delete_raw(SERVICEACCOUNTS, meta["name"], namespace, uid=meta["uid"])
+            except ApiError as e:
+                if not e.conflict:  # made again under the same name: not this one
+                    raise
+            log.info("application credential ended with its creator's role", name=meta["name"])
+        credentials = {a["metadata"]["name"] for a in accounts if a not in ended}
+        for binding in bindings:
+            patch = binding_patch(
+                binding,
+                enabled=obj.spec.enabled,
+                lost=lost,
+                credentials=credentials,
+                namespace=namespace,
+            )
+            if patch is None:
+                continue
+            try:
+                await kube.patch_raw(ROLEBINDINGS, binding["metadata"]["name"], patch, namespace)
+            except ApiError as e:
+                if e.status != 404:  # gone meanwhile: nothing to change
+                    raise
+        for role in ROLES:
+            await kube.apply_raw(ROLEBINDINGS, role_binding(obj, role))
 
     # --- quota usage and the ledger's deletions ---------------------------------------
 

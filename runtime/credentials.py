@@ -48,6 +48,9 @@ APP_CREDENTIAL_LABEL = "nubes.io/app-credential"
 # The life asked for, in seconds from the ServiceAccount's creationTimestamp.
 LIFETIME_ANNOTATION = "nubes.io/lifetime-seconds"
 ROLE_LABEL = "nubes.io/role"
+# Who made it (the API server's name for them; admission checks it): the
+# credential ends when they lose its role in the project.
+CREATOR_ANNOTATION = "nubes.io/created-by"
 ROLES = ("admin", "member", "reader")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -324,6 +327,12 @@ async def create_app_credential(
         raise CredentialError(f"role {role}: one of {', '.join(ROLES)}")
     namespace, _ = await project_namespace(kube, project)
     labels = {APP_CREDENTIAL_LABEL: "true", ROLE_LABEL: role}
+    review = await kube.request(
+        "POST",
+        "/apis/authentication.k8s.io/v1/selfsubjectreviews",
+        body={"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"},
+    )
+    creator = str(review["status"]["userInfo"]["username"])
     try:
         account = await kube.create_raw(
             SERVICEACCOUNTS,
@@ -334,7 +343,10 @@ async def create_app_credential(
                     "name": name,
                     "namespace": namespace,
                     "labels": labels,
-                    "annotations": {LIFETIME_ANNOTATION: str(seconds)},
+                    "annotations": {
+                        LIFETIME_ANNOTATION: str(seconds),
+                        CREATOR_ANNOTATION: creator,
+                    },
                 },
                 # Nothing in the project mounts it; its tokens come from here only.
                 "automountServiceAccountToken": False,

@@ -204,6 +204,72 @@ async def test_a_project_admin_keeps_no_access_through_the_controllers_bindings(
         kubectl("delete", "project", ns, "--wait=false", "--ignore-not-found")
 
 
+def credential(ns: str, name: str, role: str, creator: str) -> dict[str, Any]:
+    """An application credential's ServiceAccount as `nubes app-credential
+    create` makes it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": {"nubes.io/app-credential": "true", "nubes.io/role": role},
+            "annotations": {"nubes.io/lifetime-seconds": "3600", "nubes.io/created-by": creator},
+        },
+    }
+
+
+def subjects_of(ns: str, name: str) -> list[Any]:
+    got = kubectl("get", "rolebinding", name, "-n", ns, "-o", "json")
+    return list(json.loads(got.stdout).get("subjects") or [])
+
+
+async def test_an_admin_who_loses_the_role_keeps_nothing_they_granted(
+    kube: Kube, controller: Process
+) -> None:
+    """Keystone ends a user's application credentials with their role: an
+    admin removed from spec.members keeps no access through a binding they
+    made for themselves or a credential they made."""
+    ns, admin = f"lc-{uuid.uuid4().hex[:6]}", "alice"
+    manifest = project_manifest(ns)
+    manifest["spec"]["members"].append({"name": admin, "role": "admin"})
+    apply(manifest)
+    try:
+        await eventually(lambda: ready_reason(kube, ns), timeout=360, what="project Ready")
+        # In a project a ServiceAccount is an application credential, made by its creator.
+        plain = credential(ns, "bot", "admin", admin)
+        del plain["metadata"]["labels"], plain["metadata"]["annotations"]
+        refused = apply(plain, user=admin, check=False)
+        assert refused.returncode != 0 and "is an application credential" in refused.stderr
+        forged = apply(credential(ns, "forged", "admin", MEMBER), user=admin, check=False)
+        assert forged.returncode != 0 and "nubes.io/created-by=alice" in forged.stderr
+        assert apply(credential(ns, "ci", "admin", admin), user=admin).returncode == 0
+        ci = {"kind": "ServiceAccount", "name": "ci", "namespace": ns}
+        default = {"kind": "ServiceAccount", "name": "default", "namespace": ns}
+        mine = binding(ns, "mine", "nubes:project-admin", admin)
+        mine["subjects"] += [ci, default]
+        assert apply(mine, user=admin).returncode == 0
+        # Only credentials among the project's ServiceAccounts stay bound.
+        await eventually(
+            lambda: default not in subjects_of(ns, "mine"), timeout=15, what="default unbound"
+        )
+        assert ci in subjects_of(ns, "mine")
+
+        # The cloud admin takes her admin role.
+        manifest["spec"]["members"] = manifest["spec"]["members"][:-1]
+        apply(manifest)
+        await eventually(lambda: not can_list(admin, ns), timeout=15, what="removed admin refused")
+        await eventually(
+            lambda: kubectl("get", "sa", "ci", "-n", ns, check=False).returncode != 0,
+            timeout=15,
+            what="her credential ended",
+        )
+        assert subjects_of(ns, "mine") == []
+        assert can_list(MEMBER, ns) and can_list(READER, ns)
+    finally:
+        kubectl("delete", "project", ns, "--wait=false", "--ignore-not-found")
+
+
 async def test_project_created_disabled_grants_nothing(kube: Kube, controller: Process) -> None:
     name = f"lc-{uuid.uuid4().hex[:6]}"
     apply(project_manifest(name, enabled=False))
