@@ -38,6 +38,7 @@ from nubes.controllers.project_access import (
     OURS,
     PROJECT_LABEL,
     ROLES,
+    RoleBindingSeen,
     binding_patch,
     credentials_to_end,
     lost_roles,
@@ -87,6 +88,12 @@ class ProjectReconciler(Reconciler[Project]):
         super().setup(op)
         quota.index_consumers(op)
         projects = op.store(Project)
+        # What project admins bind is checked when they bind it.
+        op.watch(
+            RoleBindingSeen,
+            Project,
+            lambda b: [p.key for p in projects.by_index("namespace", b.namespace or "")],
+        )
         # Usage follows creations and deletions; the ledger follows deletions.
         for kind in {k for _, k in quota.COUNTED} | set(quota.CONSUMERS):
             op.watch(

@@ -24,7 +24,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic import Field
+
 from nubes.api.identity import Project
+from nubes.api.meta import ApiModel, CrdInfo, Resource, Status
 from nubes.runtime.credentials import APP_CREDENTIAL_LABEL, CREATOR_ANNOTATION, ROLE_LABEL
 
 PROJECT_LABEL = "nubes.io/project"
@@ -36,6 +39,20 @@ RBAC = "rbac.authorization.k8s.io"
 # The controller's own bindings, by name and role: the nubes-project-bindings
 # policy keeps these names and the two annotations for the controller.
 OURS = {f"nubes-project-{role}": f"nubes:project-{role}" for role in ROLES}
+
+
+class _Nothing(ApiModel):
+    pass
+
+
+class RoleBindingSeen(Resource[_Nothing, Status]):
+    """RoleBindings as the Project reconciler watches them: their metadata
+    only (a change makes it look at the project's bindings again)."""
+
+    crd = CrdInfo(group=RBAC, kind="RoleBinding", plural="rolebindings", version="v1")
+    spec: _Nothing = Field(default_factory=_Nothing)
+    status: Status = Field(default_factory=Status)
+
 
 Subject = tuple[str, str]
 """(kind, name) of a user or group."""
