@@ -66,6 +66,8 @@ class Quotas(ApiModel):
     """Routers."""
     security_groups: int | None = Field(default=10, ge=-1)
     """Security groups."""
+    images: int | None = Field(default=100, ge=-1)
+    """Images (Glance's image_count_total): imports and instance snapshots."""
     security_group_rules: int | None = Field(default=100, ge=-1)
     """Rules over all security groups (the default group's four included);
     a group that would go over is Stalled with reason QuotaExceeded and not
@@ -133,6 +135,8 @@ class ProjectUsage(ApiModel):
     """Routers."""
     security_groups: UsageItem | None = None
     """Security groups."""
+    images: UsageItem | None = None
+    """Images."""
 
 
 class Reservation(ApiModel):

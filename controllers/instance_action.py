@@ -28,6 +28,7 @@ from nubes.controllers.indexes import index_actions
 from nubes.controllers.instance import host_states, request_for, root_disk_gib
 from nubes.controllers.intent import GIB, image_source
 from nubes.controllers.lifecycle import effective
+from nubes.controllers.quota import REASON as QUOTA_REASON
 from nubes.controllers.quota import (
     Amounts,
     covers,
@@ -39,7 +40,7 @@ from nubes.controllers.quota import (
 )
 from nubes.drivers.images.store import ImageStore
 from nubes.drivers.runner import SubprocessRunner
-from nubes.runtime.kube import path_of
+from nubes.runtime.kube import ApiError, path_of
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Reconciler, Stall, Wait
 
@@ -277,6 +278,18 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
                 message=f"image {obj.spec.image_name} was created", reason="Succeeded"
             )
         if image is None:
+            await self._create_snapshot_image(obj, transfer.sha256)
+            return Outcome.progressing("ImportingSnapshot", f"image {obj.spec.image_name} created")
+        if image.status.is_true("Ready"):
+            # Imported into the store under its own id: the transfer copy can go.
+            await asyncio.to_thread(store.delete_internal, transfer.ref)
+            return Outcome.ready(message=f"image {image.name} is ready", reason="Succeeded")
+        if image.status.is_true("Stalled"):
+            raise Stall("SnapshotImportFailed", f"image {image.name} could not be imported")
+        return Outcome.progressing("ImportingSnapshot", f"image {obj.spec.image_name} is importing")
+
+    async def _create_snapshot_image(self, obj: InstanceAction, sha256: str) -> None:
+        try:
             await self.op.kube.apply_raw(
                 path_of(Image),
                 {
@@ -290,15 +303,15 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
                     "spec": {
                         "source": {"snapshot": obj.name},
                         "diskFormat": "qcow2",
-                        "sha256": transfer.sha256,
+                        "sha256": sha256,
                     },
                 },
             )
-            return Outcome.progressing("ImportingSnapshot", f"image {obj.spec.image_name} created")
-        if image.status.is_true("Ready"):
-            # Imported into the store under its own id: the transfer copy can go.
-            await asyncio.to_thread(store.delete_internal, transfer.ref)
-            return Outcome.ready(message=f"image {image.name} is ready", reason="Succeeded")
-        if image.status.is_true("Stalled"):
-            raise Stall("SnapshotImportFailed", f"image {image.name} could not be imported")
-        return Outcome.progressing("ImportingSnapshot", f"image {obj.spec.image_name} is importing")
+        except ApiError as e:
+            if e.status == 403 and "exceeded quota" in str(e):
+                raise Stall(
+                    QUOTA_REASON,
+                    f"images: the project's image quota is used up ({e}); the snapshot is"
+                    " kept until this action is deleted",
+                ) from e
+            raise

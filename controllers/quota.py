@@ -34,6 +34,7 @@ import structlog
 
 from nubes.api.compute import Flavor, Instance, InstanceAction
 from nubes.api.identity import Project, Quotas, Reservation, UsageItem
+from nubes.api.image import Image
 from nubes.api.meta import Resource
 from nubes.api.network import FloatingIP, Network, Port, Router, SecurityGroup, Subnet
 from nubes.api.storage import Volume, VolumeBackup, VolumeSnapshot
@@ -60,6 +61,7 @@ COUNTED: tuple[tuple[str, type[Resource[Any, Any]]], ...] = (
     ("subnets", Subnet),
     ("routers", Router),
     ("security_groups", SecurityGroup),
+    ("images", Image),
 )
 # The kinds that hold ledger entries.
 CONSUMERS: tuple[type[Resource[Any, Any]], ...] = (

@@ -22,7 +22,7 @@ from nubes.api.identity import Project
 from nubes.api.storage import Volume
 from nubes.runtime.kube import RESOURCEQUOTAS, Kube
 from tests.helpers import ROOT, Process, apply, eventually, free_port, kubectl
-from tests.integration.cloud import COMPUTE, NET, flavor
+from tests.integration.cloud import COMPUTE, IMAGE, NET, flavor
 from tests.integration.conftest import controller_argv, start_controller
 
 QUOTA = "nubes-project-quotas"
@@ -305,6 +305,7 @@ async def test_each_count_refused_at_its_limit(kube: Kube, project: ProjectFacto
         "routers": 1,
         # The project's `default` group holds one.
         "securityGroups": 2,
+        "images": 1,
     }
     ns = await project(**limits)
 
@@ -318,6 +319,7 @@ async def test_each_count_refused_at_its_limit(kube: Kube, project: ProjectFacto
 
     # Ports before subnets: a DHCP port would take the one port otherwise.
     snap = {"volume": "x"}
+    unfetched = {"source": {"url": "http://127.0.0.1:9/none.img"}, "diskFormat": "raw"}
     on_net = {"network": {"name": "n-0"}}
     kinds: list[tuple[str, Callable[[str], dict[str, Any]]]] = [
         ("instances.compute.nubes.io", lambda n: instance(ns, n)),
@@ -338,6 +340,7 @@ async def test_each_count_refused_at_its_limit(kube: Kube, project: ProjectFacto
             lambda n: obj(NET, "FloatingIP", n, {"floatingNetwork": {"name": "ext"}}),
         ),
         ("securitygroups.network.nubes.io", lambda n: obj(NET, "SecurityGroup", n, {})),
+        ("images.image.nubes.io", lambda n: obj(IMAGE, "Image", n, unfetched)),
     ]
     for resource, make in kinds:
         prefix = resource.split(".")[0][0]
