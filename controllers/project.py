@@ -53,9 +53,6 @@ from nubes.runtime.reconcile import Outcome, Reconciler, Stall
 
 log = structlog.get_logger()
 
-DISABLED_RECHECK_SECONDS = 30.0
-
-
 def owner_reference(project: Project) -> dict[str, Any]:
     return {
         "apiVersion": project.crd.api_version,
@@ -161,12 +158,10 @@ class ProjectReconciler(Reconciler[Project]):
             # A disabled project is in the state asked for (its members bound to
             # nothing, its resources kept), so kstatus sees it Current: Ready
             # True, with the reason saying why nobody can use it.
-            # Bindings made while it was being disabled are caught on the next look.
             return Outcome.ready(
                 status,
                 f"{summary}; disabled: members have no access, resources are kept",
                 reason="Disabled",
-                requeue_after=DISABLED_RECHECK_SECONDS,
             )
         return Outcome.ready(status, summary)
 
