@@ -53,6 +53,7 @@ from nubes.runtime.reconcile import Outcome, Reconciler, Stall
 
 log = structlog.get_logger()
 
+
 def owner_reference(project: Project) -> dict[str, Any]:
     return {
         "apiVersion": project.crd.api_version,
