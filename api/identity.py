@@ -161,6 +161,10 @@ class ProjectStatus(Status):
     """The quota ledger of cores, RAM and gigabytes, by consumer uid: written with
     resourceVersion preconditions, so concurrent controller workers never
     overshoot a limit."""
+    bound: list[Member] | None = Field(default=None, max_length=256)
+    """The members whose roles the project's bindings last gave: whoever
+    leaves this list, or goes down a role, loses what they granted with
+    the role they lost."""
 
 
 class Project(Resource[ProjectSpec, ProjectStatus]):

@@ -33,6 +33,7 @@ from nubes.controllers.quota import (
     Amounts,
     covers,
     hold,
+    instance_amounts,
     project_for,
     release,
     requeue_refused,
@@ -151,11 +152,14 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
         flavor = self.op.store(Flavor).lookup(obj.status.flavor)
         if project is None or inst is None or inst.deleting or flavor is None:
             return True
+        if obj.uid not in project.status.reservations:
+            return True  # given back already
         actions = self.op.store(InstanceAction).by_index("instance", inst.key)
         if effective(inst, actions).flavor != flavor.name:
             return True  # a later resize took over
-        size = Amounts(cores=flavor.spec.vcpus, ram_mib=flavor.spec.ram_mib)
-        return covers(project.status.reservations, inst.uid, size)
+        # What the instance holds with it (nothing when shelved and offloaded).
+        want, _ = instance_amounts(inst, flavor)
+        return covers(project.status.reservations, inst.uid, want)
 
     def _plan(self, obj: InstanceAction, inst: Instance) -> InstanceActionStatus:
         """Validate and fix the plan (sticky once recorded)."""

@@ -35,7 +35,6 @@ import structlog
 from nubes.api.identity import Project, ProjectStatus, ProjectUsage, UsageItem
 from nubes.controllers import quota
 from nubes.controllers.project_access import (
-    OURS,
     PROJECT_LABEL,
     ROLES,
     RoleBindingSeen,
@@ -138,7 +137,9 @@ class ProjectReconciler(Reconciler[Project]):
         current = await kube.get_raw(RESOURCEQUOTAS, quota.QUOTA_NAME, name)
         if current is None or current.get("spec", {}).get("hard", {}) != wanted["spec"]["hard"]:
             current = await kube.apply_raw(RESOURCEQUOTAS, wanted)
-        await self._bindings(obj, name)
+        settled = await self._bindings(obj, name)
+        bound = obj.spec.members if settled else obj.status.bound
+        again = None if settled else 1.0
         counted = (current or {}).get("status", {})
         hard = wanted["spec"]["hard"]
         if hard and (set(counted.get("hard", {})) != set(hard) or "used" not in counted):
@@ -148,13 +149,14 @@ class ProjectReconciler(Reconciler[Project]):
             return Outcome.progressing(
                 "CountingUsage",
                 f"waiting for the quota controller to count namespace {name}",
+                ProjectStatus(namespace=name, usage=self._usage(obj, name), bound=bound),
                 requeue_after=1,
             )
         await ensure_default_group(self.op, name)
         await self._drop_gone(obj, name)
         members = len(obj.spec.members)
         summary = f"namespace {name}, {members} member{'s' if members != 1 else ''}"
-        status = ProjectStatus(namespace=name, usage=self._usage(obj, name))
+        status = ProjectStatus(namespace=name, usage=self._usage(obj, name), bound=bound)
         if not obj.spec.enabled:
             # A disabled project is in the state asked for (its members bound to
             # nothing, its resources kept), so kstatus sees it Current: Ready
@@ -163,17 +165,21 @@ class ProjectReconciler(Reconciler[Project]):
                 status,
                 f"{summary}; disabled: members have no access, resources are kept",
                 reason="Disabled",
+                requeue_after=again,
             )
-        return Outcome.ready(status, summary)
+        return Outcome.ready(status, summary, requeue_after=again)
 
     # --- who may use it ------------------------------------------------------------------
 
-    async def _bindings(self, obj: Project, namespace: str) -> None:
-        """The admins' bindings first (a role lost since our bindings were
-        made is read from them), then ours (see project_access)."""
+    async def _bindings(self, obj: Project, namespace: str) -> bool:
+        """Ours first (who left or went down a role has no access through
+        them any more), then what project admins made (see project_access).
+        True when nothing needed changing: `status.bound` may then follow
+        the spec; until then it keeps whom the bindings were made for."""
         kube = self.op.kube
-        bindings = await kube.list_raw(ROLEBINDINGS, namespace)
-        lost = lost_roles(obj, [b for b in bindings if b["metadata"]["name"] in OURS])
+        for role in ROLES:
+            await kube.apply_raw(ROLEBINDINGS, role_binding(obj, role))
+        lost = lost_roles(obj)
         accounts = await kube.list_raw(
             SERVICEACCOUNTS, namespace, label_selector=f"{APP_CREDENTIAL_LABEL}=true"
         )
@@ -187,7 +193,8 @@ class ProjectReconciler(Reconciler[Project]):
                     raise
             log.info("application credential ended with its creator's role", name=meta["name"])
         credentials = {a["metadata"]["name"] for a in accounts if a not in ended}
-        for binding in bindings:
+        settled = not ended
+        for binding in await kube.list_raw(ROLEBINDINGS, namespace):
             patch = binding_patch(
                 binding,
                 enabled=obj.spec.enabled,
@@ -197,13 +204,13 @@ class ProjectReconciler(Reconciler[Project]):
             )
             if patch is None:
                 continue
+            settled = False
             try:
                 await kube.patch_raw(ROLEBINDINGS, binding["metadata"]["name"], patch, namespace)
             except ApiError as e:
                 if e.status != 404:  # gone meanwhile: nothing to change
                     raise
-        for role in ROLES:
-            await kube.apply_raw(ROLEBINDINGS, role_binding(obj, role))
+        return settled
 
     # --- quota usage and the ledger's deletions ---------------------------------------
 

@@ -3,20 +3,22 @@ them (pure: each function turns objects read from the API server into the
 objects or merge patches to write).
 
 - The controller's own bindings (`nubes-project-admin`, `-member`,
-  `-reader`) bind the Project's `spec.members` by role; each records the
-  members it was made for (MEMBERS), so a member removed from the spec is
-  known at the next pass even if the bindings bind nobody meanwhile.
+  `-reader`) bind the Project's `spec.members` by role; the Project's
+  `status.bound` records whom the bindings were last made for, so a member
+  who left the spec, or went down a role, is known at the next pass.
 - Bindings project admins made to the project roles (members they added,
   application credentials) are theirs, but:
   - disabling the project suspends them: their subjects wait in an
     annotation (SUSPENDED) until it is enabled again;
-  - a user or group that lost a role in `spec.members` is taken out of every
+  - a user or group that lost a role in `spec.members` (roles are ordered:
+    admin holds member's rights, member reader's) is taken out of every
     binding to that role, so whatever they granted themselves goes with the
     role (Keystone deletes a user's application credentials with their role
     assignment: the reconciler also deletes those they created);
-  - a ServiceAccount of the project is bound only if it is an application
-    credential (labelled, with a life): any other (`default`, one made by
-    hand) would give its tokens the role for as long as they last.
+  - a ServiceAccount is bound only if it is an application credential of
+    the project (labelled, with a life, ended with its creator's role): any
+    other (`default`, one of another project) would keep the role for as
+    long as its tokens last.
 """
 
 from __future__ import annotations
@@ -26,18 +28,19 @@ from typing import Any
 
 from pydantic import Field
 
-from nubes.api.identity import Project
+from nubes.api.identity import Member, Project
 from nubes.api.meta import ApiModel, CrdInfo, Resource, Status
 from nubes.runtime.credentials import APP_CREDENTIAL_LABEL, CREATOR_ANNOTATION, ROLE_LABEL
 
 PROJECT_LABEL = "nubes.io/project"
 SUSPENDED = "nubes.io/suspended-subjects"
-MEMBERS = "nubes.io/members"
 ROLES = ("admin", "member", "reader")
+RANK = ("reader", "member", "admin")
+"""Roles from the least: each holds the rights of those before it."""
 RBAC = "rbac.authorization.k8s.io"
 
 # The controller's own bindings, by name and role: the nubes-project-bindings
-# policy keeps these names and the two annotations for the controller.
+# policy keeps these names and the SUSPENDED annotation for the controller.
 OURS = {f"nubes-project-{role}": f"nubes:project-{role}" for role in ROLES}
 
 
@@ -66,6 +69,27 @@ def members_with(project: Project, role: str) -> list[Subject]:
     return [(m.kind, m.name) for m in project.spec.members if m.role == role]
 
 
+def _ranks(members: list[Member]) -> dict[Subject, int]:
+    """Each subject's highest role, as its rank in RANK."""
+    ranks: dict[Subject, int] = {}
+    for m in members:
+        key = (m.kind, m.name)
+        ranks[key] = max(ranks.get(key, -1), RANK.index(m.role))
+    return ranks
+
+
+def lost_roles(project: Project) -> dict[str, set[Subject]]:
+    """Per role, the users and groups that held it (or one above it) when
+    the bindings were last made, and no longer do."""
+    before = _ranks(project.status.bound or [])
+    now = _ranks(project.spec.members)
+    lost: dict[str, set[Subject]] = {}
+    for subject, rank in before.items():
+        for role in RANK[now.get(subject, -1) + 1 : rank + 1]:
+            lost.setdefault(role, set()).add(subject)
+    return lost
+
+
 def role_binding(project: Project, role: str) -> dict[str, Any]:
     # A disabled project keeps its bindings but binds nobody: access goes at
     # once (RBAC reads bindings from the API server's watch cache) and comes
@@ -79,27 +103,10 @@ def role_binding(project: Project, role: str) -> dict[str, Any]:
             "name": f"nubes-project-{role}",
             "namespace": namespace_of(project),
             "labels": {PROJECT_LABEL: project.name},
-            "annotations": {MEMBERS: json.dumps([list(m) for m in members])},
         },
         "roleRef": {"apiGroup": RBAC, "kind": "ClusterRole", "name": f"nubes:project-{role}"},
         "subjects": subjects if project.spec.enabled else [],
     }
-
-
-def lost_roles(project: Project, ours: list[dict[str, Any]]) -> dict[str, set[Subject]]:
-    """Per role, the users and groups our bindings were made for that the
-    spec no longer gives it."""
-    lost: dict[str, set[Subject]] = {}
-    for binding in ours:
-        role = OURS.get(binding.get("metadata", {}).get("name", ""), "")
-        if binding.get("roleRef", {}).get("name") != role:
-            continue
-        before = {(str(k), str(n)) for k, n in _pairs(_annotation(binding, MEMBERS))}
-        short = role.removeprefix("nubes:project-")
-        gone = before - set(members_with(project, short))
-        if gone:
-            lost[short] = gone
-    return lost
 
 
 def binding_patch(
@@ -121,8 +128,7 @@ def binding_patch(
 
     def allowed(s: dict[str, Any]) -> bool:
         if s.get("kind") == "ServiceAccount":
-            own = s.get("namespace", namespace) == namespace
-            return not own or s.get("name") in credentials
+            return s.get("namespace", namespace) == namespace and s.get("name") in credentials
         return (s.get("kind"), s.get("name")) not in gone
 
     current = binding.get("subjects") or []
@@ -175,7 +181,3 @@ def _load(text: Any) -> list[Any]:
 
 def _subjects(text: Any) -> list[dict[str, Any]]:
     return [s for s in _load(text) if isinstance(s, dict)]
-
-
-def _pairs(text: Any) -> list[tuple[Any, Any]]:
-    return [(p[0], p[1]) for p in _load(text) if isinstance(p, list) and len(p) == 2]

@@ -208,8 +208,12 @@ class RouterReconciler(Reconciler[Router]):
                     "IpAddressNotInSubnet",
                     f"externalGateway.fixedIp: {wanted} is in no subnet of network {name}",
                 )
-            # As for floating IPs: outside the pools is the operator's.
-            if not plan_of(matches[0]).in_pool(address):
+            # As for floating IPs: outside the pools is the operator's (what
+            # the router holds already, from before this rule, it keeps).
+            held = router.status.gateway_port
+            if not plan_of(matches[0]).in_pool(address) and (
+                held is None or held.ip_address != wanted
+            ):
                 raise Stall(
                     "IpAddressNotInPool",
                     f"externalGateway.fixedIp: {wanted} is outside the allocation pools of"

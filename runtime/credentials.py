@@ -41,6 +41,8 @@ CLIENT_SIGNER = "kubernetes.io/kube-apiserver-client"
 DEFAULT_DURATION = 24 * 3600
 # The API server refuses shorter CSR expirationSeconds and TokenRequests.
 MIN_DURATION = 600
+# Nine digits of seconds (about 31 years): what admission lets a credential record.
+MAX_DURATION = 999_999_999
 # An application credential ends when the controller deletes it, which it
 # checks every few seconds: shorter lives would not mean much.
 APP_MIN_DURATION = 10
@@ -65,6 +67,8 @@ def parse_duration(text: str, minimum: int = MIN_DURATION) -> int:
     if not match:
         raise CredentialError(f"duration {text!r}: use a number with s, m, h or d, e.g. 24h")
     seconds = int(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if seconds > MAX_DURATION:
+        raise CredentialError(f"duration {text!r}: the maximum is {MAX_DURATION // 86400}d")
     if seconds < minimum:
         least = "10m" if minimum == MIN_DURATION else f"{minimum}s"
         raise CredentialError(f"duration {text!r}: the minimum is {least}")

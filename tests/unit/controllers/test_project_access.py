@@ -11,12 +11,10 @@ from typing import Any
 
 from nubes.api.identity import Project
 from nubes.controllers.project_access import (
-    MEMBERS,
     SUSPENDED,
     binding_patch,
     credentials_to_end,
     lost_roles,
-    role_binding,
 )
 
 ALICE = {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}
@@ -87,37 +85,44 @@ def test_an_annotation_that_is_not_ours_never_fails_a_pass() -> None:
         assert suspension_patch(b, enabled=True) == {"metadata": {"annotations": {SUSPENDED: None}}}
 
 
-def project(*members: tuple[str, str], enabled: bool = True) -> Project:
+def project(
+    *members: tuple[str, str], bound: list[tuple[str, str]] | None = None, enabled: bool = True
+) -> Project:
+    def listed(pairs: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> list[Any]:
+        return [{"name": n, "role": r} for n, r in pairs]
+
     return Project.model_validate(
         {
             "metadata": {"name": "p1", "uid": "u1"},
-            "spec": {
-                "enabled": enabled,
-                "members": [{"name": n, "role": r} for n, r in members],
-            },
+            "spec": {"enabled": enabled, "members": listed(members)},
+            "status": {"bound": listed(bound)} if bound is not None else {},
         }
     )
 
 
-def test_a_role_taken_from_a_member_takes_what_they_granted_with_it() -> None:
-    before = project(("alice", "admin"), ("bob", "member"))
-    ours = [role_binding(before, role) for role in ("admin", "member", "reader")]
-    assert json.loads(ours[0]["metadata"]["annotations"][MEMBERS]) == [["User", "alice"]]
-    # The cloud admin takes alice's admin role; she stays a reader.
-    after = project(("alice", "reader"), ("bob", "member"))
-    lost = lost_roles(after, ours)
-    assert lost == {"admin": {("User", "alice")}}
-    # Also while the project is disabled (our bindings then bind nobody).
-    disabled = [role_binding(project(("alice", "admin"), enabled=False), "admin")]
-    assert lost_roles(after, disabled) == lost
+def test_roles_lost_are_those_above_what_is_left() -> None:
+    was = [("alice", "admin"), ("bob", "member"), ("carol", "reader")]
+    alice, bob = ("User", "alice"), ("User", "bob")
+    assert lost_roles(project(*was, bound=was)) == {}
+    assert lost_roles(project(*was)) == {}  # nothing recorded yet: nothing known lost
+    # Down from admin to reader: admin and member go; removed: every role.
+    demoted = project(("alice", "reader"), ("carol", "reader"), bound=was)
+    assert lost_roles(demoted) == {"admin": {alice}, "member": {alice, bob}, "reader": {bob}}
+    # Up a role loses nothing; listed twice, the higher role counts.
+    promoted = project(("bob", "admin"), ("alice", "admin"), ("alice", "reader"), bound=was)
+    assert lost_roles(promoted) == {"reader": {("User", "carol")}}
 
+
+def test_a_role_taken_from_a_member_takes_what_they_granted_with_it() -> None:
+    lost = lost_roles(project(("alice", "reader"), bound=[("alice", "admin")]))
+    assert lost == {"admin": {("User", "alice")}, "member": {("User", "alice")}}
     own = binding("mine", "nubes:project-admin", [ALICE, APP])
     patch = binding_patch(own, enabled=True, lost=lost, credentials={"ci"}, namespace="p1")
     assert patch == {"subjects": [APP]}
-    # Another role's binding, and a suspended binding, lose her likewise.
+    # A reader's binding is hers still; a suspended binding loses her likewise.
     reader = binding("r", "nubes:project-reader", [ALICE])
     assert binding_patch(reader, enabled=True, lost=lost, credentials=set(), namespace="p1") is None
-    held = binding("held", "nubes:project-admin", [], [ALICE, APP])
+    held = binding("held", "nubes:project-member", [], [ALICE, APP])
     patch = binding_patch(held, enabled=False, lost=lost, credentials={"ci"}, namespace="p1")
     assert patch == {"metadata": {"annotations": {SUSPENDED: json.dumps([APP])}}}
 
@@ -132,7 +137,7 @@ def test_a_role_taken_from_a_member_takes_what_they_granted_with_it() -> None:
 
 def test_only_application_credentials_of_the_project_are_bound() -> None:
     default = {"kind": "ServiceAccount", "name": "default", "namespace": "p1"}
-    elsewhere = {"kind": "ServiceAccount", "name": "default", "namespace": "p2"}
+    elsewhere = {"kind": "ServiceAccount", "name": "ci", "namespace": "p2"}
     b = binding("bots", "nubes:project-member", [APP, default, elsewhere])
     patch = binding_patch(b, enabled=True, lost={}, credentials={"ci"}, namespace="p1")
-    assert patch == {"subjects": [APP, elsewhere]}
+    assert patch == {"subjects": [APP]}
