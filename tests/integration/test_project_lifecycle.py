@@ -29,6 +29,7 @@ from tests.integration.test_storage import StorageNode, snapshot, start_storage_
 from tests.nodes import Fabric, sh
 
 MEMBER = "bob"
+ADMIN = "alice"
 READER = "carol"
 
 
@@ -164,44 +165,51 @@ def binding(ns: str, name: str, role: str, user: str, **meta: Any) -> dict[str, 
     }
 
 
+@pytest.fixture
+async def with_admin(kube: Kube, controller: Process) -> AsyncIterator[dict[str, Any]]:
+    """A Ready project whose members include ADMIN, a project admin: its manifest."""
+    manifest = project_manifest(f"lc-{uuid.uuid4().hex[:6]}")
+    manifest["spec"]["members"].append({"name": ADMIN, "role": "admin"})
+    ns = manifest["metadata"]["name"]
+    apply(manifest)
+    try:
+        await eventually(lambda: ready_reason(kube, ns), timeout=360, what="project Ready")
+        yield manifest
+    finally:
+        kubectl("delete", "project", ns, "--wait=false", "--ignore-not-found")
+
+
 async def test_a_project_admin_keeps_no_access_through_the_controllers_bindings(
-    kube: Kube, controller: Process
+    with_admin: dict[str, Any],
 ) -> None:
     """A project admin may bind the project roles, but not under the names
     of the controller's own bindings (spared when the project is disabled),
     nor with the annotation that holds a disabled project's subjects."""
-    ns, admin = f"lc-{uuid.uuid4().hex[:6]}", "alice"
-    manifest = project_manifest(ns)
-    manifest["spec"]["members"].append({"name": admin, "role": "admin"})
-    apply(manifest)
-    try:
-        await eventually(lambda: ready_reason(kube, ns), timeout=360, what="project Ready")
-        kubectl("delete", "rolebinding", "nubes-project-reader", "-n", ns, user=admin)
-        taken = apply(
-            binding(ns, "nubes-project-reader", "nubes:project-admin", admin),
-            user=admin,
-            check=False,
-        )
-        assert taken.returncode != 0 and "the name is the Nubes controller's" in taken.stderr
-        held = json.dumps([{"kind": "User", "name": admin}])
-        annotated = binding(
-            ns, "held", "nubes:project-reader", READER,
-            annotations={"nubes.io/suspended-subjects": held},
-        )  # fmt: skip
-        refused = apply(annotated, user=admin, check=False)
-        assert refused.returncode != 0 and "suspended-subjects" in refused.stderr
-        # Under the controller's prefix, a binding of hers is suspended like any other.
-        keep = binding(ns, "nubes-project-keep", "nubes:project-admin", admin)
-        assert apply(keep, user=admin).returncode == 0
-        set_enabled(ns, False)
-        await eventually(lambda: not can_list(admin, ns), timeout=15, what="admin refused")
-        assert not can_list(MEMBER, ns)
-        # Enabled again: the controller's reader binding is back.
-        set_enabled(ns, True)
-        await eventually(lambda: can_list(READER, ns), timeout=15, what="reader allowed again")
-        assert can_list(admin, ns)
-    finally:
-        kubectl("delete", "project", ns, "--wait=false", "--ignore-not-found")
+    ns, admin = with_admin["metadata"]["name"], ADMIN
+    kubectl("delete", "rolebinding", "nubes-project-reader", "-n", ns, user=admin)
+    taken = apply(
+        binding(ns, "nubes-project-reader", "nubes:project-admin", admin),
+        user=admin,
+        check=False,
+    )
+    assert taken.returncode != 0 and "the name is the Nubes controller's" in taken.stderr
+    held = json.dumps([{"kind": "User", "name": admin}])
+    annotated = binding(
+        ns, "held", "nubes:project-reader", READER,
+        annotations={"nubes.io/suspended-subjects": held},
+    )  # fmt: skip
+    refused = apply(annotated, user=admin, check=False)
+    assert refused.returncode != 0 and "suspended-subjects" in refused.stderr
+    # Under the controller's prefix, a binding of hers is suspended like any other.
+    keep = binding(ns, "nubes-project-keep", "nubes:project-admin", admin)
+    assert apply(keep, user=admin).returncode == 0
+    set_enabled(ns, False)
+    await eventually(lambda: not can_list(admin, ns), timeout=15, what="admin refused")
+    assert not can_list(MEMBER, ns)
+    # Enabled again: the controller's reader binding is back.
+    set_enabled(ns, True)
+    await eventually(lambda: can_list(READER, ns), timeout=15, what="reader allowed again")
+    assert can_list(admin, ns)
 
 
 def credential(ns: str, name: str, role: str, creator: str) -> dict[str, Any]:
@@ -225,49 +233,43 @@ def subjects_of(ns: str, name: str) -> list[Any]:
 
 
 async def test_an_admin_who_loses_the_role_keeps_nothing_they_granted(
-    kube: Kube, controller: Process
+    with_admin: dict[str, Any],
 ) -> None:
     """Keystone ends a user's application credentials with their role: an
     admin removed from spec.members keeps no access through a binding they
     made for themselves or a credential they made."""
-    ns, admin = f"lc-{uuid.uuid4().hex[:6]}", "alice"
-    manifest = project_manifest(ns)
-    manifest["spec"]["members"].append({"name": admin, "role": "admin"})
-    apply(manifest)
-    try:
-        await eventually(lambda: ready_reason(kube, ns), timeout=360, what="project Ready")
-        # In a project a ServiceAccount is an application credential, made by its creator.
-        plain = credential(ns, "bot", "admin", admin)
-        del plain["metadata"]["labels"], plain["metadata"]["annotations"]
-        refused = apply(plain, user=admin, check=False)
-        assert refused.returncode != 0 and "is an application credential" in refused.stderr
-        forged = apply(credential(ns, "forged", "admin", MEMBER), user=admin, check=False)
-        assert forged.returncode != 0 and "nubes.io/created-by=alice" in forged.stderr
-        assert apply(credential(ns, "ci", "admin", admin), user=admin).returncode == 0
-        ci = {"kind": "ServiceAccount", "name": "ci", "namespace": ns}
-        default = {"kind": "ServiceAccount", "name": "default", "namespace": ns}
-        mine = binding(ns, "mine", "nubes:project-admin", admin)
-        mine["subjects"] += [ci, default]
-        assert apply(mine, user=admin).returncode == 0
-        # Only credentials among the project's ServiceAccounts stay bound.
-        await eventually(
-            lambda: default not in subjects_of(ns, "mine"), timeout=15, what="default unbound"
-        )
-        assert ci in subjects_of(ns, "mine")
+    manifest = with_admin
+    ns, admin = manifest["metadata"]["name"], ADMIN
+    # In a project a ServiceAccount is an application credential, made by its creator.
+    plain = credential(ns, "bot", "admin", admin)
+    del plain["metadata"]["labels"], plain["metadata"]["annotations"]
+    refused = apply(plain, user=admin, check=False)
+    assert refused.returncode != 0 and "is an application credential" in refused.stderr
+    forged = apply(credential(ns, "forged", "admin", MEMBER), user=admin, check=False)
+    assert forged.returncode != 0 and "nubes.io/created-by=alice" in forged.stderr
+    assert apply(credential(ns, "ci", "admin", admin), user=admin).returncode == 0
+    ci = {"kind": "ServiceAccount", "name": "ci", "namespace": ns}
+    default = {"kind": "ServiceAccount", "name": "default", "namespace": ns}
+    mine = binding(ns, "mine", "nubes:project-admin", admin)
+    mine["subjects"] += [ci, default]
+    assert apply(mine, user=admin).returncode == 0
+    # Only credentials among the project's ServiceAccounts stay bound.
+    await eventually(
+        lambda: default not in subjects_of(ns, "mine"), timeout=15, what="default unbound"
+    )
+    assert ci in subjects_of(ns, "mine")
 
-        # The cloud admin takes her admin role.
-        manifest["spec"]["members"] = manifest["spec"]["members"][:-1]
-        apply(manifest)
-        await eventually(lambda: not can_list(admin, ns), timeout=15, what="removed admin refused")
-        await eventually(
-            lambda: kubectl("get", "sa", "ci", "-n", ns, check=False).returncode != 0,
-            timeout=15,
-            what="her credential ended",
-        )
-        assert subjects_of(ns, "mine") == []
-        assert can_list(MEMBER, ns) and can_list(READER, ns)
-    finally:
-        kubectl("delete", "project", ns, "--wait=false", "--ignore-not-found")
+    # The cloud admin takes her admin role.
+    manifest["spec"]["members"] = manifest["spec"]["members"][:-1]
+    apply(manifest)
+    await eventually(lambda: not can_list(admin, ns), timeout=15, what="removed admin refused")
+    await eventually(
+        lambda: kubectl("get", "sa", "ci", "-n", ns, check=False).returncode != 0,
+        timeout=15,
+        what="her credential ended",
+    )
+    assert subjects_of(ns, "mine") == []
+    assert can_list(MEMBER, ns) and can_list(READER, ns)
 
 
 async def test_project_created_disabled_grants_nothing(kube: Kube, controller: Process) -> None:
