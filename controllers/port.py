@@ -257,7 +257,7 @@ class PortReconciler(Reconciler[Port]):
         interface), so no tenant port can take a gateway."""
         if port.spec.device_owner != ROUTER_INTERFACE or address != plan.gateway:
             return False
-        if network_key(port) != f"{port.namespace}/{port.spec.network.name}":
+        if port.spec.network.namespace not in (None, "", port.namespace):
             return False
         router = self.op.store(Router).lookup(_owner_name(port), port.namespace)
         return (

@@ -36,7 +36,6 @@ from nubes.api.identity import Project, ProjectStatus, ProjectUsage, UsageItem
 from nubes.controllers import quota
 from nubes.controllers.project_access import (
     PROJECT_LABEL,
-    ROLES,
     RoleBindingSeen,
     binding_patch,
     credentials_to_end,
@@ -45,7 +44,7 @@ from nubes.controllers.project_access import (
     role_binding,
 )
 from nubes.controllers.security_group import ensure_default_group
-from nubes.runtime.credentials import APP_CREDENTIAL_LABEL, SERVICEACCOUNTS
+from nubes.runtime.credentials import APP_CREDENTIAL_LABEL, ROLES, SERVICEACCOUNTS
 from nubes.runtime.kube import NAMESPACES, RESOURCEQUOTAS, ROLEBINDINGS, ApiError, path_of
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Outcome, Reconciler, Stall

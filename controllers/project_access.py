@@ -30,12 +30,11 @@ from pydantic import Field
 
 from nubes.api.identity import Member, Project
 from nubes.api.meta import ApiModel, CrdInfo, Resource, Status
-from nubes.runtime.credentials import APP_CREDENTIAL_LABEL, CREATOR_ANNOTATION, ROLE_LABEL
+from nubes.runtime.credentials import APP_CREDENTIAL_LABEL, CREATOR_ANNOTATION, ROLE_LABEL, ROLES
 
 PROJECT_LABEL = "nubes.io/project"
 SUSPENDED = "nubes.io/suspended-subjects"
-ROLES = ("admin", "member", "reader")
-RANK = ("reader", "member", "admin")
+RANK = tuple(reversed(ROLES))
 """Roles from the least: each holds the rights of those before it."""
 RBAC = "rbac.authorization.k8s.io"
 
