@@ -50,6 +50,16 @@ MAC = Annotated[
         "00:00:00:00:00:00 is not a usable MAC address",
     ),
 ]
+# 0a:4e:… is where Nubes derives ports' MACs from their IPv4 addresses
+# (controllers/ipam.py): a MAC given there could take another port's.
+PORT_MAC = Annotated[
+    MAC,
+    Rule(
+        "!self.matches('^0[aA]:4[eE]:')",
+        message_expression="'\"' + self + '\" is in 0a:4e:..., the range of MACs derived"
+        " from the IPv4 addresses of ports; choose another'",
+    ),
+]
 NAME = Annotated[str, Field(min_length=1, max_length=253)]
 IP = Annotated[
     str,
@@ -432,8 +442,10 @@ class PortSpec(ApiModel):
 
     network: Annotated[ProjectRef, Immutable("network")]
     """Network of the port; another project's network only if shared."""
-    mac_address: Annotated[MAC | None, Immutable("macAddress")] = None
-    """MAC address, e.g. fa:16:3e:00:00:01; generated when not given."""
+    mac_address: Annotated[PORT_MAC | None, Immutable("macAddress")] = None
+    """MAC address, e.g. fa:16:3e:00:00:01. When not given, derived from the
+    port's first IPv4 address (0a:4e and its four octets: 10.0.0.5 gives
+    0a:4e:0a:00:00:05), or random in fa:16:3e:… for a port without one."""
     fixed_ips: list[FixedIpRequest] | None = Field(default=None, max_length=16)
     """Addresses wanted. Absent: one address from the first IPv4 and the first
     IPv6 subnet of the network. Empty list: no address."""

@@ -15,6 +15,10 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Neutron's default base MAC; the last three octets are random.
 MAC_PREFIX = "fa:16:3e"
+# MACs derived from a port's IPv4 address: this prefix (locally
+# administered, unicast) and the address's four octets. Unique in a network
+# for as long as the address is, which its claim already guarantees.
+DERIVED_MAC_PREFIX = "0a:4e"
 
 
 class IpamError(Failure):
@@ -157,6 +161,24 @@ def _last_host(network: IPNetwork) -> IPAddress | None:
 def random_mac(rng: random.Random | None = None) -> str:
     r = rng or random
     return f"{MAC_PREFIX}:{r.randrange(256):02x}:{r.randrange(256):02x}:{r.randrange(256):02x}"
+
+
+def derived_mac(address: str) -> str | None:
+    """The MAC derived from an IPv4 address; None for IPv6."""
+    ip = ipaddress.ip_address(address)
+    if ip.version != 4:
+        return None
+    return ":".join([DERIVED_MAC_PREFIX, *(f"{octet:02x}" for octet in ip.packed)])
+
+
+def derived_from(mac: str) -> str | None:
+    """The IPv4 address a MAC of the derived range stands for; None for
+    MACs outside it."""
+    mac = mac.lower()
+    if not mac.startswith(DERIVED_MAC_PREFIX + ":"):
+        return None
+    octets = mac.split(":")[2:]
+    return str(ipaddress.IPv4Address(bytes(int(o, 16) for o in octets)))
 
 
 def overlaps(a: str, b: str) -> bool:

@@ -1,8 +1,5 @@
-"""Port: MAC and fixed IPs from the ledger, and readiness from the agents'
-reports (DHCP entry in place, plugged on its node).
-
-(A little over 400 lines: address and MAC claims, the network's port rules
-and readiness share one converge function.)
+"""Port: fixed IPs from the ledger, its MAC (controllers/port_mac.py), and
+readiness from the agents' reports (DHCP entry in place, plugged on its node).
 """
 
 from __future__ import annotations
@@ -18,8 +15,9 @@ from nubes.api.meta import seconds_since
 from nubes.api.network import Allocation, FixedIp, Network, Port, PortStatus, Router, Subnet
 from nubes.controllers.allocations import Ledger, TakenAddresses
 from nubes.controllers.indexes import index_instances, index_ports, index_projects
-from nubes.controllers.ipam import SubnetPlan, random_mac
+from nubes.controllers.ipam import SubnetPlan
 from nubes.controllers.network import DHCP_OWNER, ROUTER_INTERFACE
+from nubes.controllers.port_mac import MacPicker, holder_of
 from nubes.controllers.security_group import ensure_default_group
 from nubes.controllers.subnet import ip_pool, plan_of
 from nubes.runtime.operator import Operator
@@ -27,7 +25,6 @@ from nubes.runtime.reconcile import Outcome, Reconciler, Stall, Wait
 
 log = structlog.get_logger()
 
-MAC_ATTEMPTS = 16
 # Addresses tried per pass before yielding to other ports (another worker may
 # be taking the same ones).
 IP_ATTEMPTS = 64
@@ -39,17 +36,6 @@ def network_key(port: Port) -> str:
     return f"{port.spec.network.namespace or port.namespace}/{port.spec.network.name}"
 
 
-def mac_pool(network: Network) -> str:
-    return f"mac.{network.uid}"
-
-
-def _holder(alloc: Allocation | None) -> str:
-    if alloc is None:
-        return "another port"
-    owner = alloc.spec.owner
-    return f"port {owner.namespace}/{owner.name}"
-
-
 class PortReconciler(Reconciler[Port]):
     kind = Port
     workers = 16
@@ -57,6 +43,7 @@ class PortReconciler(Reconciler[Port]):
     def setup(self, op: Operator) -> None:
         super().setup(op)
         self.ledger = Ledger(op)
+        self.macs = MacPicker(op, self.ledger)
         self._cursor: dict[str, int] = {}
         """Per IP pool: where this worker picks next (see _allocate)."""
         self._uids: dict[str, str] = {}
@@ -138,30 +125,6 @@ class PortReconciler(Reconciler[Port]):
         ]
         return sorted(found, key=lambda s: (s.metadata.creation_timestamp or "", s.name))
 
-    # --- MAC ---------------------------------------------------------------------------
-
-    async def _mac(self, port: Port, net: Network) -> str:
-        pool = mac_pool(net)
-        held = [a.spec.value for a in self.ledger.held(port.uid, pool)]
-        wanted = port.spec.mac_address or port.status.mac_address or (held[0] if held else None)
-        if wanted:
-            wanted = wanted.lower()
-            if await self.ledger.claim(pool, wanted, port):
-                await self._release_except(port, pool, {wanted})
-                return wanted
-            if port.spec.mac_address:
-                raise Stall(
-                    "MacAddressInUse",
-                    f"MAC {wanted} is already used on network {net.name} by "
-                    f"{_holder(self.ledger.holder(pool, wanted))}",
-                )
-        for _ in range(MAC_ATTEMPTS):
-            mac = random_mac()
-            if await self.ledger.claim(pool, mac, port):
-                await self._release_except(port, pool, {mac})
-                return mac
-        raise Wait("MacAllocationContended", "could not find a free MAC; retrying", 1)
-
     # --- fixed IPs ------------------------------------------------------------------------
 
     def _requests(self, port: Port, subnets: list[Subnet]) -> list[tuple[Subnet, str | None]]:
@@ -169,7 +132,11 @@ class PortReconciler(Reconciler[Port]):
         # What the port already has: its claims first (the ledger knows this
         # worker's latest writes), then what its status says.
         sticky = {f.subnet: f.ip_address for f in port.status.fixed_ips}
+        pools = {ip_pool(s) for s in subnets}
+        guard = self.macs.guard(port, port.status.mac_address, pools)
         for alloc in self.ledger.held(port.uid, "ip."):
+            if guard is not None and alloc.name == guard.name:
+                continue  # held for the MAC, not for the port's use
             for s in subnets:
                 if ip_pool(s) == alloc.spec.pool:
                     sticky[s.name] = alloc.spec.value
@@ -228,7 +195,7 @@ class PortReconciler(Reconciler[Port]):
                 raise Stall(
                     "IpAddressInUse",
                     f"{wanted} is already used by "
-                    + _holder(self.ledger.holder(pool, str(address))),
+                    + holder_of(self.ledger.holder(pool, str(address))),
                 )
         # Go on after this worker's last pick in the pool (shards start apart):
         # the addresses before it are most likely taken.
@@ -275,16 +242,17 @@ class PortReconciler(Reconciler[Port]):
             )
             ip = await self._allocate(port, subnet, plan_of(subnet), wanted, explicit)
             result.append(FixedIp(subnet=subnet.name, ip_address=ip))
-        keep = {(ip_pool(s), f.ip_address) for s in subnets for f in result if f.subnet == s.name}
-        for alloc in self.ledger.held(port.uid, "ip."):
-            if (alloc.spec.pool, alloc.spec.value) not in keep:
-                await self.ledger.release(alloc)
         return result
 
-    async def _release_except(self, port: Port, pool: str, keep: set[str]) -> None:
-        for alloc in self.ledger.held(port.uid, pool):
-            if alloc.spec.value not in keep:
-                await self.ledger.release(alloc)
+    async def _release_other_ips(
+        self, port: Port, subnets: list[Subnet], fixed: list[FixedIp], mac: str
+    ) -> None:
+        keep = {(ip_pool(s), f.ip_address) for s in subnets for f in fixed if f.subnet == s.name}
+        guard = self.macs.guard(port, mac, {ip_pool(s) for s in subnets})
+        for alloc in self.ledger.held(port.uid, "ip."):
+            if (alloc.spec.pool, alloc.spec.value) in keep or (guard and guard.name == alloc.name):
+                continue
+            await self.ledger.release(alloc)
 
     # --- converge ------------------------------------------------------------------------------
 
@@ -292,8 +260,11 @@ class PortReconciler(Reconciler[Port]):
         self._uids[obj.key] = obj.uid
         net = self._network(obj)
         subnets = self._subnets(net)
-        mac = await self._mac(obj, net)
         fixed = await self._fixed_ips(obj, subnets)
+        # The MAC before the addresses given up go back: the one its MAC was
+        # derived from stays (controllers/port_mac.py).
+        mac = await self.macs.mac(obj, net, fixed, {ip_pool(s) for s in subnets})
+        await self._release_other_ips(obj, subnets, fixed, mac)
         host = self._host(obj)
         security = security_of(obj, net)
         status = PortStatus(

@@ -23,7 +23,9 @@ makes it on first use, as Neutron does.
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from nubes.api.identity import Project
@@ -35,6 +37,10 @@ from nubes.runtime.reconcile import Outcome, Reconciler
 
 DEFAULT_GROUP = "default"
 QUOTA_FIELD = "security_group_rules"
+MEMBERSHIP_PACE = 0.5
+"""Seconds between two writes of a group's new members: a burst of ports
+joins in a few writes instead of one per reconcile, while a lone change
+still goes out at once."""
 
 
 def default_group(namespace: str) -> dict[str, Any]:
@@ -98,6 +104,27 @@ def members_of(ports: list[Port]) -> list[str]:
         f.ip_address for p in ports if not p.deleting for f in p.status.fixed_ips if f.ip_address
     }
     return sorted(addresses)
+
+
+class Pacer:
+    """At most one change per key and interval."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic):
+        self.interval, self.clock = interval, clock
+        self._last: dict[str, float] = {}
+
+    def wait(self, key: str) -> float:
+        """0 when `key` may change now (recorded as its change), else the
+        seconds until it may."""
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            return self.interval - (now - last)
+        self._last[key] = now
+        return 0.0
+
+    def forget(self, key: str) -> None:
+        self._last.pop(key, None)
 
 
 def rules_before(group: SecurityGroup, groups: list[SecurityGroup], limit: int) -> int:
@@ -173,6 +200,7 @@ class SecurityGroupReconciler(Reconciler[SecurityGroup]):
             ),
         )
         self.projects = projects
+        self.pace = Pacer(MEMBERSHIP_PACE)
 
     def _rule_limit(self, namespace: str) -> int | None:
         for project in self.projects.by_index("namespace", namespace):
@@ -204,8 +232,34 @@ class SecurityGroupReconciler(Reconciler[SecurityGroup]):
                     f" {len(obj.spec.rules)}",
                     status,
                 )
+        held = self._held_back(obj, status)
+        if held is not None:
+            return held
         rules = len(obj.spec.rules)
         return Outcome.ready(
             status,
             f"{rules} rule{'s' if rules != 1 else ''}, {ports} port{'s' if ports != 1 else ''}",
         )
+
+    def _held_back(self, obj: SecurityGroup, status: SecurityGroupStatus) -> Outcome | None:
+        """The group as it stands, while its members grew less than a pace
+        ago. Only growth waits: an address leaving a group leaves its
+        remote-group rules at once (fail closed)."""
+        if (status.ports, status.members) == (obj.status.ports, obj.status.members):
+            return None
+        ready = obj.status.condition("Ready")
+        if (
+            ready is None
+            or ready.status != "True"
+            or ready.observed_generation != obj.metadata.generation
+            or not set(obj.status.members) <= set(status.members)
+        ):
+            return None
+        wait = self.pace.wait(obj.key)
+        if not wait:
+            return None
+        now = SecurityGroupStatus(ports=obj.status.ports, members=obj.status.members)
+        return Outcome.ready(now, ready.message, requeue_after=wait)
+
+    async def forget(self, key: str) -> None:
+        self.pace.forget(key)

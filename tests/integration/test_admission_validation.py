@@ -286,6 +286,14 @@ CREATE_CASES: list[tuple[str, str, str, dict[str, Any], str, str]] = [
         "should match",
     ),
     (
+        "derived-mac",
+        NET,
+        "Port",
+        {"network": {"name": "n1"}, "macAddress": "0A:4E:0a:00:00:05"},
+        "spec.macAddress",
+        "the range of MACs derived from the IPv4 addresses of ports",
+    ),
+    (
         "malformed-fixed-ip",
         NET,
         "Port",

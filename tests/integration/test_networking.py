@@ -5,6 +5,7 @@ guests that get their Port's address by DHCP."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import uuid
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from nubes.api.network import Allocation, Network, Port, Subnet
+from nubes.controllers.ipam import derived_mac
 from nubes.runtime.kube import ApiError, Kube, path_of
 from nubes.runtime.status_apply import (
     AGENT_PREFIX,
@@ -303,9 +305,13 @@ async def test_bad_input_and_lifecycle(
     cond = (await condition(kube, Port, "dup-ip", ns, type_="Stalled")).status.condition("Stalled")
     assert cond.reason == "IpAddressInUse" and f"{ns}/p1" in cond.message
 
-    port(ns, "dup-mac", "tiny", macAddress=p1.status.mac_address, fixedIps=[])
+    # p1's MAC stands for its IPv4 address; a given MAC is claimed.
+    assert p1.status.mac_address == derived_mac(p1.status.fixed_ips[0].ip_address)
+    port(ns, "own-mac", "tiny", macAddress="fa:16:3e:12:34:56", fixedIps=[])
+    await condition(kube, Port, "own-mac", ns)
+    port(ns, "dup-mac", "tiny", macAddress="FA:16:3E:12:34:56", fixedIps=[])
     cond = (await condition(kube, Port, "dup-mac", ns, type_="Stalled")).status.condition("Stalled")
-    assert cond.reason == "MacAddressInUse" and p1.status.mac_address in cond.message
+    assert cond.reason == "MacAddressInUse" and f"{ns}/own-mac" in cond.message
 
     network(ns, "fat", fabric, type="vxlan", mtu=1500)
     cond = (await condition(kube, Network, "fat", ns, type_="Stalled")).status.condition("Stalled")
@@ -332,6 +338,40 @@ async def test_bad_input_and_lifecycle(
         return await kube.get(Network, "tiny", ns) is None
 
     await eventually(gone, timeout=30, what="network deleted after its ports")
+
+
+async def test_a_port_keeps_its_mac_when_its_address_changes(
+    kube: Kube, controller: Process, agents: dict[str, Process], fabric: Fabric, namespace: str
+) -> None:
+    ns = namespace
+    network(ns, "moving", fabric, type="vxlan")
+    subnet(ns, "moving-v4", "moving", "10.2.0.0/24", enableDhcp=False)
+    await condition(kube, Subnet, "moving-v4", ns)
+    port(ns, "m1", "moving")
+    m1 = await condition(kube, Port, "m1", ns)
+    first = m1.status.fixed_ips[0].ip_address
+    assert m1.status.mac_address == derived_mac(first)
+    kubectl(
+        "patch", "port", "m1", "-n", ns, "--type", "merge",
+        "-p", json.dumps({"spec": {"fixedIps": [{"ipAddress": "10.2.0.50"}]}}),
+    )  # fmt: skip
+
+    async def moved() -> Port | None:
+        now = await kube.get(Port, "m1", ns)
+        addresses = [f.ip_address for f in now.status.fixed_ips] if now else []
+        return now if addresses == ["10.2.0.50"] and now and now.status.is_true("Ready") else None
+
+    assert (
+        await eventually(moved, what="m1 on 10.2.0.50")
+    ).status.mac_address == m1.status.mac_address
+    # The address its MAC stands for stays m1's, so no port can derive that MAC.
+    port(ns, "m2", "moving", fixedIps=[{"ipAddress": first}])
+    cond = (await condition(kube, Port, "m2", ns, type_="Stalled")).status.condition("Stalled")
+    assert cond.reason == "IpAddressInUse" and f"{ns}/m1" in cond.message
+    kubectl("delete", "port", "m1", "-n", ns)
+    m2 = await condition(kube, Port, "m2", ns)
+    assert m2.status.mac_address == derived_mac(first)
+    kubectl("delete", "ports", "--all", "-n", ns)
 
 
 @pytest.mark.parametrize("count", [int(os.environ.get("NUBES_TEST_PORTS", "200"))])

@@ -7,10 +7,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from nubes.agent.firewall import device_of, filtered, port_intent
-from nubes.api.network import Network, Port, SecurityGroup
+from nubes.api.network import Network, Port, SecurityGroup, SecurityGroupStatus
 from nubes.controllers.port import PortSecurity, security_of
 from nubes.controllers.security_group import (
+    Pacer,
+    SecurityGroupReconciler,
     default_group,
     ensure_default_group,
     members_of,
@@ -98,6 +102,44 @@ def test_members_are_fixed_addresses_of_live_ports() -> None:
         deletionTimestamp="2026-01-01T00:00:00Z",
     )
     assert members_of([live, going, live]) == ["10.0.0.5"]
+
+
+def test_pacer_allows_one_change_per_interval() -> None:
+    now = [100.0]
+    pacer = Pacer(0.5, clock=lambda: now[0])
+    assert pacer.wait("ns/g") == 0.0
+    now[0] += 0.2
+    assert pacer.wait("ns/g") == pytest.approx(0.3) and pacer.wait("ns/other") == 0.0
+    now[0] += 0.3
+    assert pacer.wait("ns/g") == 0.0
+    pacer.forget("ns/g")
+    assert pacer.wait("ns/g") == 0.0
+
+
+def test_growing_membership_is_paced_and_shrinking_goes_out_at_once() -> None:
+    now = [100.0]
+    reconciler = SecurityGroupReconciler()
+    reconciler.pace = Pacer(0.5, clock=lambda: now[0])
+    ready = {
+        "type": "Ready",
+        "status": "True",
+        "reason": "Ready",
+        "message": "1 rule, 1 port",
+        "observedGeneration": 1,
+    }
+    g = group("g", 1, ports=1, members=["10.0.0.5"], conditions=[ready])
+    g.metadata.generation = 1
+    grown = SecurityGroupStatus(ports=2, members=["10.0.0.5", "10.0.0.6"])
+    assert reconciler._held_back(g, grown) is None  # the first change goes out
+    now[0] += 0.1
+    held = reconciler._held_back(g, grown)
+    assert held is not None and held.requeue_after == pytest.approx(0.4)
+    assert held.status == {"ports": 1, "members": ["10.0.0.5"]}
+    assert held.message == "1 rule, 1 port"
+    shrunk = SecurityGroupStatus(ports=0, members=[])
+    assert reconciler._held_back(g, shrunk) is None
+    g.metadata.generation = 2  # rules changed: the verdict is not held back
+    assert reconciler._held_back(g, grown) is None
 
 
 def test_rule_quota_refuses_the_newest_and_refused_groups_hold_nothing() -> None:
