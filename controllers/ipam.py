@@ -174,11 +174,13 @@ def derived_mac(address: str) -> str | None:
 def derived_from(mac: str) -> str | None:
     """The IPv4 address a MAC of the derived range stands for; None for
     MACs outside it."""
-    mac = mac.lower()
-    if not mac.startswith(DERIVED_MAC_PREFIX + ":"):
+    parts = mac.lower().split(":")
+    if ":".join(parts[:2]) != DERIVED_MAC_PREFIX or len(parts) != 6:
         return None
-    octets = mac.split(":")[2:]
-    return str(ipaddress.IPv4Address(bytes(int(o, 16) for o in octets)))
+    try:
+        return str(ipaddress.IPv4Address(bytes(int(o, 16) for o in parts[2:])))
+    except ValueError:  # not hex octets: not a MAC this range ever gave
+        return None
 
 
 def overlaps(a: str, b: str) -> bool:

@@ -71,6 +71,7 @@ def test_derived_macs_stand_for_ipv4_addresses() -> None:
     assert derived_mac("fd00::5") is None
     assert derived_from("0A:4E:0A:00:00:05") == "10.0.0.5"
     assert derived_from("fa:16:3e:00:00:05") is None
+    assert derived_from("0a:4e:zz:00:00:05") is None and derived_from("0a:4e:0a") is None
 
 
 def test_a_port_with_ipv4_gets_the_derived_mac_without_a_claim() -> None:
