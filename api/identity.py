@@ -68,6 +68,11 @@ class Quotas(ApiModel):
     """Security groups."""
     images: int | None = Field(default=100, ge=-1)
     """Images (Glance's image_count_total): imports and instance snapshots."""
+    image_size_mib: int | None = Field(default=102400, ge=-1)
+    """MiB of image data over all the project's images (Glance's
+    image_size_total). Checked before an import starts and again with the
+    data's real size once it is fetched: an image that would go over is
+    Stalled with reason QuotaExceeded and its data removed."""
     security_group_rules: int | None = Field(default=100, ge=-1)
     """Rules over all security groups (the default group's four included);
     a group that would go over is Stalled with reason QuotaExceeded and not
@@ -137,19 +142,24 @@ class ProjectUsage(ApiModel):
     """Security groups."""
     images: UsageItem | None = None
     """Images."""
+    image_size_mib: UsageItem | None = None
+    """MiB of image data."""
 
 
 class Reservation(ApiModel):
     """What one consumer holds of the project's summed quotas."""
 
     kind: str
-    """Kind of the consumer (Instance, Volume, VolumeSnapshot, VolumeBackup, InstanceAction)."""
+    """Kind of the consumer (Instance, Volume, VolumeSnapshot, VolumeBackup,
+    InstanceAction, Image)."""
     cores: int = 0
     """vCPUs held."""
     ram_mib: int = 0
     """RAM held, MiB."""
     gigabytes: int = 0
     """Volume, snapshot or backup GiB held."""
+    image_size_mib: int = 0
+    """Image data held, MiB."""
 
 
 class ProjectStatus(Status):
@@ -158,7 +168,7 @@ class ProjectStatus(Status):
     usage: ProjectUsage | None = None
     """Usage against each quota."""
     reservations: dict[str, Reservation] = Field(default_factory=dict)
-    """The quota ledger of cores, RAM and gigabytes, by consumer uid: written with
+    """The quota ledger of cores, RAM, gigabytes and image MiB, by consumer uid: written with
     resourceVersion preconditions, so concurrent controller workers never
     overshoot a limit."""
     bound: list[Member] | None = Field(default=None, max_length=256)

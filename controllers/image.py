@@ -11,6 +11,7 @@ from nubes.api.compute import InstanceAction
 from nubes.api.identity import Project
 from nubes.api.image import Image, ImageStatus
 from nubes.api.meta import ProjectRef
+from nubes.controllers import quota
 from nubes.controllers.config import ControllerConfig
 from nubes.controllers.image_import import ImportPool
 from nubes.controllers.indexes import index_projects
@@ -67,22 +68,30 @@ class ImageReconciler(Reconciler[Image]):
         # Failures only a new Image can fix (the source is immutable): kept,
         # so a refused or oversized source is not fetched again and again.
         self.failed: dict[str, Stall] = {}
+        # Sizes of images refused for imageSizeMib once fetched: not fetched
+        # again until their project has room for them.
+        self.refused_sizes: dict[str, int] = {}
 
     def setup(self, op: Operator) -> None:
         super().setup(op)
         index_projects(op)
+        quota.requeue_refused(op, Image)
 
     async def converge(self, obj: Image) -> Outcome:
         s = obj.status
         path = self.store.path_of(obj.uid)
         imported = s.is_true("Ready") and s.size_bytes is not None
         if imported and await asyncio.to_thread(_present, path, s.size_bytes or 0):
+            # Recorded without a check: the data is in the store already.
+            held = quota.image_amounts(s.size_bytes or 0)
+            await quota.hold(self.op, obj, held, held=held, what="image")
             return Outcome.ready(message=self._summary(s.format, s.virtual_size_bytes))
         if obj.uid in self.failed:
             raise self.failed[obj.uid]
         finished = self.imports.poll(obj.uid)
         if finished is None:
             if not self.imports.running(obj.uid):
+                self._room_for(obj)
                 self._start(obj)
             return Outcome.progressing("Importing", "fetching, verifying and inspecting the data")
         if finished.error is not None:
@@ -92,6 +101,13 @@ class ImageReconciler(Reconciler[Image]):
             raise problem from finished.error
         stored = finished.stored
         assert stored is not None
+        try:
+            await quota.hold(self.op, obj, quota.image_amounts(stored.size), what="image")
+        except Stall:
+            self.refused_sizes[obj.uid] = stored.size
+            await asyncio.to_thread(self.store.delete, obj.uid)
+            raise
+        self.refused_sizes.pop(obj.uid, None)
         status = ImageStatus(
             format=stored.format,
             size_bytes=stored.size,
@@ -99,6 +115,21 @@ class ImageReconciler(Reconciler[Image]):
             sha256=stored.sha256,
         )
         return Outcome.ready(status, self._summary(stored.format, stored.virtual_size))
+
+    def _room_for(self, obj: Image) -> None:
+        """Like Glance, refuse before fetching when the project's image data
+        already fills its quota (the data's real size is checked after), or
+        leaves too little for the size this image was refused with."""
+        project = quota.project_for(self.op, obj.namespace)
+        if project is None:
+            return
+        limit = quota.limit_of(project.spec.quotas, "image_size_mib")
+        used = quota.totals(project.status.reservations, without=obj.uid).image_size_mib
+        known = self.refused_sizes.get(obj.uid)
+        need = 1 if known is None else quota.image_amounts(known).image_size_mib
+        if limit is not None and used + need > limit:
+            left = "none left for this image" if known is None else f"this image needs {need}"
+            raise Stall(quota.REASON, f"imageSizeMib: {used} of {limit} in use, {left}")
 
     def _start(self, obj: Image) -> None:
         """Start the import (idempotent: data already in the store is
@@ -140,6 +171,7 @@ class ImageReconciler(Reconciler[Image]):
     async def finalize(self, obj: Image) -> Outcome | None:
         self.imports.cancel(obj.uid)
         self.failed.pop(obj.uid, None)
+        self.refused_sizes.pop(obj.uid, None)
         await asyncio.to_thread(self.store.delete, obj.uid)
         return None
 

@@ -289,7 +289,12 @@ class InstanceActionReconciler(Reconciler[InstanceAction]):
             await asyncio.to_thread(store.delete_internal, transfer.ref)
             return Outcome.ready(message=f"image {image.name} is ready", reason="Succeeded")
         if image.status.is_true("Stalled"):
-            raise Stall("SnapshotImportFailed", f"image {image.name} could not be imported")
+            why = image.status.condition("Stalled")
+            raise Stall(
+                "SnapshotImportFailed",
+                f"image {image.name} could not be imported"
+                + (f": {why.reason}: {why.message}" if why else ""),
+            )
         return Outcome.progressing("ImportingSnapshot", f"image {obj.spec.image_name} is importing")
 
     async def _create_snapshot_image(self, obj: InstanceAction, sha256: str) -> None:

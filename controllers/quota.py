@@ -2,16 +2,17 @@
 workers or shards overshoots a limit.
 
 Counts (instances, volumes, snapshots, backups, ports, floating IPs,
-networks, subnets, routers, security groups) are the API server's own
+networks, subnets, routers, security groups, images) are the API server's own
 business: the Project reconciler keeps a ResourceQuota with
 `count/<plural>.<group>` in the project's namespace, so a creation over the
 limit is refused at admission, atomically, with the API server's message.
 
-Sums (cores, RAM, gigabytes) cannot be counted at admission; they follow
-Cinder's QuotaReserveTask/QuotaCommitTask. Each consumer (Instance, Volume,
-VolumeSnapshot, VolumeBackup, a Resize's InstanceAction) holds a reservation
-in a ledger, the Project's `status.reservations` keyed by the consumer's uid,
-before the controller acts on it (schedules, places, accepts). Every write to
+Sums (cores, RAM, gigabytes, image MiB) cannot be counted at admission; they
+follow Cinder's QuotaReserveTask/QuotaCommitTask. Each consumer (Instance,
+Volume, VolumeSnapshot, VolumeBackup, a Resize's InstanceAction, an Image)
+holds a reservation in a ledger, the Project's `status.reservations` keyed by
+the consumer's uid, before the controller acts on it (schedules, places,
+accepts; an Image once its data's size is known). Every write to
 the ledger carries the Project's resourceVersion as a precondition, so two
 workers can never both take the last core: the loser re-reads and is
 refused. A refused consumer is Stalled with reason QuotaExceeded and holds
@@ -70,6 +71,7 @@ CONSUMERS: tuple[type[Resource[Any, Any]], ...] = (
     Volume,
     VolumeSnapshot,
     VolumeBackup,
+    Image,
 )
 CONSUMER_KINDS = {k.crd.kind: k for k in CONSUMERS}
 
@@ -84,10 +86,11 @@ class Amounts:
     cores: int = 0
     ram_mib: int = 0
     gigabytes: int = 0
+    image_size_mib: int = 0
 
     @classmethod
     def of(cls, r: Reservation | None) -> Amounts:
-        return cls() if r is None else cls(r.cores, r.ram_mib, r.gigabytes)
+        return cls() if r is None else cls(r.cores, r.ram_mib, r.gigabytes, r.image_size_mib)
 
     def get(self, name: str) -> int:
         value: int = getattr(self, name)
@@ -95,12 +98,17 @@ class Amounts:
 
     @property
     def empty(self) -> bool:
-        return not (self.cores or self.ram_mib or self.gigabytes)
+        return not any(getattr(self, name) for name in SUMMED)
 
 
 SUMMED = tuple(f.name for f in fields(Amounts))
 # The quota's name as users write it in the Project spec.
-WIRE = {"cores": "cores", "ram_mib": "ramMib", "gigabytes": "gigabytes"}
+WIRE = {
+    "cores": "cores",
+    "ram_mib": "ramMib",
+    "gigabytes": "gigabytes",
+    "image_size_mib": "imageSizeMib",
+}
 
 
 def limit_of(quotas: Quotas, name: str) -> int | None:
@@ -352,6 +360,11 @@ def resize_amounts(old: Flavor | None, new: Flavor) -> Amounts:
         cores=max(0, new.spec.vcpus - (old.spec.vcpus if old else 0)),
         ram_mib=max(0, new.spec.ram_mib - (old.spec.ram_mib if old else 0)),
     )
+
+
+def image_amounts(size_bytes: int) -> Amounts:
+    """An image's data in whole MiB, rounded up."""
+    return Amounts(image_size_mib=-(-size_bytes // 2**20))
 
 
 def volume_amounts(vol: Volume) -> tuple[Amounts, Amounts]:

@@ -1,7 +1,7 @@
 """Project quotas against the real API server and two controller shards,
 driven by an impersonated project member: counts refused at admission by the
 API server's ResourceQuota, sums (cores, RAM, gigabytes) held in the
-Project's ledger, never overshot by concurrent creations; usage in the
+Project's ledger (image MiB too), never overshot by concurrent creations; usage in the
 Project's status and `kubectl get projects`. No node is needed: instances
 and volumes reserve before they are placed."""
 
@@ -19,10 +19,11 @@ import pytest
 
 from nubes.api.compute import Instance
 from nubes.api.identity import Project
+from nubes.api.image import Image
 from nubes.api.storage import Volume
 from nubes.runtime.kube import RESOURCEQUOTAS, Kube
 from tests.helpers import ROOT, Process, apply, eventually, free_port, kubectl
-from tests.integration.cloud import COMPUTE, IMAGE, NET, flavor
+from tests.integration.cloud import COMPUTE, IMAGE, NET, flavor, image
 from tests.integration.conftest import controller_argv, start_controller
 
 QUOTA = "nubes-project-quotas"
@@ -290,6 +291,49 @@ async def test_gigabytes_create_extend_delete(kube: Kube, project: ProjectFactor
     await usage(kube, ns, "gigabytes", "3/5")
     b = await kube.get(Volume, "b", ns)
     assert b is not None and b.uid in await ledger(kube, ns)
+
+
+async def test_image_data_held_against_image_size_mib(
+    kube: Kube, project: ProjectFactory, image_store: Path, tmp_path: Path
+) -> None:
+    ns = await project(imageSizeMib=3)
+    data = tmp_path / "two-mib.raw"
+    data.write_bytes(os.urandom(2 * 2**20))
+    image(ns, "a", data, None, fmt="raw")
+    await usage(kube, ns, "image_size_mib", "2/3")
+    other = tmp_path / "two-mib-too.raw"
+    other.write_bytes(os.urandom(2 * 2**20 - 1))  # rounded up to 2 MiB
+    image(ns, "b", other, None, fmt="raw")
+    assert await refused(kube, Image, "b", ns) == "imageSizeMib: 2 of 3 in use, this image needs 2"
+    b = await kube.get(Image, "b", ns)
+    assert b is not None and b.uid not in await ledger(kube, ns)
+    assert not (image_store / b.uid).exists(), "the refused image's data stays in the store"
+    # Deleting a gives its MiB back, and b is fetched again and takes them.
+    kubectl("delete", "image", "a", "-n", ns)
+    b = await eventually(lambda: _ready(kube, "b", ns), timeout=60, what="image b fetched again")
+    assert b.uid in await ledger(kube, ns)
+    await usage(kube, ns, "image_size_mib", "2/3")
+    # A project whose image data fills its quota does not fetch at all.
+    apply(
+        {
+            "apiVersion": "identity.nubes.io/v1alpha1",
+            "kind": "Project",
+            "metadata": {"name": ns},
+            "spec": {
+                "members": [{"name": MEMBER, "role": "member"}],
+                "quotas": {"imageSizeMib": 2},
+            },
+        }
+    )
+    image(ns, "c", data, None, fmt="raw")
+    assert await refused(kube, Image, "c", ns) == (
+        "imageSizeMib: 2 of 2 in use, none left for this image"
+    )
+
+
+async def _ready(kube: Kube, name: str, ns: str) -> Image | None:
+    found = await kube.get(Image, name, ns)
+    return found if found is not None and found.status.is_true("Ready") else None
 
 
 async def test_each_count_refused_at_its_limit(kube: Kube, project: ProjectFactory) -> None:

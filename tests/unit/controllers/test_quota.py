@@ -17,6 +17,7 @@ from nubes.controllers.quota import (
     covers,
     decide,
     hard_limits,
+    image_amounts,
     instance_amounts,
     resize_amounts,
     totals,
@@ -70,6 +71,20 @@ def test_ram_and_gigabytes_refusals_name_their_quota() -> None:
     )  # fmt: skip
     assert isinstance(gib, Refusal)
     assert gib.message("snapshot") == "gigabytes: 3 of 4 in use, this snapshot needs 3"
+
+
+def test_image_data_is_held_in_whole_mib() -> None:
+    assert image_amounts(0) == Amounts() and image_amounts(1) == Amounts(image_size_mib=1)
+    assert image_amounts(2 * 2**20) == Amounts(image_size_mib=2)
+    assert image_amounts(2 * 2**20 + 1) == Amounts(image_size_mib=3)
+    ledger = {"a": entry("Image", image_size_mib=2)}
+    refused = decide(ledger, quotas(image_size_mib=3), "b", "Image", image_amounts(2 * 2**20))
+    assert isinstance(refused, Refusal)
+    assert refused.message("image") == "imageSizeMib: 2 of 3 in use, this image needs 2"
+    # Data already in the store is recorded without a check (a restart, a lowered quota).
+    held = image_amounts(2 * 2**20)
+    kept = decide(ledger, quotas(image_size_mib=1), "b", "Image", held, held)
+    assert isinstance(kept, Change) and kept.entry == entry("Image", image_size_mib=2)
 
 
 def test_already_recorded_is_no_change() -> None:
