@@ -263,7 +263,7 @@ class PortReconciler(Reconciler[Port]):
         fixed = await self._fixed_ips(obj, subnets)
         # The MAC before the addresses given up go back: the one its MAC was
         # derived from stays (controllers/port_mac.py).
-        mac = await self.macs.mac(obj, net, fixed, {ip_pool(s) for s in subnets})
+        mac = await self.macs.mac(obj, net, fixed, subnets)
         await self._release_other_ips(obj, subnets, fixed, mac)
         host = self._host(obj)
         security = security_of(obj, net)

@@ -15,9 +15,12 @@ refuses) and a random one for a port without IPv4.
 
 from __future__ import annotations
 
-from nubes.api.network import Allocation, FixedIp, Network, Port
+from ipaddress import ip_address, ip_network
+
+from nubes.api.network import Allocation, FixedIp, Network, Port, Subnet
 from nubes.controllers.allocations import Ledger
 from nubes.controllers.ipam import derived_from, derived_mac, random_mac
+from nubes.controllers.subnet import ip_pool
 from nubes.runtime.operator import Operator
 from nubes.runtime.reconcile import Stall, Wait
 
@@ -39,11 +42,14 @@ class MacPicker:
     def __init__(self, op: Operator, ledger: Ledger):
         self.op, self.ledger = op, ledger
 
-    async def mac(self, port: Port, net: Network, fixed: list[FixedIp], pools: set[str]) -> str:
+    async def mac(
+        self, port: Port, net: Network, fixed: list[FixedIp], subnets: list[Subnet]
+    ) -> str:
         """The port's MAC on `net`, given the addresses it now holds (their
-        claims made, the ones it gave up not yet released) and the IP pools
-        of the network's live subnets."""
+        claims made, the ones it gave up not yet released) and the network's
+        live subnets."""
         pool = mac_pool(net)
+        pools = {ip_pool(s) for s in subnets}
         derivable = [m for f in fixed if (m := derived_mac(f.ip_address))]
         given = port.spec.mac_address
         if given:
@@ -60,7 +66,19 @@ class MacPicker:
         if kept and (kept in derivable or self.guard(port, kept, pools) is not None):
             await self._release_except(port, pool, set())
             return kept
-        if kept and await self._claim(port, pool, kept):
+        address = derived_from(kept) if kept else None
+        if kept and address is not None:
+            # A derived MAC whose address the port no longer holds (another
+            # writer released it): held again as the guard if free; claimed
+            # only where no live subnet can give that address; else it is
+            # another port's now, and this one gets a new MAC.
+            home = [s for s in subnets if ip_address(address) in ip_network(s.spec.cidr)]
+            if home and await self.ledger.claim(ip_pool(home[0]), address, port):
+                await self._release_except(port, pool, set())
+                return kept
+            if not home and await self._claim(port, pool, kept):
+                return kept
+        elif kept and await self._claim(port, pool, kept):
             return kept
         # A claim on a derived MAC is left only by a port whose address's
         # subnet went away: a subnet made there since cannot give it again.
