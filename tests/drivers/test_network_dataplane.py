@@ -55,6 +55,14 @@ def guest_with_ip(
     return netns
 
 
+def unplug_all(vif: VifPlugger, *port_uids: str) -> None:
+    """Unplug and check that no device of the ports is left in the host."""
+    for uid in port_uids:
+        vif.unplug(uid)
+    links = sh("ip", "-br", "link").stdout.split()
+    assert not [n for uid in port_uids for n in links if n.startswith(f"qbr{uid}")]
+
+
 NET_A = NetworkSegment("aaaaaaaa-0000-0000-0000-000000000001", "vxlan", 1001)
 NET_B = NetworkSegment("bbbbbbbb-0000-0000-0000-000000000002", "vxlan", 1002)
 NET_C = NetworkSegment("00000000-cccc-0000-0000-000000000003", "vxlan", 1003)
@@ -108,10 +116,7 @@ def test_identical_cidrs_on_two_networks_stay_apart(fabric: Fabric) -> None:
     neigh = sh("ip", "-n", g1, "neigh", "show", "10.0.0.2").stdout
     assert "fa:16:3e:00:01:02" in neigh, "must reach the guest of its own network"
     assert not ping(g3, "10.0.0.1", count=1)
-
-
-def _without_counters(flows: str) -> str:
-    return re.sub(r"duration=[^,]+,|n_packets=\d+|n_bytes=\d+|idle_age=\d+,?", "", flows)
+    unplug_all(vif, "px1", "px2", "py2")
 
 
 def _without_counters(flows: str) -> str:
@@ -220,6 +225,7 @@ def test_dhcp_serves_port_addresses_and_reloads_hosts(fabric: Fabric, tmp_path: 
     assert not Links.netns_exists(netns)
     assert outer not in n1.vsctl("list-ports", "br-int")
     assert servers.networks() == set()
+    unplug_all(vif, "pd1", "pd2", "pd3")
 
 
 def test_teardown_removes_only_what_the_switch_made(fabric: Fabric) -> None:
