@@ -49,7 +49,6 @@ class MacPicker:
         claims made, the ones it gave up not yet released) and the network's
         live subnets."""
         pool = mac_pool(net)
-        pools = {ip_pool(s) for s in subnets}
         derivable = [m for f in fixed if (m := derived_mac(f.ip_address))]
         given = port.spec.mac_address
         if given:
@@ -63,15 +62,16 @@ class MacPicker:
             )
         held = [a.spec.value for a in self.ledger.held(port.uid, pool)]
         kept = port.status.mac_address or (held[0] if held else None)
-        if kept and (kept in derivable or self.guard(port, kept, pools) is not None):
+        if kept and kept in derivable:
             await self._release_except(port, pool, set())
             return kept
         address = derived_from(kept) if kept else None
         if kept and address is not None:
-            # A derived MAC whose address the port no longer holds (another
-            # writer released it): held again as the guard if free; claimed
-            # only where no live subnet can give that address; else it is
-            # another port's now, and this one gets a new MAC.
+            # A derived MAC whose address the port gave up: the address is
+            # its guard (a claim it already holds costs no write; one another
+            # writer released is taken again if free); claimed only where no
+            # live subnet can give that address; else it is another port's
+            # now, and this one gets a new MAC.
             home = [s for s in subnets if ip_address(address) in ip_network(s.spec.cidr)]
             if home and await self.ledger.claim(ip_pool(home[0]), address, port):
                 await self._release_except(port, pool, set())
